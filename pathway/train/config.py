@@ -1,0 +1,464 @@
+"""Recipes: YAML files over typed dataclass defaults.
+
+A recipe is a YAML mapping whose top-level sections are the fields of :class:`Recipe`
+(``data``, ``model``, ``aux``, ``pathway``, ``optim``, ``train``, ``pretrain``, ``output``).
+Every key a file may set is a dataclass field below, with its type and default; a key that is
+not a field, or a value of the wrong type, is an error that names the file, the key and what is
+allowed (nanoGPT's configurator, without its ``exec``).
+
+Resolution order (later wins), as timm's ``train.py`` does with ``set_defaults``:
+
+1. the dataclass defaults,
+2. the files named by ``extends:`` (a path relative to the file, or a list of them; chains allowed),
+3. the file itself,
+4. ``--set section.key=value`` overrides (values parsed as YAML, so ``--set train.epochs=3``,
+   ``--set pathway.include=['^blocks\\.0\\.']``).
+
+Mappings merge key by key; lists and scalars replace. The resolved recipe (``Recipe.to_dict()``)
+is written next to the outputs (``recipe.yaml``) and inside every checkpoint, so a run can be
+re-created from either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+__all__ = [
+    "RecipeError",
+    "DataConfig",
+    "ModelConfig",
+    "AuxConfig",
+    "PathwayConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "PretrainConfig",
+    "OutputConfig",
+    "Recipe",
+    "load_recipe",
+    "recipe_from_dict",
+    "parse_overrides",
+    "check_adapter",
+    "check_data",
+]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file, the key and the allowed values."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections. Every field has a comment saying what it does; defaults are the paper's image run
+# where one exists (official-m2pt.md), otherwise the smallest sensible choice.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how it is batched. The adapter reads the files."""
+
+    adapter: str = "image"  # registered adapter name: pathway.adapters.available()
+    root: str = ""  # folder or manifest the adapter reads; relative paths resolve against the recipe file
+    options: dict[str, Any] = field(default_factory=dict)  # passed as Adapter(root, **options); the adapter checks them
+    train_split: str = "train"  # split name given to adapter.dataset(split, train=True)
+    val_split: str = "val"  # split evaluated during and after training ("" = no evaluation)
+    batch_size: int = 64  # per process and per micro-step; effective batch = batch_size * accum_steps * world_size
+    num_workers: int = 4  # DataLoader workers (0 = load in the main process)
+    test_views: int = 1  # clips x crops per item at evaluation: eval items are [V, ...] stacks, logits averaged per item
+    demo: bool = False  # generate the embedded demo data at root when it is missing (pathway/train/demo_data.py)
+
+
+@dataclass
+class ModelConfig:
+    """The target transformer (pathway/train/model.py): adapter tokenizer, timm Blocks, norm, adapter head."""
+
+    embed_dim: int = 768  # token width D
+    depth: int = 12  # number of timm Blocks
+    num_heads: int = 12  # attention heads per Block
+    mlp_ratio: float = 4.0  # hidden width of the MLP = mlp_ratio * D
+    drop_path: float = 0.1  # stochastic depth rate of the last block (linear from 0 over the depth)
+    cls_token: bool = False  # prepend a learned class token (official checkpoints fold their cls pos-embed into it)
+    checkpoint: str = ""  # initial weights of the target ("" = random init, i.e. from scratch)
+    checkpoint_format: str = "auto"  # "auto" | "pathway" | a format known to pathway.checkpoints (e.g. "mae")
+
+
+@dataclass
+class AuxConfig:
+    """The auxiliary model: a transformer of the same kind trained on another modality.
+
+    Only its blocks take part in the pathway, so only ``blocks.*`` tensors of its checkpoint are
+    kept; its tokenizer and head are never used by the target.
+    """
+
+    enabled: bool = True  # False: train the plain target (the baseline of every paper table)
+    adapter: str = ""  # modality of the aux checkpoint, for format detection ("" = same as data.adapter)
+    checkpoint: str = ""  # aux weights file ("" = random init: tests and the 'untrained aux' ablation)
+    checkpoint_format: str = "auto"  # as model.checkpoint_format
+    embed_dim: int | None = None  # None = same as model.*
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+
+
+@dataclass
+class PathwayConfig:
+    """Options passed to ``pathway.connect(target, aux, **options)`` (contracts.md section 1).
+
+    ``include`` defaults to the transformer blocks: tokenizers and heads of two modalities have
+    nothing to pair, which is also what the paper does.
+    """
+
+    match: Literal["auto", "name", "graph"] = "auto"  # how target and aux layers are paired
+    depth: Literal["equal", "uniform", "first", "last", "every_k", "reversed"] = "equal"  # block depth policy
+    include: list[str] = field(default_factory=lambda: [r"^blocks\."])  # regexes on target weight names
+    exclude: list[str] = field(default_factory=list)  # regexes on target weight names (e.g. '\.mlp\.' = attn-only)
+    pairs: dict[str, str] = field(default_factory=dict)  # explicit target-name -> aux-name overrides
+    kinds: list[str] = field(default_factory=lambda: ["linear"])  # layer kinds: "linear", "conv"
+    lambda_init: float = 0.0  # initial lambda (the paper: 0 is best)
+    lambda_shape: Literal["scalar", "channel"] = "scalar"  # one lambda per layer or per output channel
+    train_lambda: bool = True  # False: fixed lambda (paper ablation, worse)
+    train_aux: bool = True  # the official code trains the aux weights too
+    freeze_target: bool = False  # True: the paper's "fixed target" setting (only pathway trains)
+    on_shape_mismatch: Literal["error", "skip"] = "error"  # what to do with pairs of different shapes
+    allow_partial: bool = False  # accept target body layers left without a partner
+
+
+@dataclass
+class OptimConfig:
+    """AdamW over pathway.param_groups, MAE lr scaling, cosine schedule with linear warm-up."""
+
+    blr: float = 1e-3  # base lr; the absolute lr is blr * effective_batch / 256 (MAE)
+    lr: float | None = None  # absolute lr; overrides blr when set
+    lambda_lr: float | None = None  # absolute lr of the lambda group (None = same as lr)
+    min_lr: float = 1e-6  # floor of the cosine
+    weight_decay: float = 0.05  # decoupled decay; never applied to lambdas and 1-D params
+    layer_decay: float | None = None  # layer-wise lr decay (0.65 in MAE ViT-B fine-tuning); None = off
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_epochs: float = 5.0  # linear warm-up length, in epochs (fractions allowed)
+    clip_grad: float | None = None  # max global grad norm; None = no clipping
+    accum_steps: int = 1  # micro-batches per optimizer step
+
+
+@dataclass
+class TrainConfig:
+    """The loop: length, precision, regularisation, logging and checkpoints."""
+
+    epochs: int = 100
+    max_steps: int | None = None  # stop after this many optimizer steps (demos, tests); None = all epochs
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPUs that have it, else fp16; fp32 on CPU
+    mixup: float = 0.0  # Mixup alpha (0.8 in the paper's image run); classification only
+    cutmix: float = 0.0  # CutMix alpha (1.0 in the paper's image run)
+    mixup_prob: float = 1.0  # probability of applying mixup or cutmix to a batch
+    mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
+    label_smoothing: float = 0.0  # 0.1 in the paper's image run
+    ema: bool = False  # keep an EMA of the weights (timm ModelEmaV3) and evaluate it too
+    ema_decay: float = 0.9999
+    eval_every: int = 1  # evaluate every N epochs (and always at the end)
+    log_every: int = 10  # optimizer steps between log lines / JSONL rows
+    checkpoint_every: int = 0  # optimizer steps between checkpoints (0 = at the end of each epoch only)
+    keep_last: int = 3  # checkpoints kept on disk
+    fold_check_batches: int = 1  # batches used to compare folded and connected outputs at the end
+    compile: bool = False  # torch.compile the model (GPU runs)
+
+
+@dataclass
+class PretrainConfig:
+    """MAE pretraining (pathway pretrain): random masking, small decoder, loss on masked tokens."""
+
+    mask_ratio: float = 0.75
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    norm_targets: bool = False  # normalise each token's target (MAE norm_pix_loss) before the loss
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs"  # parent folder of the run; relative paths resolve against the working directory
+    name: str = ""  # run folder name ("" = the recipe file's stem)
+    plots: bool = True  # write PNG plots of loss/metric and lambda per layer
+
+
+@dataclass
+class Recipe:
+    """A whole experiment. ``source`` is the file it was read from (not a YAML key)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    aux: AuxConfig = field(default_factory=AuxConfig)
+    pathway: PathwayConfig = field(default_factory=PathwayConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    description: str = ""  # one line saying what the recipe reproduces
+    source: str = field(default="", metadata={"internal": True})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain mapping of every resolved value (no ``extends``), suitable for YAML and checkpoints."""
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def run_name(self) -> str:
+        return self.output.name or (Path(self.source).stem if self.source else "run")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.dir) / self.run_name
+
+    def connect_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``pathway.connect`` / ``pathway.plan``."""
+        opts = dataclasses.asdict(self.pathway)
+        opts["include"] = list(opts["include"]) or None
+        opts["exclude"] = list(opts["exclude"]) or None
+        opts["pairs"] = dict(opts["pairs"]) or None
+        opts["kinds"] = tuple(opts["kinds"])
+        return opts
+
+
+_SECTION_TYPES = typing.get_type_hints(Recipe)
+
+
+# --------------------------------------------------------------------------------------------
+# Type checking of values against the dataclass annotations.
+# --------------------------------------------------------------------------------------------
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_describe(a) for a in typing.get_args(tp))
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_describe(a) for a in typing.get_args(tp))}]"
+    if tp is type(None):
+        return "null"
+    if tp is Any:
+        return "any"
+    return getattr(tp, "__name__", str(tp))
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Return ``value`` as type ``tp`` or raise _Mismatch. Only lossless conversions are made:
+    int -> float, and strings such as '1e-3' (which YAML 1.1 reads as text) -> float."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise _Mismatch
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _Mismatch
+        key_tp, val_tp = typing.get_args(tp)
+        return {_coerce(k, key_tp): _coerce(v, val_tp) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise _Mismatch from None
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    raise TypeError(f"unsupported annotation {tp!r}")  # a bug in this file, not in a recipe
+
+
+def _unknown_key(where: str, key: str, allowed: list[str]) -> RecipeError:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return RecipeError(f"{where}: unknown key '{key}'{hint}; allowed: {', '.join(allowed)}")
+
+
+def _build_section(cls: type, values: Any, where: str, prefix: str) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise RecipeError(f"{where}: '{prefix}' must be a mapping of keys, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in allowed:
+            raise _unknown_key(where, f"{prefix}.{key}", [f"{prefix}.{a}" for a in allowed])
+        try:
+            kwargs[key] = _coerce(value, hints[key])
+        except _Mismatch:
+            raise RecipeError(
+                f"{where}: '{prefix}.{key}' = {value!r} ({type(value).__name__}); expected {_describe(hints[key])}"
+            ) from None
+    return cls(**kwargs)
+
+
+def recipe_from_dict(values: dict[str, Any], where: str = "<recipe>") -> Recipe:
+    """Check a resolved mapping (no ``extends``) against the schema and build the Recipe."""
+    if not isinstance(values, dict):
+        raise RecipeError(f"{where}: a recipe is a YAML mapping of sections, got {type(values).__name__}")
+    top = [f.name for f in dataclasses.fields(Recipe) if not f.metadata.get("internal")]
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in top:
+            raise _unknown_key(where, key, top)
+        tp = _SECTION_TYPES[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build_section(tp, value, where, key)
+        else:
+            try:
+                kwargs[key] = _coerce(value, tp)
+            except _Mismatch:
+                raise RecipeError(f"{where}: '{key}' = {value!r}; expected {_describe(tp)}") from None
+    return Recipe(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Files, extends and overrides.
+# --------------------------------------------------------------------------------------------
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("options", "pairs"):
+            out[key] = _merge(out[key], value)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}  # adapter options and pairs merge one level
+        else:
+            out[key] = value
+    return out
+
+
+def _read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read one file and everything it extends, merged (no schema check yet)."""
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise RecipeError(f"{path}: 'extends' forms a cycle: {chain}")
+    if not path.is_file():
+        where = f"{seen[-1]}: 'extends'" if seen else "recipe"
+        raise RecipeError(f"{where}: file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping of sections, got {type(raw).__name__}")
+    parents = raw.pop("extends", None) or []
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise RecipeError(f"{path}: 'extends' must be a path or a list of paths, got {parents!r}")
+    merged: dict[str, Any] = {}
+    for parent in parents:
+        merged = _merge(merged, _read_raw(path.parent / parent, (*seen, path)))
+    # Data roots and checkpoints are written relative to the file that names them.
+    for section, key in (("data", "root"), ("model", "checkpoint"), ("aux", "checkpoint")):
+        value = (raw.get(section) or {}).get(key) if isinstance(raw.get(section), dict) else None
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute() and "://" not in value:
+            raw[section][key] = str((path.parent / value).resolve())
+        elif isinstance(value, str) and value:
+            raw[section][key] = str(Path(value).expanduser())
+    return _merge(merged, raw)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.epochs=3", "pathway.exclude=['mlp']"]`` -> nested mapping. Values are YAML."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"--set {item!r}: expected section.key=value")
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError:
+            value = text
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {item!r}: '{part}' is set twice, once as a value")
+        node[parts[-1]] = value
+    return out
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe file (with its ``extends`` chain), apply ``--set`` overrides, check the schema."""
+    path = Path(path)
+    raw = _read_raw(path)
+    if overrides:
+        over = parse_overrides(overrides)
+        raw = _merge(raw, over)
+        where = f"{path} (with --set {' '.join(overrides)})"
+    else:
+        where = str(path)
+    recipe = recipe_from_dict(raw, where)
+    recipe.source = str(path.resolve())
+    return recipe
+
+
+def check_adapter(recipe: Recipe) -> None:
+    """The adapter named by the recipe must be registered; the error lists the registered ones."""
+    from pathway import adapters
+
+    names = list(adapters.available())
+    for key, name in (("data.adapter", recipe.data.adapter), ("aux.adapter", recipe.aux.adapter)):
+        if name and name not in names:
+            raise RecipeError(f"{recipe.source}: '{key}' = {name!r} is not a registered adapter; available: {', '.join(names)}")
+
+
+def check_data(recipe: Recipe) -> None:
+    """Training and evaluation need the data root to exist (dry-runs only warn)."""
+    root = recipe.data.root
+    if not root:
+        raise RecipeError(f"{recipe.source}: 'data.root' is empty; name the folder or manifest of the '{recipe.data.adapter}' data")
+    if not Path(root).exists():
+        raise RecipeError(f"{recipe.source}: 'data.root' = {root!r} does not exist")
