@@ -1,0 +1,102 @@
+"""Data order that can be resumed exactly: a permutation per (seed, epoch), a start position,
+and per-item RNG seeds.
+
+* :class:`EpochSampler` yields this rank's share of ``randperm(n, seed + epoch)`` from a given
+  position, so a resumed run skips the consumed indices without loading them.
+* :class:`SeededItems` loads item ``i`` of epoch ``e`` under RNG seeds derived from
+  ``(seed, e, i)``: random augmentation gives the same result whatever the worker count, the
+  worker that loads it, or a restart in the middle of the epoch. The caller's RNG state is
+  restored afterwards, so loading in the main process does not disturb dropout or mixup.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+__all__ = ["EpochSampler", "SeededItems", "make_loader"]
+
+
+class EpochSampler(Sampler[int]):
+    """Indices of one epoch for one rank, from ``start`` (in this rank's items).
+
+    Training (``shuffle=True``) drops the tail so every rank gets the same count (DDP steps stay in
+    lock-step); evaluation keeps every item once across ranks (``rank::world``).
+    """
+
+    def __init__(self, n: int, *, seed: int, shuffle: bool, rank: int = 0, world: int = 1) -> None:
+        self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+            per_rank = self.n // self.world
+            return order[self.rank * per_rank:(self.rank + 1) * per_rank]
+        return list(range(self.rank, self.n, self.world))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices()[self.start:])
+
+    def __len__(self) -> int:
+        return max(0, len(self.indices()) - self.start)
+
+
+class SeededItems(Dataset):
+    """``dataset[i]`` under RNG seeds that depend only on (seed, epoch, i)."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int):
+        item_seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + i
+        py, npy = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(item_seed)
+            random.seed(item_seed)
+            np.random.seed(item_seed % 2**32)
+            try:
+                return self.dataset[i]
+            finally:
+                random.setstate(py)
+                np.random.set_state(npy)
+
+
+def make_loader(
+    dataset: Dataset, *, batch_size: int, num_workers: int, seed: int, shuffle: bool, rank: int = 0, world: int = 1
+) -> tuple[DataLoader, EpochSampler]:
+    """A DataLoader over :class:`SeededItems` with an :class:`EpochSampler`.
+
+    The DataLoader gets its own generator, so creating an iterator does not consume the global
+    torch RNG (which would shift dropout/drop-path after a resume).
+    """
+    items = SeededItems(dataset, seed)
+    sampler = EpochSampler(len(items), seed=seed, shuffle=shuffle, rank=rank, world=world)
+    loader = DataLoader(
+        items,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=shuffle,
+        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=False,
+    )
+    return loader, sampler
+
+
+def set_epoch(loader: DataLoader, sampler: EpochSampler, epoch: int, start_batch: int = 0) -> None:
+    """Position the loader at ``start_batch`` of ``epoch`` (before creating its iterator)."""
+    sampler.set_epoch(epoch, start_batch * loader.batch_size)  # type: ignore[operator]
+    loader.dataset.epoch = epoch  # type: ignore[attr-defined]

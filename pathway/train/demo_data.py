@@ -1,0 +1,157 @@
+"""Small real data sets on disk for the demo recipes (``recipes/demo/``), made locally, nothing downloaded.
+
+Each maker writes ordinary files in the class-per-folder layout ``root/{split}/{class}/item.ext``,
+so the demo exercises the same readers as a real data set:
+
+* image: scikit-learn's 8x8 handwritten digits, upscaled to 32x32 RGB PNG (10 classes);
+* point: points sampled from open3d primitive meshes (box, sphere, cylinder, cone, torus), randomly
+  scaled and rotated, as ``.npy`` ``[N, 3]`` (5 classes);
+* audio: 1 s, 16 kHz wav files of tones, chirps, noise bursts and AM tones (4 classes);
+* video: 16-frame 32x32 mp4 (PyAV, H.264) of a square moving right, left, up or down (4 classes);
+* timeseries: 2-channel sequences of length 128 (sine, square, sawtooth, noise) as ``.npy`` (4 classes).
+
+``make_demo_data(adapter, root)`` is idempotent: a finished folder has a ``.complete`` marker.
+Heavy libraries (scikit-learn, open3d, PyAV, soundfile) are imported inside the maker that needs them.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["MAKERS", "make_demo_data"]
+
+SPLITS = {"train": 0.8, "val": 0.2}
+
+
+def _split_of(i: int, n: int) -> str:
+    return "train" if i < int(n * SPLITS["train"]) else "val"
+
+
+def make_image(root: Path, per_class: int, rng: np.random.Generator) -> None:
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for label in range(10):
+        imgs = digits.images[digits.target == label][:per_class]
+        for i, img in enumerate(imgs):
+            gray = (img / 16.0 * 255).astype(np.uint8)
+            rgb = np.stack([gray] * 3, axis=-1)
+            out = root / _split_of(i, len(imgs)) / str(label)
+            out.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rgb).resize((32, 32), Image.BILINEAR).save(out / f"{i:04d}.png")
+
+
+def _random_rotation(rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    return q * np.sign(np.diag(r))
+
+
+def make_point(root: Path, per_class: int, rng: np.random.Generator, points: int = 1024) -> None:
+    import open3d as o3d
+
+    o3d.utility.random.seed(int(rng.integers(1 << 30)))  # surface sampling is random inside open3d
+    shapes: dict[str, Callable[[], object]] = {
+        "box": lambda: o3d.geometry.TriangleMesh.create_box(*rng.uniform(0.4, 1.2, 3)),
+        "sphere": lambda: o3d.geometry.TriangleMesh.create_sphere(rng.uniform(0.4, 0.8)),
+        "cylinder": lambda: o3d.geometry.TriangleMesh.create_cylinder(rng.uniform(0.2, 0.5), rng.uniform(0.8, 1.6)),
+        "cone": lambda: o3d.geometry.TriangleMesh.create_cone(rng.uniform(0.3, 0.6), rng.uniform(0.8, 1.5)),
+        "torus": lambda: o3d.geometry.TriangleMesh.create_torus(rng.uniform(0.5, 0.8), rng.uniform(0.1, 0.3)),
+    }
+    for name, make in shapes.items():
+        for i in range(per_class):
+            mesh = make()
+            pcd = mesh.sample_points_uniformly(number_of_points=points)
+            xyz = np.asarray(pcd.points, dtype=np.float32)
+            xyz = (xyz - xyz.mean(0)) @ _random_rotation(rng).T.astype(np.float32)
+            out = root / _split_of(i, per_class) / name
+            out.mkdir(parents=True, exist_ok=True)
+            np.save(out / f"{i:04d}.npy", xyz)
+
+
+def make_audio(root: Path, per_class: int, rng: np.random.Generator, sr: int = 16000) -> None:
+    import soundfile as sf
+
+    t = np.arange(sr) / sr
+    kinds: dict[str, Callable[[], np.ndarray]] = {
+        "tone": lambda: np.sin(2 * np.pi * rng.uniform(200, 2000) * t),
+        "chirp": lambda: np.sin(2 * np.pi * (rng.uniform(100, 500) + rng.uniform(1000, 3000) * t / 2) * t),
+        "noise": lambda: rng.normal(0, 0.5, t.shape) * (t < rng.uniform(0.3, 0.9)),
+        "am": lambda: np.sin(2 * np.pi * rng.uniform(300, 1500) * t) * (0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(2, 8) * t)),
+    }
+    for name, make in kinds.items():
+        for i in range(per_class):
+            wave = 0.5 * make() + rng.normal(0, 0.01, t.shape)
+            out = root / _split_of(i, per_class) / name
+            out.mkdir(parents=True, exist_ok=True)
+            sf.write(out / f"{i:04d}.wav", wave.astype(np.float32), sr)
+
+
+def make_video(root: Path, per_class: int, rng: np.random.Generator, frames: int = 16, size: int = 32) -> None:
+    import av
+
+    moves = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}
+    for name, (dx, dy) in moves.items():
+        for i in range(per_class):
+            out = root / _split_of(i, per_class) / name
+            out.mkdir(parents=True, exist_ok=True)
+            side = int(rng.integers(6, 10))
+            x, y = rng.integers(side, size - side, 2)
+            colour = rng.integers(128, 256, 3)
+            with av.open(str(out / f"{i:04d}.mp4"), "w") as container:
+                stream = container.add_stream("libx264", rate=8)
+                stream.width = stream.height = size
+                stream.pix_fmt = "yuv420p"
+                for f in range(frames):
+                    img = np.zeros((size, size, 3), dtype=np.uint8)
+                    cx, cy = (x + dx * f) % size, (y + dy * f) % size
+                    img[max(0, cy - side // 2):cy + side // 2, max(0, cx - side // 2):cx + side // 2] = colour
+                    for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                        container.mux(packet)
+                for packet in stream.encode():
+                    container.mux(packet)
+
+
+def make_timeseries(root: Path, per_class: int, rng: np.random.Generator, length: int = 128) -> None:
+    t = np.linspace(0, 1, length)
+    kinds: dict[str, Callable[[float, float], np.ndarray]] = {
+        "sine": lambda f, p: np.sin(2 * np.pi * f * t + p),
+        "square": lambda f, p: np.sign(np.sin(2 * np.pi * f * t + p)),
+        "sawtooth": lambda f, p: 2 * ((f * t + p / (2 * np.pi)) % 1) - 1,
+        "noise": lambda f, p: np.cumsum(rng.normal(0, 0.2, length)),
+    }
+    for name, make in kinds.items():
+        for i in range(per_class):
+            series = np.stack([make(rng.uniform(2, 6), rng.uniform(0, 2 * np.pi)) for _ in range(2)])
+            series = series + rng.normal(0, 0.1, series.shape)
+            out = root / _split_of(i, per_class) / name
+            out.mkdir(parents=True, exist_ok=True)
+            np.save(out / f"{i:04d}.npy", series.astype(np.float32))
+
+
+MAKERS: dict[str, tuple[Callable[..., None], int]] = {
+    "image": (make_image, 100),
+    "point": (make_point, 60),
+    "audio": (make_audio, 50),
+    "video": (make_video, 40),
+    "timeseries": (make_timeseries, 100),
+}
+
+
+def make_demo_data(adapter: str, root: str | Path, per_class: int | None = None, seed: int = 0) -> Path:
+    """Write the demo data of ``adapter`` under ``root`` unless it is already complete there."""
+    if adapter not in MAKERS:
+        raise ValueError(f"no demo data for adapter {adapter!r}; available: {', '.join(MAKERS)}")
+    root = Path(root)
+    if (root / ".complete").exists():
+        return root
+    if root.exists():
+        shutil.rmtree(root)  # a half-written folder from an interrupted run
+    maker, default = MAKERS[adapter]
+    maker(root, per_class or default, np.random.default_rng(seed))
+    (root / ".complete").write_text(f"{adapter} per_class={per_class or default} seed={seed}\n")
+    return root

@@ -1,0 +1,201 @@
+"""The engine's transformer: adapter tokenizer -> timm Blocks -> LayerNorm -> adapter head.
+
+One class for every modality (contracts.md section 4); a modality only brings its tokenizer and
+head. Parameter names follow timm's VisionTransformer (``blocks.{i}.attn.qkv`` ...), so target and
+aux models built here pair by name, and official ViT-family checkpoints load through renames.
+
+``build_model(recipe)`` makes the target (initialised from ``model.checkpoint``), the aux model
+(``aux.checkpoint``, body only) and connects them with ``pathway.connect`` using the recipe's
+``pathway:`` options.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from .config import Recipe, RecipeError
+
+if TYPE_CHECKING:
+    from pathway.adapters import Adapter
+
+__all__ = ["TransformerModel", "build_adapter", "build_transformer", "build_model", "read_weights", "init_from_checkpoint"]
+
+
+class TransformerModel(nn.Module):
+    """``x -> tokenizer.encode(x) -> [cls +] tokens [B, N, D] -> blocks -> norm -> head(t, out) -> logits``.
+
+    Args:
+        tokenizer: the adapter's tokenizer (``encode(x) -> TokenizerOutput``).
+        head: the adapter's head, ``forward(tokens [B, N(+1), D], out) -> logits``. With ``cls_token``
+            the class token is ``tokens[:, 0]``.
+        embed_dim, depth, num_heads, mlp_ratio: ViT body sizes.
+        drop_path: stochastic depth of the last block, linear from 0 over the depth (timm, MAE).
+        cls_token: prepend a learned class token ``[1, 1, D]``.
+    """
+
+    def __init__(
+        self,
+        tokenizer: nn.Module,
+        head: nn.Module,
+        embed_dim: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        cls_token: bool = False,
+    ) -> None:
+        super().__init__()
+        self.embed_dim, self.depth, self.num_heads, self.mlp_ratio = embed_dim, depth, num_heads, mlp_ratio
+        self.tokenizer = tokenizer
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if cls_token else None
+        norm = partial(nn.LayerNorm, eps=1e-6)  # timm VisionTransformer's choice: folded files load there exactly
+        rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]
+        self.blocks = nn.Sequential(
+            *[Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=r, norm_layer=norm) for r in rates]
+        )
+        self.norm = norm(embed_dim)
+        self.head = head
+        self.apply(_init_weights)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=0.02)
+
+    def forward_features(self, x: Tensor) -> tuple[Tensor, Any]:
+        """Tokens after the final norm ``[B, N(+1), D]`` and the tokenizer's output."""
+        out = self.tokenizer.encode(x)
+        t = out.tokens
+        if self.cls_token is not None:
+            t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1)
+        t = self.norm(self.blocks(t))
+        return t, out
+
+    def forward(self, x: Tensor) -> Tensor:
+        t, out = self.forward_features(x)
+        return self.head(t, out)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "tokenizer.pos_embed"}
+
+
+def _init_weights(m: nn.Module) -> None:
+    """timm's ViT init for the body (trunc-normal 0.02 linears, zero biases); tokenizers/heads keep theirs."""
+    if isinstance(m, Block):
+        for sub in m.modules():
+            if isinstance(sub, nn.Linear):
+                nn.init.trunc_normal_(sub.weight, std=0.02)
+                if sub.bias is not None:
+                    nn.init.zeros_(sub.bias)
+
+
+def build_adapter(recipe: Recipe, name: str | None = None) -> Adapter:
+    """Instantiate the recipe's adapter (``Adapter(root, **data.options)``)."""
+    from pathway import adapters
+
+    name = name or recipe.data.adapter
+    try:
+        cls = adapters.get(name)
+    except (KeyError, ValueError) as err:
+        raise RecipeError(f"{recipe.source}: 'data.adapter' = {name!r}: {err}") from None
+    try:
+        return cls(recipe.data.root, **recipe.data.options)
+    except TypeError as err:
+        raise RecipeError(f"{recipe.source}: 'data.options' for adapter {name!r}: {err}") from None
+
+
+def build_transformer(recipe: Recipe, adapter: Adapter, *, aux: bool = False) -> TransformerModel:
+    """A TransformerModel of the recipe's sizes (``aux=True``: the aux section's sizes, no drop path)."""
+    m, a = recipe.model, recipe.aux
+    pick = (lambda own, fallback: fallback if own is None else own) if aux else (lambda own, fallback: fallback)
+    dim = pick(a.embed_dim, m.embed_dim)
+    return TransformerModel(
+        adapter.tokenizer(dim),
+        adapter.head(dim),
+        embed_dim=dim,
+        depth=pick(a.depth, m.depth),
+        num_heads=pick(a.num_heads, m.num_heads),
+        mlp_ratio=pick(a.mlp_ratio, m.mlp_ratio),
+        drop_path=0.0 if aux else m.drop_path,
+        cls_token=m.cls_token,
+    )
+
+
+def _is_engine_layout(keys: list[str]) -> bool:
+    return any(k.startswith(("blocks.", "tokenizer.")) for k in keys) and not any(k.startswith("patch_embed.") for k in keys)
+
+
+def read_weights(path: str | Path) -> dict[str, Tensor]:
+    """Tensors of a weights file: safetensors, or ``torch.load(weights_only=True)`` (never arbitrary unpickling)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict", "module"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items() if isinstance(v, Tensor)}
+
+
+# Everything but the blocks: an aux model of another modality contributes its body only.
+_NOT_BODY = r"^(tokenizer\.|head\.|norm\.|fc_norm\.|cls_token|pos_embed|patch_embed\.)"
+
+
+def init_from_checkpoint(model: nn.Module, path: str | Path, fmt: str = "auto", *, body_only: bool = False) -> str:
+    """Load ``path`` into ``model`` and return a one-line account of what was loaded.
+
+    ``fmt="pathway"`` (or ``"auto"`` on a file in TransformerModel keys, e.g. ``pathway pretrain``'s
+    encoder) loads our own layout; anything else goes through ``pathway.checkpoints.load_checkpoint``
+    (official MAE-family and timm layouts, exact key checks). ``body_only`` (the aux model) keeps only
+    ``blocks.*`` and requires every body tensor: a half-loaded aux body would silently weaken the pathway.
+    """
+    path = Path(path)
+    state = read_weights(path) if fmt in ("auto", "pathway") and path.is_file() else None
+    if fmt == "pathway" or (fmt == "auto" and state is not None and _is_engine_layout(list(state))):
+        if state is None or not _is_engine_layout(list(state)):
+            raise RecipeError(f"{path}: not in TransformerModel keys (no 'blocks.*'); set checkpoint_format")
+        if body_only:
+            state = {k: v for k, v in state.items() if k.startswith("blocks.")}
+        result = model.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if k.startswith("blocks.") or not body_only]
+        if body_only and missing:
+            raise RecipeError(f"{path}: aux checkpoint lacks {len(missing)} body tensors, e.g. {missing[:4]}")
+        return f"{path.name} (pathway layout): missing {missing or 'none'}, unexpected {list(result.unexpected_keys) or 'none'}"
+    from pathway.checkpoints import load_checkpoint
+
+    if body_only:
+        report = load_checkpoint(model, path, format=fmt, ignore=[_NOT_BODY],
+                                 allow_missing=("tokenizer.", "head.", "norm.", "cls_token"))
+    else:
+        report = load_checkpoint(model, path, format=fmt)
+    return f"{path.name} (format {report.format}): {len(report.loaded)} tensors loaded, left at init {report.left_at_init or 'none'}"
+
+
+def build_model(recipe: Recipe, adapter: Adapter | None = None, *, log=print) -> tuple[TransformerModel, Any]:
+    """Target model (initialised from ``model.checkpoint``), connected to the aux model when ``aux.enabled``.
+
+    Returns ``(model, report)``; report is ``pathway.connect``'s Report, or None for the baseline.
+    Build on the meta device by calling this under ``with torch.device("meta"):`` (dry runs).
+    """
+    import pathway
+
+    adapter = adapter or build_adapter(recipe)
+    model = build_transformer(recipe, adapter)
+    if recipe.model.checkpoint:
+        log("target init: " + init_from_checkpoint(model, recipe.model.checkpoint, recipe.model.checkpoint_format))
+    if not recipe.aux.enabled:
+        return model, None
+    aux = build_transformer(recipe, adapter, aux=True)
+    if recipe.aux.checkpoint:
+        log("aux body: " + init_from_checkpoint(aux, recipe.aux.checkpoint, recipe.aux.checkpoint_format, body_only=True))
+    else:
+        log("aux body: random init (no aux.checkpoint)")
+    report = pathway.connect(model, aux, **recipe.connect_options())
+    return model, report
