@@ -1,0 +1,132 @@
+"""The adapter contract (docs/contracts.md, section 3) and the dataset that survives bad files.
+
+An adapter turns a folder or manifest of one modality's files into ``(x, y)`` items, and names the
+tokenizer, head and metric that go with them. Its options come from a recipe's ``data:`` section, so an
+unknown option is an error that lists the known ones (a typo must not silently fall back to a default).
+
+Long runs must not die on one bad file: :class:`FileDataset` catches a failed read, counts it in
+``adapter.skipped`` (shared with DataLoader workers), warns once per path and returns the next readable
+sample; ``strict=True`` raises :class:`UnreadableFileError` naming the file instead.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from pathway.tokenizers import Tokenizer
+
+from .heads import ClassificationHead
+
+
+class AdapterError(ValueError):
+    """Base of the adapters' errors."""
+
+
+class OptionError(AdapterError):
+    """An option the adapter does not know, or a value it cannot use."""
+
+
+class LayoutError(AdapterError):
+    """Files or folders are not laid out as the adapter expects; the message names the path and the fix."""
+
+
+class UnreadableFileError(AdapterError):
+    """A file exists but cannot be decoded (corrupt, truncated, empty, wrong format)."""
+
+
+class Adapter:
+    """One modality's files -> datasets of ``(x, y)``, plus its tokenizer, head and metric.
+
+    Subclasses set ``name`` (via :func:`pathway.adapters.register`), ``task``, ``metric``, extend
+    ``defaults`` with their options, set ``num_classes`` in ``__init__`` and implement
+    :meth:`dataset` and :meth:`tokenizer`.
+    """
+
+    name: ClassVar[str]
+    task: ClassVar[str]  # "classification" | "multilabel" | "segmentation"
+    metric: ClassVar[str]  # "top1" | "map" | "miou"
+    defaults: ClassVar[dict[str, Any]] = {"strict": False}
+    num_classes: int
+
+    def __init__(self, root: str | Path, **options: Any) -> None:
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            raise OptionError(
+                f"{type(self).__name__}: unknown option(s) {unknown}; allowed: {sorted(self.defaults)}"
+            )
+        self.root = Path(root)
+        if not self.root.exists():
+            raise LayoutError(f"{type(self).__name__}: data root {self.root} does not exist; pass the folder that holds the data")
+        self.options: dict[str, Any] = {**self.defaults, **options}
+        # Shared memory so that skips inside DataLoader worker processes are counted here too.
+        self._skipped = multiprocessing.Value("i", 0)
+        self._warned: set[str] = set()
+
+    @property
+    def skipped(self) -> int:
+        """Files skipped as unreadable so far (all workers together)."""
+        return int(self._skipped.value)
+
+    def dataset(self, split: str, train: bool) -> Dataset:
+        raise NotImplementedError
+
+    def tokenizer(self, embed_dim: int) -> Tokenizer:
+        raise NotImplementedError
+
+    def head(self, embed_dim: int) -> nn.Module:
+        """Mean-pool + LayerNorm + Linear; multilabel heads are the same, their logits go to BCE."""
+        return ClassificationHead(embed_dim, self.num_classes)
+
+    def record_skip(self, path: Path, error: BaseException) -> None:
+        with self._skipped.get_lock():
+            self._skipped.value += 1
+        if str(path) not in self._warned:
+            self._warned.add(str(path))
+            warnings.warn(
+                f"{type(self).__name__}: skipping unreadable file {path} ({type(error).__name__}: {error}); "
+                f"pass strict=True to stop on it instead",
+                stacklevel=3,
+            )
+
+
+class FileDataset(Dataset):
+    """Items ``load(path, label, index) -> (x, y)`` over a list of ``(path, label)``, skipping unreadable files.
+
+    ``index`` lets evaluation transforms be deterministic per sample (e.g. seeded point sampling).
+    """
+
+    def __init__(
+        self,
+        samples: list[tuple[Path, Any]],
+        load: Callable[[Path, Any, int], tuple[Tensor, Any]],
+        adapter: Adapter,
+    ) -> None:
+        if not samples:
+            raise LayoutError(f"{type(adapter).__name__}: no samples found under {adapter.root}")
+        self.samples = samples
+        self.load = load
+        self.adapter = adapter
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Any]:
+        for step in range(len(self.samples)):
+            i = (index + step) % len(self.samples)
+            path, label = self.samples[i]
+            try:
+                return self.load(path, label, i)
+            except Exception as error:  # the reading libraries raise anything from OSError to RuntimeError
+                if self.adapter.options["strict"]:
+                    if isinstance(error, UnreadableFileError):
+                        raise
+                    raise UnreadableFileError(f"cannot read {path}: {type(error).__name__}: {error}") from error
+                self.adapter.record_skip(path, error)
+        raise UnreadableFileError(f"{type(self.adapter).__name__}: none of the {len(self.samples)} files could be read")

@@ -1,0 +1,95 @@
+"""Images: ``root/<split>/<class>/*.{jpg,png,webp,bmp}`` read with PIL, timm transforms, ViT patch tokens.
+
+Training uses timm's ``create_transform`` as MAE fine-tuning does (random resized crop, flip,
+RandAugment ``rand-m9-mstd0.5-inc1``, random erasing 0.25, bicubic); evaluation resizes to
+``img_size / crop_pct`` and centre-crops. Items: ``x [C, img_size, img_size]`` float, ``y`` int.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from pathway.tokenizers import ImagePatchTokenizer, Tokenizer
+
+from .base import Adapter, FileDataset, OptionError
+from .layout import folder_classes, scan_class_folders, split_dir
+from .registry import register
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@register("image")
+class ImageAdapter(Adapter):
+    task = "classification"
+    metric = "top1"
+    defaults = {
+        **Adapter.defaults,
+        "img_size": 224,
+        "patch_size": 16,
+        "in_chans": 3,  # 3 (RGB) or 1 (grey)
+        "pos_embed": "learn",
+        "auto_augment": "rand-m9-mstd0.5-inc1",  # None turns RandAugment off
+        "re_prob": 0.25,  # random erasing
+        "color_jitter": None,  # MAE fine-tuning: off when RandAugment is on
+        "interpolation": "bicubic",
+        "crop_pct": 0.875,  # evaluation: resize to img_size / crop_pct, centre crop
+        "mean": None,  # None: ImageNet's (RGB) or 0.5 (grey)
+        "std": None,
+        "classes": None,  # explicit class list; None: class folders of the training split
+        "train_split": "train",
+        "extensions": IMAGE_EXTENSIONS,
+    }
+
+    def __init__(self, root: str | Path, **options: Any) -> None:
+        super().__init__(root, **options)
+        if self.options["in_chans"] not in (1, 3):
+            raise OptionError(f"ImageAdapter: in_chans={self.options['in_chans']} must be 3 (RGB) or 1 (grey)")
+        o = self.options
+        self.classes = folder_classes(self.root, o["classes"], o["train_split"], o["extensions"])
+        self.num_classes = len(self.classes)
+
+    def dataset(self, split: str, train: bool) -> Dataset:
+        o = self.options
+        samples = scan_class_folders(split_dir(self.root, split), o["extensions"], self.classes)
+        transform = self.transform(train)
+
+        def load(path: Path, label: int, index: int) -> tuple[Tensor, int]:
+            return transform(read_image(path, o["in_chans"])), label
+
+        return FileDataset(samples, load, self)
+
+    def transform(self, train: bool):
+        """timm's train / eval transform for this adapter's options (PIL image -> normalised tensor)."""
+        from timm.data import create_transform
+
+        o = self.options
+        grey = o["in_chans"] == 1
+        mean = tuple(o["mean"] or ((0.5,) if grey else IMAGENET_MEAN))
+        std = tuple(o["std"] or ((0.5,) if grey else IMAGENET_STD))
+        if train:
+            return create_transform(
+                o["img_size"], is_training=True, auto_augment=o["auto_augment"], color_jitter=o["color_jitter"],
+                re_prob=o["re_prob"], re_mode="pixel", interpolation=o["interpolation"], mean=mean, std=std,
+            )
+        return create_transform(
+            o["img_size"], is_training=False, interpolation=o["interpolation"], crop_pct=o["crop_pct"], mean=mean, std=std
+        )
+
+    def tokenizer(self, embed_dim: int) -> Tokenizer:
+        o = self.options
+        return ImagePatchTokenizer(o["img_size"], o["patch_size"], o["in_chans"], embed_dim, pos_embed=o["pos_embed"])
+
+
+def read_image(path: Path, in_chans: int = 3):
+    """Decode an image fully (so truncated files fail here, not later) and convert it to RGB or grey."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()
+        return img.convert("RGB" if in_chans == 3 else "L")

@@ -1,0 +1,106 @@
+"""Finding samples on disk: one folder per class, or a CSV manifest; errors name the path and the fix.
+
+Folder layout::
+
+    root/<split>/<class_name>/<file>     (files may sit in sub-folders of the class folder)
+
+Manifest layout: ``root/<split>.csv`` with a header and the columns ``path`` and ``label`` (or
+``labels``); several labels per row are separated by ``;`` or ``,`` inside the field (AudioSet style,
+quote the field). Paths are relative to the manifest's folder unless absolute.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from .base import LayoutError
+
+
+def split_dir(root: Path, split: str) -> Path:
+    path = root / split
+    if not path.is_dir():
+        found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        raise LayoutError(
+            f"split folder {path} not found (sub-folders of {root}: {found}); expected root/<split>/<class>/<files>"
+        )
+    return path
+
+
+def list_files(folder: Path, extensions: Iterable[str]) -> list[Path]:
+    exts = {e.lower().lstrip(".") for e in extensions}
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in exts)
+
+
+def class_names(folder: Path, extensions: Iterable[str]) -> list[str]:
+    """Sorted class folder names of ``folder``; a clear error if files sit there without class folders."""
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not names:
+        loose = [p.name for p in folder.iterdir() if p.is_file()]
+        raise LayoutError(
+            f"no class folders in {folder} ({len(loose)} loose files, e.g. {loose[:3]}); put each sample in a "
+            f"folder named after its class: {folder}/<class_name>/<file> (extensions {sorted(extensions)})"
+        )
+    return names
+
+
+def scan_class_folders(folder: Path, extensions: Sequence[str], classes: Sequence[str]) -> list[tuple[Path, int]]:
+    """``[(file, class_index)]`` for every file with one of ``extensions`` under ``folder/<class>/``."""
+    index = {c: i for i, c in enumerate(classes)}
+    samples: list[tuple[Path, int]] = []
+    for name in class_names(folder, extensions):
+        if name not in index:
+            raise LayoutError(
+                f"class folder {folder / name}: label {name!r} is not in the class list {list(classes)} "
+                f"(taken from the training split or the `classes` option); add it there or remove the folder"
+            )
+        samples += [(p, index[name]) for p in list_files(folder / name, extensions)]
+    if not samples:
+        raise LayoutError(f"no files with extensions {sorted(extensions)} under {folder}/<class>/")
+    return samples
+
+
+def read_manifest(path: Path) -> list[tuple[Path, list[str]]]:
+    """Rows ``(file, [labels])`` of a CSV manifest; a row whose file does not exist is an error."""
+    if not path.is_file():
+        raise LayoutError(f"manifest {path} not found; write a CSV with the header `path,label`")
+    rows: list[tuple[Path, list[str]]] = []
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        fields = reader.fieldnames or []
+        label_col = "labels" if "labels" in fields else "label"
+        if "path" not in fields or label_col not in fields:
+            raise LayoutError(f"manifest {path} has columns {fields}; it needs a header with `path` and `label`")
+        for line, row in enumerate(reader, start=2):
+            file = Path(row["path"].strip())
+            file = file if file.is_absolute() else path.parent / file
+            if not file.is_file():
+                raise LayoutError(
+                    f"manifest {path}, line {line}: {row['path']!r} points to {file}, which does not exist; "
+                    f"fix the path (relative paths start at {path.parent}) or remove the row"
+                )
+            labels = [s.strip() for s in re.split(r"[;,]", row[label_col] or "") if s.strip()]
+            rows.append((file, labels))
+    if not rows:
+        raise LayoutError(f"manifest {path} has no rows")
+    return rows
+
+
+def label_indices(labels: Sequence[str], classes: Sequence[str], where: str) -> list[int]:
+    index = {c: i for i, c in enumerate(classes)}
+    missing = [lab for lab in labels if lab not in index]
+    if missing:
+        raise LayoutError(
+            f"{where}: label(s) {missing} not in the class list ({len(classes)} classes, e.g. {list(classes)[:5]}); "
+            f"add them to the `classes` option or fix the row"
+        )
+    return [index[lab] for lab in labels]
+
+
+def folder_classes(root: Path, classes: Sequence[str] | None, train_split: str, extensions: Iterable[str]) -> list[str]:
+    """The class list: the ``classes`` option if given, else the class folders of the training split."""
+    if classes:
+        return list(classes)
+    return class_names(split_dir(root, train_split), extensions)

@@ -1,0 +1,54 @@
+"""Adapters by name: built-ins register with ``@register("image")``; third parties through the entry point
+group ``pathway.adapters`` (``name = "package.module:AdapterClass"``), loaded only when first asked for.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Callable, TypeVar
+
+if TYPE_CHECKING:
+    from .base import Adapter
+
+ENTRY_POINT_GROUP = "pathway.adapters"
+_REGISTRY: dict[str, type[Adapter]] = {}
+A = TypeVar("A", bound="type[Adapter]")
+
+
+def register(name: str) -> Callable[[A], A]:
+    """Class decorator: make ``cls`` available as ``get(name)`` and set ``cls.name``."""
+
+    def decorator(cls: A) -> A:
+        known = _REGISTRY.get(name)
+        if known is not None and known is not cls:
+            raise ValueError(f"adapter name {name!r} is already taken by {known.__module__}.{known.__qualname__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def _entry_points() -> dict:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def get(name: str) -> type[Adapter]:
+    """The adapter class registered as ``name``; unknown names raise an error listing the known ones."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    ep = _entry_points().get(name)
+    if ep is None:
+        raise KeyError(
+            f"no adapter named {name!r}; available: {available()}. Third-party adapters register through the "
+            f"entry point group {ENTRY_POINT_GROUP!r} (see docs/new-modality.md)"
+        )
+    cls = ep.load()
+    if name not in _REGISTRY:  # a plugin need not use the decorator: its entry point names it
+        register(name)(cls)
+    return _REGISTRY[name]
+
+
+def available() -> list[str]:
+    """Registered names, built-in and installed through entry points."""
+    return sorted(set(_REGISTRY) | set(_entry_points()))

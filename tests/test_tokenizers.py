@@ -1,0 +1,206 @@
+"""Tokenizers against reference computations: timm's patch_embed, MAE / VideoMAE tables, brute-force KNN, open3d FPS."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pathway.tokenizers import (
+    ImagePatchTokenizer,
+    PatchTokenizer,
+    PointGroupTokenizer,
+    Tokenizer,
+    TokenizerOutput,
+    farthest_point_sample,
+    knn,
+    patchify,
+    resample_pos_embed,
+    sincos_pos_embed,
+    sinusoid_table,
+)
+
+
+def mae_2d_sincos(dim: int, gh: int, gw: int) -> np.ndarray:
+    """MAE's util/pos_embed.py get_2d_sincos_pos_embed, written out with numpy."""
+
+    def one_d(d: int, pos: np.ndarray) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    grid = np.meshgrid(np.arange(gw, dtype=np.float32), np.arange(gh, dtype=np.float32))
+    grid = np.stack(grid, axis=0).reshape(2, 1, gh, gw)
+    return np.concatenate([one_d(dim // 2, grid[0]), one_d(dim // 2, grid[1])], axis=1)
+
+
+def test_image_tokens_match_timm_patch_embed():
+    timm = pytest.importorskip("timm")
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=0)
+    tok = ImagePatchTokenizer(img_size=32, patch_size=8, embed_dim=vit.embed_dim)
+    tok.proj.load_state_dict(vit.patch_embed.proj.state_dict())
+    tok.pos_embed.data.copy_(vit.pos_embed[:, 1:])
+    x = torch.randn(2, 3, 32, 32)
+    out = tok.encode(x)
+    assert isinstance(tok, Tokenizer) and isinstance(out, TokenizerOutput)
+    torch.testing.assert_close(out.tokens, vit.patch_embed(x) + vit.pos_embed[:, 1:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(tok(x), out.tokens)
+    assert out.pos.shape == (1, 16, vit.embed_dim)
+
+
+def test_image_pos_embed_interpolates_like_timm():
+    timm = pytest.importorskip("timm")
+    from timm.layers import resample_abs_pos_embed
+
+    tok = ImagePatchTokenizer(img_size=32, patch_size=8, embed_dim=16)
+    out = tok.encode(torch.randn(1, 3, 48, 40))
+    assert out.tokens.shape == (1, 30, 16)
+    ref = resample_abs_pos_embed(tok.pos_embed, [6, 5], [4, 4], num_prefix_tokens=0)
+    torch.testing.assert_close(out.pos, ref, rtol=0, atol=1e-6)
+
+
+def test_image_targets_are_mae_patchify():
+    tok = ImagePatchTokenizer(img_size=32, patch_size=8, embed_dim=16)
+    x = torch.randn(2, 3, 32, 32)
+    ref = torch.einsum("nchpwq->nhwpqc", x.reshape(2, 3, 4, 8, 4, 8)).reshape(2, 16, 8 * 8 * 3)
+    torch.testing.assert_close(tok.encode(x).targets, ref, rtol=0, atol=0)
+    assert tok.reconstruction_loss == "mse"
+
+
+def test_sincos_pos_embed_matches_mae():
+    ref = mae_2d_sincos(32, 3, 5)
+    torch.testing.assert_close(sincos_pos_embed((3, 5), 32)[0], torch.from_numpy(ref).float(), rtol=0, atol=1e-6)
+    tok = ImagePatchTokenizer(img_size=(24, 40), patch_size=8, embed_dim=32, pos_embed="sincos")
+    assert not tok.pos_embed.requires_grad
+    torch.testing.assert_close(tok.pos_embed[0], torch.from_numpy(ref).float(), rtol=0, atol=1e-6)
+    # a fixed table is recomputed exactly for another grid, not interpolated
+    out = tok.encode(torch.randn(1, 3, 16, 16))
+    torch.testing.assert_close(out.pos[0], torch.from_numpy(mae_2d_sincos(32, 2, 2)).float(), rtol=0, atol=1e-6)
+
+
+def test_videomae_sinusoid_table():
+    n, d = 7, 12
+    ref = np.array([[p / np.power(10000, 2 * (j // 2) / d) for j in range(d)] for p in range(n)])
+    ref[:, 0::2], ref[:, 1::2] = np.sin(ref[:, 0::2]), np.cos(ref[:, 1::2])
+    torch.testing.assert_close(sinusoid_table(n, d)[0], torch.from_numpy(ref).float(), rtol=0, atol=1e-6)
+
+
+def test_resample_pos_embed_identity_and_errors():
+    pos = torch.randn(1, 12, 8)
+    assert resample_pos_embed(pos, (3, 4), (3, 4)) is pos
+    assert resample_pos_embed(pos, (3, 4), (6, 8)).shape == (1, 48, 8)
+    assert resample_pos_embed(torch.randn(1, 24, 8), (2, 3, 4), (4, 3, 4)).shape == (1, 48, 8)
+    with pytest.raises(ValueError, match="grid"):
+        resample_pos_embed(pos, (3, 5), (3, 4))
+
+
+def test_patch_tokenizer_shape_errors_name_the_fix():
+    tok = ImagePatchTokenizer(img_size=32, patch_size=8, embed_dim=16)
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        tok(torch.randn(1, 3, 30, 32))
+    with pytest.raises(ValueError, match=r"\[B, 3, 32, 32\]"):
+        tok(torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="pos_embed"):
+        ImagePatchTokenizer(img_size=32, patch_size=8, embed_dim=16, pos_embed="rope")
+
+
+def test_patchify_1d_and_3d_layouts():
+    x = torch.arange(2 * 3 * 8, dtype=torch.float32).reshape(2, 3, 8)
+    t = patchify(x, (4,))
+    torch.testing.assert_close(t[0, 1], x[0, :, 4:8].T.reshape(-1))  # (position, channel) order
+    v = torch.randn(1, 3, 4, 8, 8)
+    t = patchify(v, (2, 4, 4))
+    assert t.shape == (1, 2 * 2 * 2, 2 * 4 * 4 * 3)
+    torch.testing.assert_close(t[0, 0], v[0, :, :2, :4, :4].permute(1, 2, 3, 0).reshape(-1))
+    tok = PatchTokenizer((16,), (4,), in_chans=3, embed_dim=8, pos_embed="sincos")
+    assert tok(torch.randn(2, 3, 16)).shape == (2, 4, 8)
+
+
+# ---------------------------------------------------------------- point groups
+
+
+def cloud(b: int, n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, n, 3, generator=g) * torch.tensor([2.0, 1.0, 0.5])
+
+
+def covering_radius(points: np.ndarray, centres: np.ndarray) -> float:
+    d = ((points[:, None] - centres[None]) ** 2).sum(-1)
+    return float(np.sqrt(d.min(1).max()))
+
+
+def test_fps_matches_naive_loop_and_is_deterministic():
+    xyz = cloud(3, 200)
+    idx = farthest_point_sample(xyz, 16, start=0)
+    for b in range(3):
+        chosen, dist = [0], ((xyz[b] - xyz[b, 0]) ** 2).sum(-1)
+        for _ in range(15):
+            nxt = int(dist.argmax())
+            chosen.append(nxt)
+            dist = torch.minimum(dist, ((xyz[b] - xyz[b, nxt]) ** 2).sum(-1))
+        assert idx[b].tolist() == chosen
+    assert torch.equal(idx, farthest_point_sample(xyz, 16, start=0))
+    assert farthest_point_sample(xyz, 16, start=None).shape == (3, 16)
+
+
+def test_fps_covers_as_well_as_open3d():
+    o3d = pytest.importorskip("open3d")
+    xyz = cloud(1, 512, seed=1)[0]
+    ours = xyz[farthest_point_sample(xyz[None], 64)[0]].numpy()
+    pc = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(xyz.double().numpy()))
+    theirs = np.asarray(pc.farthest_point_down_sample(64).points)
+    r_ours, r_theirs = covering_radius(xyz.numpy(), ours), covering_radius(xyz.numpy(), theirs)
+    # same greedy algorithm; start points differ, so the radii agree only approximately
+    assert r_ours <= 1.15 * r_theirs
+    random = xyz[torch.randperm(512, generator=torch.Generator().manual_seed(0))[:64]].numpy()
+    assert r_ours < covering_radius(xyz.numpy(), random)
+
+
+def test_knn_matches_brute_force():
+    ref, query = cloud(2, 300, seed=2), cloud(2, 40, seed=3)
+    d2, idx = knn(query, ref, 8)
+    brute = torch.cdist(query.double(), ref.double())
+    top = brute.topk(8, dim=2, largest=False)
+    torch.testing.assert_close(d2.double().sqrt(), top.values, rtol=0, atol=1e-5)
+    torch.testing.assert_close(brute.gather(2, idx), top.values, rtol=0, atol=1e-5)  # same sets up to ties
+
+
+def test_point_group_tokenizer_outputs():
+    tok = PointGroupTokenizer(num_groups=16, group_size=8, in_chans=6, embed_dim=32).eval()
+    pts = torch.cat([cloud(2, 256), torch.randn(2, 256, 3)], dim=-1)
+    out = tok.encode(pts)
+    assert out.tokens.shape == (2, 16, 32) and out.pos.shape == (2, 16, 32)
+    assert out.targets.shape == (2, 16, 8 * 3) and tok.reconstruction_loss == "chamfer"
+    centers, nbr = out.extras["centers"], out.extras["neighbours"]
+    assert centers.shape == (2, 16, 3) and nbr.shape == (2, 16, 8)
+    # targets are each group's xyz relative to its centre; the centre is its own nearest neighbour
+    b, g = 1, 5
+    torch.testing.assert_close(out.targets[b, g].reshape(8, 3), pts[b, nbr[b, g], :3] - centers[b, g])
+    torch.testing.assert_close(out.targets[b, g, :3], torch.zeros(3))
+    # parameter names follow Point-MAE's encoder so its checkpoints load by renaming
+    assert set(tok.state_dict()) >= {"first_conv.0.weight", "first_conv.3.weight", "second_conv.0.weight",
+                                     "second_conv.3.weight", "pos_embed.0.weight", "pos_embed.2.weight"}
+    assert tok.first_conv[0].weight.shape == (128, 6, 1) and tok.second_conv[3].weight.shape == (32, 512, 1)
+
+
+def test_point_group_tokenizer_backward_and_errors():
+    tok = PointGroupTokenizer(num_groups=8, group_size=4, embed_dim=16)
+    pts = cloud(2, 64).requires_grad_(True)
+    tok(pts).sum().backward()
+    assert pts.grad is not None and tok.first_conv[0].weight.grad is not None
+    with pytest.raises(ValueError, match="resample the cloud with replacement"):
+        tok(cloud(1, 6))
+    with pytest.raises(ValueError, match=r"points \[B, N, 3\]"):
+        tok(torch.randn(1, 64, 6))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_point_groups_same_on_cuda():
+    tok = PointGroupTokenizer(num_groups=16, group_size=8, embed_dim=16).eval()
+    pts = cloud(2, 256)
+    cpu = tok.encode(pts)
+    gpu = tok.cuda().encode(pts.cuda())
+    assert torch.equal(cpu.extras["neighbours"], gpu.extras["neighbours"].cpu())
+    torch.testing.assert_close(cpu.tokens, gpu.tokens.cpu(), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,45 @@
+"""The tokenizer contract: a modality tensor in, tokens with their position embedding out.
+
+Every modality's tokenizer is an ``nn.Module`` subclass of :class:`Tokenizer`. The transformer blocks
+only ever see ``tokens [B, N, D]``; MAE pretraining also needs what was added as position
+(decoders reuse it) and what each token should reconstruct, so :meth:`Tokenizer.encode` returns all
+of it in one :class:`TokenizerOutput` (docs/contracts.md, section 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+
+@dataclass
+class TokenizerOutput:
+    """What a tokenizer produces for one batch.
+
+    Attributes:
+        tokens: ``[B, N, D]``, position embedding already added.
+        pos: ``[B or 1, N, D]``, the position embedding that was added (MAE decoders reuse it).
+        targets: ``[B, N, P]``, what MAE reconstructs per token (patch pixels, group points, ...).
+        extras: modality-specific tensors, e.g. ``{"centers": [B, G, 3], "neighbours": [B, G, K]}``.
+    """
+
+    tokens: Tensor
+    pos: Tensor
+    targets: Tensor
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Tokenizer(nn.Module):
+    """Base class of every tokenizer: subclasses set ``embed_dim``, ``reconstruction_loss`` and implement ``encode``."""
+
+    embed_dim: int
+    reconstruction_loss: str  # "mse" (patches) or "chamfer" (point groups); read by MAE pretraining
+
+    def encode(self, x: Tensor) -> TokenizerOutput:
+        raise NotImplementedError(f"{type(self).__name__} must implement encode(x) -> TokenizerOutput")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Tokens ``[B, N, D]`` with the position embedding added."""
+        return self.encode(x).tokens
