@@ -45,8 +45,8 @@ class Adapter:
     """One modality's files -> datasets of ``(x, y)``, plus its tokenizer, head and metric.
 
     Subclasses set ``name`` (via :func:`pathway.adapters.register`), ``task``, ``metric``, extend
-    ``defaults`` with their options, set ``num_classes`` in ``__init__`` and implement
-    :meth:`dataset` and :meth:`tokenizer`.
+    ``defaults`` with their options and implement :meth:`find_classes`, :meth:`build_dataset` and
+    :meth:`tokenizer` (and :meth:`check_options` when some values are invalid).
     """
 
     name: ClassVar[str]
@@ -54,17 +54,37 @@ class Adapter:
     metric: ClassVar[str]  # "top1" | "map" | "miou"
     defaults: ClassVar[dict[str, Any]] = {"strict": False}
     num_classes: int
+    classes: list[str]
 
     def __init__(self, root: str | Path, **options: Any) -> None:
+        self._configure(options)
+        self.root: Path | None = Path(root)
+        if not self.root.exists():
+            raise LayoutError(
+                f"{type(self).__name__}: data root {self.root} does not exist; pass the folder that holds the data"
+            )
+        self.classes = list(self.find_classes())
+        self.num_classes = len(self.classes)
+
+    @classmethod
+    def spec(cls, num_classes: int, **options: Any) -> Adapter:
+        """An adapter without data that builds ``tokenizer()`` and ``head()`` (dry runs, model inspection)."""
+        self = cls.__new__(cls)
+        self._configure(options)
+        self.root = None
+        given = self.options.get("classes")
+        if given and len(given) != num_classes:
+            raise OptionError(f"{cls.__name__}.spec: num_classes={num_classes} but `classes` lists {len(given)}")
+        self.classes = list(given) if given else [str(i) for i in range(num_classes)]
+        self.num_classes = num_classes
+        return self
+
+    def _configure(self, options: dict[str, Any]) -> None:
         unknown = sorted(set(options) - set(self.defaults))
         if unknown:
-            raise OptionError(
-                f"{type(self).__name__}: unknown option(s) {unknown}; allowed: {sorted(self.defaults)}"
-            )
-        self.root = Path(root)
-        if not self.root.exists():
-            raise LayoutError(f"{type(self).__name__}: data root {self.root} does not exist; pass the folder that holds the data")
+            raise OptionError(f"{type(self).__name__}: unknown option(s) {unknown}; allowed: {sorted(self.defaults)}")
         self.options: dict[str, Any] = {**self.defaults, **options}
+        self.check_options()
         # Shared memory so that skips inside DataLoader worker processes are counted here too.
         self._skipped = multiprocessing.Value("i", 0)
         self._warned: set[str] = set()
@@ -74,14 +94,27 @@ class Adapter:
         """Files skipped as unreadable so far (all workers together)."""
         return int(self._skipped.value)
 
+    def check_options(self) -> None:
+        """Raise :class:`OptionError` for option values the adapter cannot use."""
+
+    def find_classes(self) -> list[str]:
+        """Class names, in label order, found from ``self.root`` and the options."""
+        raise NotImplementedError
+
     def dataset(self, split: str, train: bool) -> Dataset:
+        """Items ``(x, y)`` of ``split``; ``train`` turns on augmentation."""
+        if self.root is None:
+            raise LayoutError(f"{type(self).__name__}.spec(...) has no data; build it with {type(self).__name__}(root, ...)")
+        return self.build_dataset(split, train)
+
+    def build_dataset(self, split: str, train: bool) -> Dataset:
         raise NotImplementedError
 
     def tokenizer(self, embed_dim: int) -> Tokenizer:
         raise NotImplementedError
 
     def head(self, embed_dim: int) -> nn.Module:
-        """Mean-pool + LayerNorm + Linear; multilabel heads are the same, their logits go to BCE."""
+        """Mean-pool + Linear on the model's final LayerNorm; multilabel heads are the same, logits for BCE."""
         return ClassificationHead(embed_dim, self.num_classes)
 
     def record_skip(self, path: Path, error: BaseException) -> None:

@@ -1,7 +1,10 @@
 """Default heads: ``forward(tokens [B, N, D], out: TokenizerOutput) -> logits``.
 
-* :class:`ClassificationHead`: mean-pool over tokens, LayerNorm, Linear -> ``[B, C]`` (MAE's global-pool
-  fine-tuning head; multi-label uses the same logits with BCE).
+* :class:`ClassificationHead`: mean-pool over the patch tokens, Linear -> ``[B, C]``; the LayerNorm is the
+  model's final ``norm`` (contracts.md section 4), so the engine model maps 1:1 onto timm's
+  ``VisionTransformer(global_pool="avg", fc_norm=False, class_token=False)``. With a class token
+  (the engine prepends it) the head reads it instead, as timm's ``global_pool="token"``. Multi-label
+  uses the same logits with BCE.
 * :class:`SegmentationHead`: group tokens propagated back to every input point by inverse-distance
   interpolation over the 3 nearest group centres (PointNet++ feature propagation), concatenated with the
   pooled shape feature, then a per-point MLP -> ``[B, N_points, C]``.
@@ -16,14 +19,19 @@ from pathway.tokenizers import TokenizerOutput
 from pathway.tokenizers.point_group import interpolate_to_points
 
 
+def has_cls_token(tokens: Tensor, out: TokenizerOutput | None) -> bool:
+    """True when the model prepended one token to what the tokenizer produced."""
+    return out is not None and tokens.shape[1] == out.tokens.shape[1] + 1
+
+
 class ClassificationHead(nn.Module):
     def __init__(self, embed_dim: int, num_classes: int) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(embed_dim)
         self.fc = nn.Linear(embed_dim, num_classes)
 
     def forward(self, tokens: Tensor, out: TokenizerOutput | None = None) -> Tensor:
-        return self.fc(self.norm(tokens.mean(dim=1)))
+        pooled = tokens[:, 0] if has_cls_token(tokens, out) else tokens.mean(dim=1)
+        return self.fc(pooled)
 
 
 class SegmentationHead(nn.Module):
@@ -32,7 +40,6 @@ class SegmentationHead(nn.Module):
     def __init__(self, embed_dim: int, num_classes: int, hidden: int = 256, k: int = 3) -> None:
         super().__init__()
         self.k = k
-        self.norm = nn.LayerNorm(embed_dim)
         self.mlp = nn.Sequential(
             nn.Linear(2 * embed_dim, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, num_classes)
         )
@@ -42,7 +49,7 @@ class SegmentationHead(nn.Module):
         if missing:
             raise ValueError(f"SegmentationHead needs out.extras {missing}; use a PointGroupTokenizer")
         centers, points = out.extras["centers"], out.extras["points"]
-        groups = self.norm(tokens[:, -centers.shape[1]:])  # drop a cls token if the model prepended one
+        groups = tokens[:, -centers.shape[1]:]  # drop a class token if the model prepended one
         per_point = interpolate_to_points(points, centers, groups, k=self.k)  # [B, Np, D]
         pooled = groups.mean(dim=1, keepdim=True).expand_as(per_point)
         return self.mlp(torch.cat([per_point, pooled], dim=-1))

@@ -8,8 +8,6 @@ RandAugment ``rand-m9-mstd0.5-inc1``, random erasing 0.25, bicubic); evaluation 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -46,15 +44,15 @@ class ImageAdapter(Adapter):
         "extensions": IMAGE_EXTENSIONS,
     }
 
-    def __init__(self, root: str | Path, **options: Any) -> None:
-        super().__init__(root, **options)
+    def check_options(self) -> None:
         if self.options["in_chans"] not in (1, 3):
             raise OptionError(f"ImageAdapter: in_chans={self.options['in_chans']} must be 3 (RGB) or 1 (grey)")
-        o = self.options
-        self.classes = folder_classes(self.root, o["classes"], o["train_split"], o["extensions"])
-        self.num_classes = len(self.classes)
 
-    def dataset(self, split: str, train: bool) -> Dataset:
+    def find_classes(self) -> list[str]:
+        o = self.options
+        return folder_classes(self.root, o["classes"], o["train_split"], o["extensions"])
+
+    def build_dataset(self, split: str, train: bool) -> Dataset:
         o = self.options
         samples = scan_class_folders(split_dir(self.root, split), o["extensions"], self.classes)
         transform = self.transform(train)

@@ -137,3 +137,17 @@ def test_image_layout_and_option_errors(tmp_path: Path, image_root: Path):
         ad.dataset("val", False)
     with pytest.raises(LayoutError, match=r"split folder .*test"):
         ad.dataset("test", False)
+
+
+def test_spec_builds_tokenizer_and_head_without_data():
+    ad = adapters.get("image").spec(10, img_size=32, patch_size=8)
+    assert ad.num_classes == 10 and ad.root is None
+    tok, head = ad.tokenizer(16), ad.head(16)
+    out = tok.encode(torch.randn(2, 3, 32, 32))
+    assert head(out.tokens, out).shape == (2, 10)
+    with_cls = torch.cat([torch.zeros(2, 1, 16), out.tokens], dim=1)  # the engine prepends a class token
+    torch.testing.assert_close(head(with_cls, out), head.fc(torch.zeros(2, 16)).expand(2, 10))
+    with pytest.raises(LayoutError, match="no data"):
+        ad.dataset("train", True)
+    with pytest.raises(OptionError, match="in_chans"):
+        adapters.get("image").spec(10, in_chans=4)
