@@ -605,7 +605,7 @@ def load_checkpoint(
     parametrization_internal = re.compile(r"\.parametrizations\.[^.]+\.\d+\.")
     allowed = tuple(allow_missing) + (("cls_token",) if fmt in ("video_mae", "point_mae") else ())
     for key in model_sd:
-        if key in final or parametrization_internal.search(key):
+        if key in final or key in report.mismatched or parametrization_internal.search(key):
             continue
         (report.left_at_init if key.startswith(allowed) else report.missing).append(key)
     if not conv.pos_prefix_folded and "cls_token" in final and "tokenizer.pos_embed" in final:

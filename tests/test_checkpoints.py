@@ -1,0 +1,396 @@
+"""Official checkpoint layouts load into the engine model: every tensor lands where it should.
+
+Each test writes a synthetic checkpoint with exactly the official keys and shapes (small widths: D=64,
+depth 2, 2 heads) in the official file format (`.pth` with `model` + `args` Namespace, Point-MAE's
+`base_model`, safetensors), loads it through `pathway.checkpoints` into a real `TransformerModel` built
+from the real tokenizers and heads, and compares values. The MAE and timm cases also compare the whole
+forward with timm's own `VisionTransformer` carrying the same weights. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+from pathway.checkpoints import CheckpointError, detect_format, load_checkpoint, load_state_dict, read_checkpoint
+from pathway.tokenizers import ImagePatchTokenizer, PatchTokenizer
+from pathway.tokenizers.point_group import PointGroupTokenizer
+from pathway.tokenizers.pos_embed import resample_pos_embed, sinusoid_table
+from pathway.train.model import TransformerModel
+from pathway.adapters.heads import ClassificationHead
+
+D, DEPTH, HEADS = 64, 2, 2
+torch.manual_seed(0)
+
+
+def rand(*shape: int) -> Tensor:
+    return torch.randn(*shape)
+
+
+def timm_blocks(prefix: str = "blocks.", depth: int = DEPTH, dim: int = D, qkv_bias: bool = True,
+                q_v_bias: bool = False) -> dict[str, Tensor]:
+    """The timm / MAE / Point-MAE / VideoMAE block keys (VideoMAE: qkv without bias + q_bias, v_bias)."""
+    sd = {}
+    for i in range(depth):
+        p = f"{prefix}{i}."
+        sd |= {p + "norm1.weight": rand(dim), p + "norm1.bias": rand(dim), p + "attn.qkv.weight": rand(3 * dim, dim)}
+        if qkv_bias:
+            sd[p + "attn.qkv.bias"] = rand(3 * dim)
+        if q_v_bias:
+            sd |= {p + "attn.q_bias": rand(dim), p + "attn.v_bias": rand(dim)}
+        sd |= {p + "attn.proj.weight": rand(dim, dim), p + "attn.proj.bias": rand(dim),
+               p + "norm2.weight": rand(dim), p + "norm2.bias": rand(dim),
+               p + "mlp.fc1.weight": rand(4 * dim, dim), p + "mlp.fc1.bias": rand(4 * dim),
+               p + "mlp.fc2.weight": rand(dim, 4 * dim), p + "mlp.fc2.bias": rand(dim)}
+    return sd
+
+
+def mae_pretrain_sd(in_chans: int = 3, grid: tuple[int, int] = (2, 2), dec: int = 32) -> dict[str, Tensor]:
+    """facebookresearch/mae models_mae.MaskedAutoencoderViT (and AudioMAE's, with in_chans=1)."""
+    n = grid[0] * grid[1]
+    sd = {"cls_token": rand(1, 1, D), "pos_embed": rand(1, n + 1, D),
+          "patch_embed.proj.weight": rand(D, in_chans, 16, 16), "patch_embed.proj.bias": rand(D)}
+    sd |= timm_blocks() | {"norm.weight": rand(D), "norm.bias": rand(D)}
+    sd |= {"decoder_embed.weight": rand(dec, D), "decoder_embed.bias": rand(dec), "mask_token": rand(1, 1, dec),
+           "decoder_pos_embed": rand(1, n + 1, dec), "decoder_norm.weight": rand(dec), "decoder_norm.bias": rand(dec),
+           "decoder_pred.weight": rand(16 * 16 * in_chans, dec), "decoder_pred.bias": rand(16 * 16 * in_chans)}
+    sd |= timm_blocks("decoder_blocks.", depth=1, dim=dec)
+    return sd
+
+
+def save_mae_pth(path: Path, sd: dict[str, Tensor], **args) -> Path:
+    """As MAE's util/misc.save_model: model, optimizer, epoch, scaler, args (an argparse.Namespace)."""
+    torch.save({"model": sd, "optimizer": {"state": {}, "param_groups": []}, "epoch": 799, "scaler": {},
+                "args": argparse.Namespace(model="mae_vit_base_patch16", **args)}, path)
+    return path
+
+
+def image_model(img: int = 32, cls_token: bool = True, classes: int = 10) -> TransformerModel:
+    return TransformerModel(ImagePatchTokenizer(img, 16, 3, D), ClassificationHead(D, classes), D, DEPTH, HEADS,
+                            cls_token=cls_token)
+
+
+def assert_blocks_equal(model: TransformerModel, sd: dict[str, Tensor], prefix: str = "blocks.") -> None:
+    msd = model.state_dict()
+    for key, value in sd.items():
+        if key.startswith(prefix) and not key.endswith(("q_bias", "v_bias")):
+            torch.testing.assert_close(msd["blocks." + key[len(prefix):]], value, rtol=0, atol=0, msg=key)
+
+
+def test_mae_pretrain_pth_lands_and_matches_timm_forward(tmp_path):
+    import timm.models.vision_transformer as tvit
+
+    sd = mae_pretrain_sd()
+    path = save_mae_pth(tmp_path / "mae_pretrain.pth", sd, input_size=32)
+    model = image_model()
+    report = load_checkpoint(model, path)
+
+    assert report.format == "mae" and report.ok
+    assert report.args["input_size"] == 32  # the Namespace came through the allow-list
+    msd = model.state_dict()
+    torch.testing.assert_close(msd["tokenizer.proj.weight"], sd["patch_embed.proj.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(msd["tokenizer.proj.bias"], sd["patch_embed.proj.bias"], rtol=0, atol=0)
+    torch.testing.assert_close(msd["tokenizer.pos_embed"], sd["pos_embed"][:, 1:], rtol=0, atol=0)
+    torch.testing.assert_close(msd["cls_token"], sd["cls_token"] + sd["pos_embed"][:, :1], rtol=0, atol=0)
+    torch.testing.assert_close(msd["norm.weight"], sd["norm.weight"], rtol=0, atol=0)
+    assert_blocks_equal(model, sd)
+    assert set(report.left_at_init) == {k for k in msd if k.startswith("head.")}
+    assert {k for k in sd if k.startswith(("decoder", "mask_token"))} == set(report.dropped)
+
+    # The whole encoder computes what timm's ViT (MAE's base class) computes with the original weights.
+    ref = tvit.VisionTransformer(img_size=32, patch_size=16, embed_dim=D, depth=DEPTH, num_heads=HEADS,
+                                 num_classes=0, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
+    ref.load_state_dict({k: v for k, v in sd.items() if not k.startswith(("decoder", "mask_token"))})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x)[0], ref.forward_features(x), rtol=1e-5, atol=1e-5)
+
+
+def test_timm_safetensors_with_prefixes_and_resampled_grid(tmp_path):
+    import timm.models.vision_transformer as tvit
+    from safetensors.torch import save_file
+
+    ref = tvit.VisionTransformer(img_size=32, patch_size=16, embed_dim=D, depth=DEPTH, num_heads=HEADS,
+                                 num_classes=10)
+    sd = {"_orig_mod.module." + k: v.clone() for k, v in ref.state_dict().items()}  # compiled + DDP prefixes
+    path = tmp_path / "vit.safetensors"
+    save_file(sd, str(path))
+    clean = ref.state_dict()
+
+    model = image_model(img=64)  # 4x4 grid; the file has 2x2
+    report = load_checkpoint(model, path, ignore=[r"^head\."])
+    assert report.format == "timm" and report.ok
+    assert any("resampled grid (2, 2) -> (4, 4)" in n for n in report.notes)
+    msd = model.state_dict()
+    expected = resample_pos_embed(clean["pos_embed"][:, 1:], (2, 2), (4, 4))
+    torch.testing.assert_close(msd["tokenizer.pos_embed"], expected, rtol=0, atol=0)
+    torch.testing.assert_close(msd["cls_token"], clean["cls_token"] + clean["pos_embed"][:, :1], rtol=0, atol=0)
+    assert_blocks_equal(model, clean)
+    assert set(report.left_at_init) == {k for k in msd if k.startswith("head.")}
+    assert set(report.dropped) == {"head.weight", "head.bias"}
+
+
+def test_timm_same_grid_forward_equal(tmp_path):
+    import timm.models.vision_transformer as tvit
+
+    ref = tvit.VisionTransformer(img_size=32, patch_size=16, embed_dim=D, depth=DEPTH, num_heads=HEADS, num_classes=0)
+    path = tmp_path / "vit.pth"
+    torch.save(ref.state_dict(), path)
+    model = image_model()
+    load_checkpoint(model, path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x)[0], ref.forward_features(x), rtol=1e-5, atol=1e-5)
+
+
+def test_mae_global_pool_finetune_head_goes_to_classification_head(tmp_path):
+    sd = {k: v for k, v in mae_pretrain_sd().items() if not k.startswith(("decoder", "mask_token"))}
+    sd.pop("norm.weight"), sd.pop("norm.bias")  # MAE models_vit with global_pool deletes `norm`, adds `fc_norm`
+    sd |= {"fc_norm.weight": rand(D), "fc_norm.bias": rand(D), "head.weight": rand(10, D), "head.bias": rand(10)}
+    model = image_model()
+    report = load_checkpoint(model, save_mae_pth(tmp_path / "ft.pth", sd), strict=False)
+    msd = model.state_dict()
+    if "head.norm.weight" in msd:
+        torch.testing.assert_close(msd["head.norm.weight"], sd["fc_norm.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(msd["head.fc.weight"], sd["head.weight"], rtol=0, atol=0)
+    assert report.missing == ["norm.weight", "norm.bias"]  # honest: MAE's fine-tune has no pre-pool norm
+
+
+def test_audio_mae_one_channel_and_time_frequency_grid(tmp_path):
+    sd = mae_pretrain_sd(in_chans=1, grid=(8, 8))  # 128 frames x 128 mel bins -> (8 time, 8 freq) patches
+    path = save_mae_pth(tmp_path / "audiomae.pth", sd, model_name="mae_vit_base_patch16", audio_exp=True)
+    model = TransformerModel(PatchTokenizer((64, 128), (16, 16), 1, D), ClassificationHead(D, 5), D, DEPTH, HEADS,
+                             cls_token=True)  # 64 frames: (4, 8) patches
+    report = load_checkpoint(model, path)
+    assert report.format == "audio_mae" and report.ok
+    msd = model.state_dict()
+    torch.testing.assert_close(msd["tokenizer.proj.weight"], sd["patch_embed.proj.weight"], rtol=0, atol=0)
+    expected = resample_pos_embed(sd["pos_embed"][:, 1:], (8, 8), (4, 8))
+    torch.testing.assert_close(msd["tokenizer.pos_embed"], expected, rtol=0, atol=0)
+    torch.testing.assert_close(msd["cls_token"], sd["cls_token"] + sd["pos_embed"][:, :1], rtol=0, atol=0)
+    assert_blocks_equal(model, sd)
+
+
+def videomae_pretrain_sd(dec: int = 32) -> dict[str, Tensor]:
+    """MCG-NJU/VideoMAE modeling_pretrain.PretrainVisionTransformer: encoder.* (no pos table stored), decoder.*."""
+    sd = {"encoder.patch_embed.proj.weight": rand(D, 3, 2, 16, 16), "encoder.patch_embed.proj.bias": rand(D)}
+    sd |= timm_blocks("encoder.blocks.", qkv_bias=False, q_v_bias=True)
+    sd |= {"encoder.norm.weight": rand(D), "encoder.norm.bias": rand(D),
+           "encoder_to_decoder.weight": rand(dec, D), "mask_token": rand(1, 1, dec),
+           "decoder.norm.weight": rand(dec), "decoder.norm.bias": rand(dec),
+           "decoder.head.weight": rand(3 * 2 * 16 * 16, dec), "decoder.head.bias": rand(3 * 2 * 16 * 16)}
+    return sd | timm_blocks("decoder.blocks.", depth=1, dim=dec, qkv_bias=False, q_v_bias=True)
+
+
+def test_video_mae_q_v_bias_fused_and_fixed_table(tmp_path):
+    sd = videomae_pretrain_sd()
+    path = save_mae_pth(tmp_path / "videomae.pth", sd, num_frames=4, tubelet_size=2)
+    model = TransformerModel(PatchTokenizer((4, 32, 32), (2, 16, 16), 3, D),
+                             ClassificationHead(D, 7), D, DEPTH, HEADS)
+    report = load_checkpoint(model, path)
+    assert report.format == "video_mae" and report.ok
+    msd = model.state_dict()
+    torch.testing.assert_close(msd["tokenizer.proj.weight"], sd["encoder.patch_embed.proj.weight"], rtol=0, atol=0)
+    for i in range(DEPTH):
+        p = f"encoder.blocks.{i}.attn."
+        fused = torch.cat([sd[p + "q_bias"], torch.zeros(D), sd[p + "v_bias"]])
+        torch.testing.assert_close(msd[f"blocks.{i}.attn.qkv.bias"], fused, rtol=0, atol=0)
+    assert_blocks_equal(model, sd, prefix="encoder.blocks.")
+    torch.testing.assert_close(msd["norm.weight"], sd["encoder.norm.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(msd["tokenizer.pos_embed"], sinusoid_table(8, D), rtol=0, atol=0)
+    assert "encoder_to_decoder.weight" in report.dropped and "decoder.head.weight" in report.dropped
+
+
+def point_encoder_sd(prefix: str, dim: int = D) -> dict[str, Tensor]:
+    """Point-MAE models/Point_MAE.py Encoder (mini-PointNet), pos_embed MLP, TransformerEncoder, norm."""
+    sd = {}
+    for conv, (cin, mid, cout) in {"first_conv": (3, 128, 256), "second_conv": (512, 512, dim)}.items():
+        p = f"{prefix}encoder.{conv}."
+        sd |= {p + "0.weight": rand(mid, cin, 1), p + "0.bias": rand(mid),
+               p + "1.weight": rand(mid), p + "1.bias": rand(mid), p + "1.running_mean": rand(mid),
+               p + "1.running_var": rand(mid).abs(), p + "1.num_batches_tracked": torch.tensor(7),
+               p + "3.weight": rand(cout, mid, 1), p + "3.bias": rand(cout)}
+    sd |= {f"{prefix}pos_embed.0.weight": rand(128, 3), f"{prefix}pos_embed.0.bias": rand(128),
+           f"{prefix}pos_embed.2.weight": rand(dim, 128), f"{prefix}pos_embed.2.bias": rand(dim)}
+    sd |= timm_blocks(f"{prefix}blocks.blocks.", qkv_bias=False)  # Point-MAE's qkv has no bias
+    return sd | {f"{prefix}norm.weight": rand(dim), f"{prefix}norm.bias": rand(dim)}
+
+
+def point_model(cls_token: bool = True) -> TransformerModel:
+    return TransformerModel(PointGroupTokenizer(8, 4, 3, D), ClassificationHead(D, 5), D, DEPTH, HEADS,
+                            cls_token=cls_token)
+
+
+def check_point_encoder(model: TransformerModel, sd: dict[str, Tensor], prefix: str) -> None:
+    msd = model.state_dict()
+    for key, value in sd.items():
+        if not key.startswith(prefix):
+            continue
+        rest = key[len(prefix):]
+        if rest in ("cls_token", "cls_pos"):
+            continue  # folded: checked by the caller
+        if rest.startswith("encoder."):
+            target = "tokenizer." + rest[len("encoder."):]
+        elif rest.startswith("pos_embed."):
+            target = "tokenizer." + rest
+        elif rest.startswith("blocks.blocks."):
+            target = rest[len("blocks."):]
+        else:
+            target = rest
+        torch.testing.assert_close(msd[target], value, rtol=0, atol=0, msg=key)
+    for i in range(DEPTH):
+        assert torch.equal(msd[f"blocks.{i}.attn.qkv.bias"], torch.zeros(3 * D))
+
+
+@pytest.mark.parametrize("wrap", ["", "module."])
+def test_point_mae_pretrain_base_model(tmp_path, wrap):
+    sd = point_encoder_sd("MAE_encoder.")
+    sd |= {"mask_token": rand(1, 1, D), "decoder_pos_embed.0.weight": rand(128, 3), "decoder_pos_embed.0.bias": rand(128),
+           "decoder_pos_embed.2.weight": rand(D, 128), "decoder_pos_embed.2.bias": rand(D),
+           "MAE_decoder.norm.weight": rand(D), "MAE_decoder.norm.bias": rand(D),
+           "increase_dim.0.weight": rand(3 * 4, D, 1), "increase_dim.0.bias": rand(3 * 4)}
+    sd |= timm_blocks("MAE_decoder.blocks.blocks.", depth=1, qkv_bias=False)
+    path = tmp_path / "pointmae.pth"  # tools/builder.save_checkpoint
+    torch.save({"base_model": {wrap + k: v for k, v in sd.items()}, "optimizer": {}, "epoch": 300,
+                "metrics": {}, "best_metrics": {}}, path)
+    model = point_model()
+    report = load_checkpoint(model, path)
+    assert report.format == "point_mae" and report.ok
+    check_point_encoder(model, sd, "MAE_encoder.")
+    assert "cls_token" in report.left_at_init  # the pretraining encoder has no cls token (as Point-MAE's own load)
+    assert any("zero-filled" in n for n in report.notes)
+    assert {k for k in sd if not k.startswith("MAE_encoder.")} == set(report.dropped)
+
+
+def test_point_mae_finetuned_cls_pos_folded_and_head_listed(tmp_path):
+    sd = point_encoder_sd("") | {"cls_token": rand(1, 1, D), "cls_pos": rand(1, 1, D)}
+    head = {"cls_head_finetune.0.weight": rand(256, 2 * D), "cls_head_finetune.0.bias": rand(256)}
+    path = tmp_path / "ft.pth"
+    torch.save({"base_model": sd | head, "epoch": 1}, path)
+    model = point_model()
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(model, path)
+    assert "cls_head_finetune.0.weight (-> head.0.weight)" in str(err.value)
+    report = load_checkpoint(model, path, ignore=[r"^cls_head_finetune\."])
+    assert report.ok
+    check_point_encoder(model, sd, "")
+    torch.testing.assert_close(model.state_dict()["cls_token"], sd["cls_token"] + sd["cls_pos"], rtol=0, atol=0)
+
+
+def hf_vit_legacy_sd() -> dict[str, Tensor]:
+    """Hugging Face ViTForImageClassification as stored in Hub safetensors (transformers <= 4 names)."""
+    sd = {"vit.embeddings.cls_token": rand(1, 1, D), "vit.embeddings.position_embeddings": rand(1, 5, D),
+          "vit.embeddings.patch_embeddings.projection.weight": rand(D, 3, 16, 16),
+          "vit.embeddings.patch_embeddings.projection.bias": rand(D),
+          "vit.layernorm.weight": rand(D), "vit.layernorm.bias": rand(D),
+          "vit.pooler.dense.weight": rand(D, D), "vit.pooler.dense.bias": rand(D)}
+    for i in range(DEPTH):
+        p = f"vit.encoder.layer.{i}."
+        for name in ("query", "key", "value"):
+            sd |= {f"{p}attention.attention.{name}.weight": rand(D, D), f"{p}attention.attention.{name}.bias": rand(D)}
+        sd |= {p + "attention.output.dense.weight": rand(D, D), p + "attention.output.dense.bias": rand(D),
+               p + "intermediate.dense.weight": rand(4 * D, D), p + "intermediate.dense.bias": rand(4 * D),
+               p + "output.dense.weight": rand(D, 4 * D), p + "output.dense.bias": rand(D),
+               p + "layernorm_before.weight": rand(D), p + "layernorm_before.bias": rand(D),
+               p + "layernorm_after.weight": rand(D), p + "layernorm_after.bias": rand(D)}
+    return sd
+
+
+def test_hf_vit_safetensors_qkv_fused(tmp_path):
+    from safetensors.torch import save_file
+
+    sd = hf_vit_legacy_sd()
+    path = tmp_path / "model.safetensors"
+    save_file(sd, str(path))
+    model = image_model()
+    report = load_checkpoint(model, path)
+    assert report.format == "hf_vit" and report.ok
+    msd = model.state_dict()
+    for i in range(DEPTH):
+        p = f"vit.encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            qkv = torch.cat([sd[f"{p}attention.attention.{n}.{kind}"] for n in ("query", "key", "value")])
+            torch.testing.assert_close(msd[f"blocks.{i}.attn.qkv.{kind}"], qkv, rtol=0, atol=0)
+            for src, dst in (("attention.output.dense", "attn.proj"), ("intermediate.dense", "mlp.fc1"),
+                             ("output.dense", "mlp.fc2"), ("layernorm_before", "norm1"), ("layernorm_after", "norm2")):
+                torch.testing.assert_close(msd[f"blocks.{i}.{dst}.{kind}"], sd[f"{p}{src}.{kind}"], rtol=0, atol=0)
+    torch.testing.assert_close(msd["norm.bias"], sd["vit.layernorm.bias"], rtol=0, atol=0)
+    torch.testing.assert_close(msd["tokenizer.pos_embed"], sd["vit.embeddings.position_embeddings"][:, 1:], rtol=0, atol=0)
+    assert set(report.dropped) == {"pooler.dense.weight", "pooler.dense.bias"}
+
+
+def test_hf_vit_transformers5_layout_matches_hf_forward():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(hidden_size=D, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
+                                 intermediate_size=4 * D, image_size=32, patch_size=16, layer_norm_eps=1e-6,
+                                 hidden_act="gelu", add_pooling_layer=False)
+    hf = transformers.ViTModel(cfg, add_pooling_layer=False).eval()
+    model = image_model()
+    report = load_checkpoint(model, hf.state_dict())
+    assert report.format == "hf_vit" and report.ok
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x)[0], hf(pixel_values=x).last_hidden_state,
+                                   rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+def test_missing_unexpected_and_mismatched_are_named_and_nothing_is_written(tmp_path):
+    sd = mae_pretrain_sd()
+    del sd["blocks.1.mlp.fc2.weight"]
+    sd["blocks.0.ls1.gamma"] = rand(D)  # timm layer scale: the engine has none
+    sd["blocks.0.mlp.fc1.weight"] = rand(3 * D, D)
+    path = save_mae_pth(tmp_path / "bad.pth", sd)
+    model = image_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(model, path)
+    msg = str(err.value)
+    assert "missing from the checkpoint (1): blocks.1.mlp.fc2.weight" in msg
+    assert "unexpected in the checkpoint (1): blocks.0.ls1.gamma" in msg
+    assert "blocks.0.mlp.fc1.weight checkpoint (192, 64) vs model (256, 64)" in msg
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # validated before writing
+
+    report = load_checkpoint(model, path, strict=False)
+    assert report.missing == ["blocks.1.mlp.fc2.weight"]
+    assert report.unexpected == {"blocks.0.ls1.gamma": "blocks.0.ls1.gamma"}
+    assert report.mismatched == {"blocks.0.mlp.fc1.weight": ((192, 64), (256, 64))}
+    torch.testing.assert_close(model.state_dict()["blocks.1.attn.qkv.weight"], sd["blocks.1.attn.qkv.weight"])
+
+
+class NotAllowed:  # any class other than argparse.Namespace must be refused by the reader
+    pass
+
+
+def test_only_namespace_is_unpickled(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": mae_pretrain_sd(), "args": NotAllowed()}, path)
+    with pytest.raises(CheckpointError, match="does not unpickle freely"):
+        read_checkpoint(path)
+
+
+def test_format_detection_override_and_unknown_layout(tmp_path):
+    sd = mae_pretrain_sd()
+    assert detect_format(sd) == "mae"
+    assert detect_format({k: v for k, v in sd.items() if not k.startswith(("decoder", "mask"))}) == "timm"
+    with pytest.raises(CheckpointError, match="unrecognised checkpoint layout; formats known: mae, audio_mae"):
+        detect_format({"foo.weight": rand(2)})
+    model = image_model()
+    path = save_mae_pth(tmp_path / "m.pth", sd)
+    assert load_checkpoint(model, path, format="timm", ignore=["^decoder", "^mask_token"]).format == "timm"
+    with pytest.raises(CheckpointError, match="unknown format 'bogus'"):
+        load_checkpoint(model, path, format="bogus")
+
+
+def test_load_state_dict_gives_engine_names_for_the_engine(tmp_path):
+    sd = videomae_pretrain_sd()
+    tensors = load_state_dict(save_mae_pth(tmp_path / "v.pth", sd, num_frames=4, tubelet_size=2), modality="video")
+    assert "blocks.0.attn.qkv.bias" in tensors and "tokenizer.proj.weight" in tensors
+    assert not any(k.startswith(("encoder", "decoder", "mask_token")) or k.endswith("q_bias") for k in tensors)
