@@ -72,6 +72,7 @@ class DataConfig:
     batch_size: int = 64  # per process and per micro-step; effective batch = batch_size * accum_steps * world_size
     num_workers: int = 4  # DataLoader workers (0 = load in the main process)
     test_views: int = 1  # clips x crops per item at evaluation: eval items are [V, ...] stacks, logits averaged per item
+    num_classes: int | None = None  # only for builds without the data (dry runs, inspect); else counted by the adapter
     demo: bool = False  # generate the embedded demo data at root when it is missing (pathway/train/demo_data.py)
 
 

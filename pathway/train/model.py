@@ -92,18 +92,26 @@ def _init_weights(m: nn.Module) -> None:
                     nn.init.zeros_(sub.bias)
 
 
-def build_adapter(recipe: Recipe, name: str | None = None) -> Adapter:
-    """Instantiate the recipe's adapter (``Adapter(root, **data.options)``)."""
+def build_adapter(recipe: Recipe, *, need_data: bool = True) -> Adapter:
+    """Instantiate the recipe's adapter (``Adapter(root, **data.options)``).
+
+    ``need_data=False`` (dry runs, inspect): when ``data.root`` is missing, build a data-less
+    ``Adapter.spec`` that still makes the tokenizer and head, with ``data.num_classes`` classes (or the
+    length of ``data.options.classes``; 1000 when neither says).
+    """
     from pathway import adapters
 
-    name = name or recipe.data.adapter
+    name = recipe.data.adapter
     try:
         cls = adapters.get(name)
     except (KeyError, ValueError) as err:
-        raise RecipeError(f"{recipe.source}: 'data.adapter' = {name!r}: {err}") from None
+        raise RecipeError(f"{recipe.source}: 'data.adapter' = {name!r}: {err.args[0]}") from None
     try:
+        if not need_data and not (recipe.data.root and Path(recipe.data.root).exists()):
+            classes = recipe.data.options.get("classes")
+            return cls.spec(recipe.data.num_classes or (len(classes) if classes else 1000), **recipe.data.options)
         return cls(recipe.data.root, **recipe.data.options)
-    except TypeError as err:
+    except adapters.OptionError as err:
         raise RecipeError(f"{recipe.source}: 'data.options' for adapter {name!r}: {err}") from None
 
 

@@ -1,0 +1,450 @@
+"""The training loop, one for every modality: read it top to bottom.
+
+``train(recipe)``::
+
+    setup (device, DDP, seeds) -> data (adapter, loaders) -> model (target + aux, connect)
+    -> optimizer, AMP scaler, EMA, Mixup -> resume from the last checkpoint if asked
+    -> for each optimizer step: lr_at(step); micro-batches under pathway.cached() and autocast;
+       clip; step; log loss, lr, throughput, mean |lambda|; checkpoint
+    -> evaluate each `eval_every` epochs -> fold the pathways into the target, check on a batch that
+       the folded model gives the connected model's outputs, save it (safetensors, the target
+       library's own keys), write metrics (JSONL, CSV) and plots.
+
+A modality enters only through its adapter (data, tokenizer, head, task, metric) and its recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+import pathway
+
+from . import checkpoint as ckpt
+from .config import Recipe, check_adapter, check_data
+from .data import make_loader, set_epoch
+from .metrics import MetricAccumulator, average_views
+from .model import TransformerModel, build_adapter, build_model
+from .optim import base_lr, build_mixup, build_optimizer, compute_loss
+from .schedule import apply_lr, lr_at
+
+__all__ = ["NonFiniteLossError", "Context", "setup", "train", "evaluate", "fold_and_check", "mean_abs_lambda"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last safe state was saved before stopping."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Process setup: device, distributed group, precision.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    amp_dtype: torch.dtype | None = None  # None: full precision
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def log(self, msg: str) -> None:
+        if self.main:
+            print(msg, flush=True)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def setup(recipe: Recipe) -> Context:
+    """Pick the device, join the process group started by ``torchrun`` (if any), choose AMP."""
+    want = recipe.train.device
+    cuda = torch.cuda.is_available() and want != "cpu"
+    if want == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    amp = recipe.train.amp
+    if device.type == "cpu" or amp == "fp32":
+        amp_dtype = None
+    elif amp == "auto":
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        amp_dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return Context(device, rank, world, amp_dtype)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small pieces used by the loop.
+# ---------------------------------------------------------------------------------------------
+
+
+def unwrap(model: nn.Module) -> TransformerModel:
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+def mean_abs_lambda(model: nn.Module) -> float:
+    """Mean |lambda| over every pathway (the quantity the paper's Fig. 3 tracks); 0 when none."""
+    lams = pathway.lambdas(unwrap(model)) if pathway.is_connected(unwrap(model)) else {}
+    if not lams:
+        return 0.0
+    return float(torch.stack([p.detach().abs().mean().float().cpu() for p in lams.values()]).mean())
+
+
+def lambda_values(model: nn.Module) -> dict[str, float]:
+    m = unwrap(model)
+    if not pathway.is_connected(m):
+        return {}
+    return {name: float(p.detach().float().mean().cpu()) for name, p in pathway.lambdas(m).items()}
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def forward_views(model: nn.Module, x: Tensor, views: int) -> Tensor:
+    """Logits of items that stack ``views`` clips/crops as ``x [B, V, ...]``, averaged per item."""
+    if views == 1:
+        return model(x)
+    logits = model(x.flatten(0, 1))
+    return average_views(logits, views)
+
+
+class JsonlLog:
+    """Append-only JSONL of metrics; on resume, rows written after the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, main: bool) -> None:
+        self.path, self.main = path, main
+
+    def truncate_after(self, step: int) -> None:
+        if not self.main or not self.path.exists():
+            return
+        rows = [r for r in self.rows() if r.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def write(self, **row: Any) -> None:
+        if self.main:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    """Rows with possibly different keys -> one CSV with the union of columns (blank where absent)."""
+    import csv
+
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation, fold.
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, ctx: Context, metric: str, task: str, views: int = 1) -> dict[str, float]:
+    """The adapter's metric over ``loader`` (every rank's share gathered), plus the mean loss."""
+    was_training = model.training
+    model.eval()
+    acc = MetricAccumulator(metric)
+    loss_sum, n = 0.0, 0
+    for x, y in loader:
+        x, y = to_device(x, ctx.device), to_device(y, ctx.device)
+        with pathway.cached(), ctx.autocast():
+            logits = forward_views(model, x, views)
+        loss_sum += compute_loss(logits, y, task).item() * y.shape[0]
+        n += y.shape[0]
+        acc.add(logits, y)
+    model.train(was_training)
+    if ctx.world > 1:
+        parts: list[Any] = [None] * ctx.world
+        dist.all_gather_object(parts, (acc.logits, acc.targets, loss_sum, n))
+        acc.logits = [t for p in parts for t in p[0]]
+        acc.targets = [t for p in parts for t in p[1]]
+        loss_sum, n = sum(p[2] for p in parts), sum(p[3] for p in parts)
+    return {**acc.compute(), "loss": loss_sum / max(1, n)}
+
+
+@torch.no_grad()
+def fold_and_check(model: TransformerModel, x: Tensor, ctx: Context) -> float:
+    """Fold every pathway into the target weights, in place; return max |folded - connected| on ``x``.
+
+    Compared in eval mode and fp32 (PEFT saw merge drift in bf16: fold in fp32, then compare).
+    """
+    model.eval()
+    with pathway.cached():
+        before = model(x).float()
+    pathway.fold(model)
+    after = model(x).float()
+    return (after - before).abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------------------------
+
+
+def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run a recipe to the end; returns the final metrics and the paths written."""
+    ctx = setup(recipe)
+    t, o = recipe.train, recipe.optim
+    run_dir = recipe.run_dir
+    ckpt_dir = run_dir / "checkpoints"
+
+    # -- data ---------------------------------------------------------------------------------
+    check_adapter(recipe)
+    if recipe.data.demo and ctx.main:
+        from .demo_data import make_demo_data
+
+        make_demo_data(recipe.data.adapter, recipe.data.root)
+    ctx.barrier()
+    check_data(recipe)
+    adapter = build_adapter(recipe)
+    train_set = adapter.dataset(recipe.data.train_split, train=True)
+    val_set = adapter.dataset(recipe.data.val_split, train=False) if recipe.data.val_split else None
+    loader_args = dict(batch_size=recipe.data.batch_size, num_workers=recipe.data.num_workers, seed=t.seed,
+                       rank=ctx.rank, world=ctx.world)
+    train_loader, train_sampler = make_loader(train_set, shuffle=True, **loader_args)
+    val_loader = make_loader(val_set, shuffle=False, **loader_args)[0] if val_set is not None else None
+    steps_per_epoch = len(train_loader) // o.accum_steps
+    if steps_per_epoch == 0:
+        raise ValueError(f"{recipe.source}: {len(train_set)} training items make no full step of "
+                         f"{recipe.data.batch_size} x {o.accum_steps} x {ctx.world} (batch x accum x processes)")
+    total_steps = t.epochs * steps_per_epoch if t.max_steps is None else min(t.max_steps, t.epochs * steps_per_epoch)
+    warmup_steps = round(o.warmup_epochs * steps_per_epoch)
+    effective_batch = recipe.data.batch_size * o.accum_steps * ctx.world
+
+    # -- model ----------------------------------------------------------------------------------
+    seed_everything(t.seed)
+    if ctx.main and not resume and ckpt.list_checkpoints(ckpt_dir):
+        raise FileExistsError(f"{run_dir} already holds checkpoints; pass --resume to continue it, "
+                              f"or choose another output.name / output.dir")
+    model, report = build_model(recipe, adapter, log=ctx.log)
+    if report is not None:
+        ctx.log(str(report))
+    model.to(ctx.device)
+    lr = base_lr(recipe, effective_batch)
+    ctx.log(f"optimizer AdamW lr {lr:.3g} (effective batch {effective_batch}), groups:")
+    optimizer = build_optimizer(model, recipe, lr, log=ctx.log)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp_dtype == torch.float16)
+    ema = None
+    if t.ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=t.ema_decay)
+    mixup = build_mixup(recipe, adapter.num_classes, adapter.task)
+    net: nn.Module = model
+    if t.compile:
+        net = torch.compile(net)
+    if ctx.world > 1:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+    # -- resume -----------------------------------------------------------------------------------
+    step, epoch, position = 0, 0, 0  # optimizer steps done; epoch; micro-batches consumed in it
+    log = JsonlLog(run_dir / "metrics.jsonl", ctx.main)
+    lam_log = JsonlLog(run_dir / "lambdas.jsonl", ctx.main)
+    if resume:
+        path, state = ckpt.load_latest(ckpt_dir, log=ctx.log)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        step, epoch, position = state["step"], state["epoch"], state["position"]
+        ckpt.set_rng_state(state["rng"][ctx.rank])
+        log.truncate_after(step)
+        lam_log.truncate_after(step)
+        ctx.log(f"resumed from {path}: step {step}, epoch {epoch}, batch {position}")
+    elif ctx.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ("metrics.jsonl", "lambdas.jsonl"):
+            (run_dir / stale).unlink(missing_ok=True)
+    if ctx.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    ctx.log(f"plan: {t.epochs} epochs x {steps_per_epoch} steps (total {total_steps}, warm-up {warmup_steps}), "
+            f"{ctx.world} process(es) on {ctx.device}, amp {ctx.amp_dtype or 'off'}, run folder {run_dir}")
+
+    def save(at_step: int, at_epoch: int, at_position: int) -> Path | None:
+        rngs: list[Any] = [ckpt.rng_state()]
+        if ctx.world > 1:
+            rngs = [None] * ctx.world
+            dist.all_gather_object(rngs, ckpt.rng_state())
+        if not ctx.main:
+            return None
+        state = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None, "step": at_step, "epoch": at_epoch,
+            "position": at_position, "rng": rngs, "recipe": recipe.to_dict(),
+        }
+        return ckpt.save_checkpoint(ckpt_dir, state, at_step, t.keep_last)
+
+    # -- train ------------------------------------------------------------------------------------
+    model.train()
+    bar = None
+    if ctx.main and progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, desc=recipe.run_name, dynamic_ncols=True, file=sys.stderr)
+    last_eval: dict[str, float] = {}
+    tick, seen = time.perf_counter(), 0
+    while step < total_steps and epoch < t.epochs:
+        set_epoch(train_loader, train_sampler, epoch, position)
+        batches = iter(train_loader)
+        while position < steps_per_epoch * o.accum_steps and step < total_steps:
+            apply_lr(optimizer, lr_at(step, base_lr=lr, total_steps=total_steps, warmup_steps=warmup_steps,
+                                      min_lr=o.min_lr))
+            loss_sum = 0.0
+            for micro in range(o.accum_steps):
+                x, y = to_device(next(batches), ctx.device)
+                if mixup is not None:
+                    x, y = mixup(x, y)
+                sync = micro == o.accum_steps - 1 or ctx.world == 1
+                with (nullcontext() if sync else net.no_sync()), pathway.cached(), ctx.autocast():
+                    logits = net(x)
+                    loss = compute_loss(logits, y, adapter.task, t.label_smoothing if mixup is None else 0.0)
+                finite = torch.isfinite(loss.detach()).float()
+                if ctx.world > 1:
+                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                if finite.item() < 1:
+                    # The weights are still those of the last completed step: save them, then stop.
+                    saved = save(step, epoch, position - position % o.accum_steps)
+                    raise NonFiniteLossError(
+                        f"loss is {loss.item()} at step {step} (epoch {epoch}); the last finite state is saved"
+                        f"{f' in {saved}' if saved else ''}. Lower the lr (optim.blr/lr), set optim.clip_grad, "
+                        f"or use train.amp=bf16/fp32"
+                    )
+                scaler.scale(loss / o.accum_steps).backward()
+                loss_sum += loss.item() / o.accum_steps
+                position += 1
+                seen += y.shape[0] * ctx.world
+            if o.clip_grad is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(model, step=step)
+            step += 1
+
+            if step % t.log_every == 0 or step == total_steps:
+                now = time.perf_counter()
+                row = {"kind": "train", "step": step, "epoch": epoch, "loss": loss_sum,
+                       "lr": optimizer.param_groups[0]["lr"], "lambda_abs": mean_abs_lambda(model),
+                       "samples_per_s": seen / max(now - tick, 1e-9)}
+                tick, seen = now, 0
+                log.write(**row)
+                lam_log.write(step=step, **lambda_values(model))
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", lam=f"{row['lambda_abs']:.2e}",
+                                    sps=f"{row['samples_per_s']:.0f}")
+            if bar is not None:
+                bar.update(1)
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < total_steps:
+                save(step, epoch, position)
+
+        if position >= steps_per_epoch * o.accum_steps:  # the epoch is complete
+            epoch, position = epoch + 1, 0
+        if val_loader is not None and (epoch % t.eval_every == 0 or step >= total_steps):
+            last_eval = evaluate(net, val_loader, ctx, adapter.metric, adapter.task, recipe.data.test_views)
+            if ema is not None:
+                ema_eval = evaluate(ema.module, val_loader, ctx, adapter.metric, adapter.task, recipe.data.test_views)
+                last_eval.update({f"ema_{k}": v for k, v in ema_eval.items()})
+            log.write(kind="eval", step=step, epoch=epoch, **last_eval)
+            ctx.log(f"eval step {step} epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
+        if step < total_steps:
+            save(step, epoch, position)
+    if bar is not None:
+        bar.close()
+    save(step, epoch, position)
+
+    # -- fold and export ----------------------------------------------------------------------------
+    result: dict[str, Any] = {"step": step, "metrics": last_eval, "run_dir": str(run_dir)}
+    if ctx.main:
+        result.update(finish(model, recipe, adapter, val_set or train_set, ctx, log, lam_log))
+    ctx.barrier()
+    return result
+
+
+def finish(model: TransformerModel, recipe: Recipe, adapter, check_set, ctx: Context, log: JsonlLog,
+           lam_log: JsonlLog) -> dict[str, Any]:
+    """Fold, check, save the folded model, write CSVs and plots (rank 0)."""
+    from torch.utils.data import DataLoader
+
+    from .export import save_folded
+
+    run_dir = recipe.run_dir
+    out: dict[str, Any] = {}
+    if pathway.is_connected(model):
+        x, _ = next(iter(DataLoader(check_set, batch_size=min(8, len(check_set)))))
+        x = to_device(x, ctx.device)
+        if recipe.data.test_views > 1 and x.dim() > 1:
+            x = x.flatten(0, 1)
+        out["fold_max_abs_diff"] = fold_and_check(model, x, ctx)
+        ctx.log(f"fold: max |folded - connected| on a batch of {x.shape[0]}: {out['fold_max_abs_diff']:.3g}")
+    out.update(save_folded(model, adapter, run_dir, log=ctx.log))
+    (run_dir / "result.json").write_text(json.dumps(out, indent=2))
+    rows = log.rows()
+    write_csv([r for r in rows if r["kind"] == "train"], run_dir / "train.csv")
+    write_csv([r for r in rows if r["kind"] == "eval"], run_dir / "eval.csv")
+    if recipe.output.plots:
+        from .plots import plot_run
+
+        out["plots"] = [str(p) for p in plot_run(rows, lam_log.rows(), run_dir)]
+    return out

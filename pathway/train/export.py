@@ -1,0 +1,106 @@
+"""Saving the folded model: our own keys always, and the target library's own keys where one exists.
+
+After ``pathway.fold`` the model is the plain target architecture. ``model.safetensors`` holds it in
+TransformerModel keys (loadable by ``model.load_state_dict(strict=True)`` and as a ``pathway``
+checkpoint). For the image adapter the same weights are also written in timm ``VisionTransformer``
+keys (``model_timm.safetensors``) with the exact ``timm.create_model`` arguments beside them
+(``model_timm.json``), so the result is usable without this library::
+
+    model = timm.create_model("vit_base_patch16_224", pretrained=False, **json.load(open("model_timm.json"))["kwargs"])
+    model.load_state_dict(safetensors.torch.load_file("model_timm.safetensors"), strict=True)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["timm_vit_kwargs", "to_timm_vit", "save_folded"]
+
+# TransformerModel key prefix -> timm VisionTransformer key prefix (first match wins).
+_TIMM_RENAMES = (
+    ("tokenizer.proj.", "patch_embed.proj."),
+    ("tokenizer.pos_embed", "pos_embed"),
+    ("cls_token", "cls_token"),
+    ("blocks.", "blocks."),
+    ("norm.", "norm."),
+    ("head.fc.", "head."),
+)
+
+
+def timm_vit_kwargs(model: nn.Module, adapter: Any) -> dict[str, Any]:
+    """``timm.create_model`` kwargs that rebuild ``model`` (image adapter) as a VisionTransformer.
+
+    Our body is ``norm`` after the blocks, then the head mean-pools the patch tokens (timm's
+    ``global_pool="avg"`` with ``fc_norm=False``) or reads the class token (``global_pool="token"``);
+    our class token carries no position of its own (``no_embed_class=True``).
+    """
+    o = adapter.options
+    cls = model.cls_token is not None
+    return dict(
+        img_size=o["img_size"], patch_size=o["patch_size"], in_chans=o["in_chans"], num_classes=adapter.num_classes,
+        embed_dim=model.embed_dim, depth=model.depth, num_heads=model.num_heads, mlp_ratio=model.mlp_ratio,
+        global_pool="token" if cls else "avg", fc_norm=False, class_token=cls, no_embed_class=True,
+        pos_embed=o.get("pos_embed", "learn"),
+    )
+
+
+def to_timm_vit(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """TransformerModel keys -> timm VisionTransformer keys; an unmapped key is an error."""
+    out = {}
+    for key, value in state.items():
+        for ours, theirs in _TIMM_RENAMES:
+            if key.startswith(ours):
+                out[theirs + key[len(ours):]] = value
+                break
+        else:
+            raise KeyError(f"{key}: no timm VisionTransformer counterpart")
+    return out
+
+
+def _contiguous(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def save_folded(model: nn.Module, adapter: Any, run_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Write the (folded) model; for images also in timm keys, checked by loading it into timm."""
+    from safetensors.torch import save_file
+
+    out: dict[str, Any] = {}
+    path = run_dir / "model.safetensors"
+    save_file(_contiguous(model.state_dict()), str(path), metadata={"format": "pathway", "layout": "TransformerModel"})
+    out["model"] = str(path)
+    log(f"saved folded model: {path}")
+    if getattr(adapter, "name", "") != "image":
+        return out
+    kwargs = timm_vit_kwargs(model, adapter)
+    timm_path = run_dir / "model_timm.safetensors"
+    save_file(_contiguous(to_timm_vit(model.state_dict())), str(timm_path), metadata={"format": "timm"})
+    (run_dir / "model_timm.json").write_text(json.dumps({"model": "vit_base_patch16_224", "kwargs": kwargs}, indent=2))
+    out["timm_model"] = str(timm_path)
+    out["timm_max_abs_diff"] = check_timm_export(model, timm_path, kwargs)
+    log(f"saved timm VisionTransformer weights: {timm_path} (strict load ok, max |timm - ours| "
+        f"{out['timm_max_abs_diff']:.3g})")
+    return out
+
+
+@torch.no_grad()
+def check_timm_export(model: nn.Module, path: Path, kwargs: dict[str, Any]) -> float:
+    """Load the export into a fresh timm model with ``strict=True`` and compare outputs on a random batch."""
+    import timm
+    from safetensors.torch import load_file
+
+    vit = timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs)
+    vit.load_state_dict(load_file(str(path)), strict=True)
+    vit.eval()
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    x = torch.randn(2, kwargs["in_chans"], kwargs["img_size"], kwargs["img_size"], generator=torch.Generator().manual_seed(0))
+    diff = (vit(x).float() - model(x.to(device)).float().cpu()).abs().max().item()
+    model.train(was)
+    return diff

@@ -1,0 +1,189 @@
+"""MAE pretraining of the engine's transformer for any adapter (He et al., 2022; Point-MAE for points).
+
+The tokenizer gives everything masked autoencoding needs (contracts.md section 2): ``tokens``
+(position already added), ``pos`` (reused by the decoder), ``targets`` (what each token
+reconstructs) and ``reconstruction_loss`` (``"mse"`` for patches, ``"chamfer"`` for point groups)::
+
+    out = tokenizer.encode(x)                           tokens, pos [B, N, D]; targets [B, N, P]
+    keep = random subset of (1 - mask_ratio) * N tokens per item
+    latent = norm(blocks(tokens[keep]))                 the encoder sees visible tokens only
+    y = decoder(scatter(latent, mask_token) + pos)      small transformer, width/depth from the recipe
+    loss = reconstruction(pred[masked], targets[masked])
+
+The encoder is a :class:`TransformerModel` (its head unused), saved as ``encoder.safetensors`` in
+TransformerModel keys, which ``aux.checkpoint`` (or ``model.checkpoint``) loads directly: this is how
+the demo makes its own aux models.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from .config import Recipe, check_adapter, check_data
+from .data import make_loader, set_epoch
+from .model import TransformerModel, build_adapter, build_transformer
+from .schedule import apply_lr, lr_at, scaled_lr
+
+__all__ = ["MaskedAutoencoder", "chamfer_l2", "random_masking", "pretrain"]
+
+
+def random_masking(n: int, batch: int, mask_ratio: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Per item, indices of kept tokens ``[B, n_keep]`` and a mask ``[B, N]`` (True = masked, predicted)."""
+    n_keep = max(1, round(n * (1 - mask_ratio)))
+    order = torch.rand(batch, n, device=device).argsort(dim=1)
+    keep = order[:, :n_keep].sort(dim=1).values
+    mask = torch.ones(batch, n, dtype=torch.bool, device=device)
+    mask.scatter_(1, keep, False)
+    return keep, mask
+
+
+def chamfer_l2(pred: Tensor, target: Tensor) -> Tensor:
+    """Symmetric squared-L2 Chamfer distance between point sets ``[M, K, 3]`` (Point-MAE's loss), mean over M."""
+    d = torch.cdist(pred.float(), target.float()).pow(2)  # [M, K, K]
+    return d.min(dim=2).values.mean(dim=1).mean() + d.min(dim=1).values.mean(dim=1).mean()
+
+
+class MaskedAutoencoder(nn.Module):
+    """Encoder (a TransformerModel without its head) + a small decoder predicting the masked tokens' targets."""
+
+    def __init__(self, encoder: TransformerModel, target_dim: int, *, decoder_dim: int, decoder_depth: int,
+                 decoder_heads: int, mask_ratio: float, norm_targets: bool = False) -> None:
+        super().__init__()
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"pretrain.mask_ratio = {mask_ratio}; it must lie strictly between 0 and 1")
+        self.encoder, self.mask_ratio, self.norm_targets = encoder, mask_ratio, norm_targets
+        self.loss_kind = encoder.tokenizer.reconstruction_loss
+        if self.loss_kind not in ("mse", "chamfer"):
+            raise ValueError(f"tokenizer reconstruction_loss {self.loss_kind!r}; allowed: 'mse', 'chamfer'")
+        d = encoder.embed_dim
+        self.decoder_embed = nn.Linear(d, decoder_dim)
+        self.decoder_pos = nn.Linear(d, decoder_dim)  # the tokenizer's position embedding, projected
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        self.decoder_blocks = nn.Sequential(
+            *[Block(decoder_dim, decoder_heads, 4.0, qkv_bias=True, norm_layer=norm) for _ in range(decoder_depth)]
+        )
+        self.decoder_norm = norm(decoder_dim)
+        self.decoder_pred = nn.Linear(decoder_dim, target_dim)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The reconstruction loss of one batch."""
+        enc = self.encoder
+        out = enc.tokenizer.encode(x)
+        b, n, d = out.tokens.shape
+        keep, mask = random_masking(n, b, self.mask_ratio, x.device)
+        visible = out.tokens.gather(1, keep[..., None].expand(-1, -1, d))
+        if enc.cls_token is not None:
+            visible = torch.cat([enc.cls_token.expand(b, -1, -1), visible], dim=1)
+        latent = enc.norm(enc.blocks(visible))
+        latent = self.decoder_embed(latent[:, -keep.shape[1]:])  # drop the class token
+        full = self.mask_token.expand(b, n, -1).clone()
+        full.scatter_(1, keep[..., None].expand(-1, -1, full.shape[-1]), latent)
+        full = full + self.decoder_pos(out.pos.expand(b, -1, -1))
+        pred = self.decoder_pred(self.decoder_norm(self.decoder_blocks(full)))  # [B, N, P]
+        target = out.targets
+        if self.loss_kind == "chamfer":
+            pts = target.shape[-1] // 3
+            return chamfer_l2(pred[mask].view(-1, pts, 3), target[mask].view(-1, pts, 3))
+        if self.norm_targets:
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6).sqrt()
+        return F.mse_loss(pred[mask].float(), target[mask].float())
+
+
+def pretrain(recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:
+    """MAE-pretrain ``model`` on the recipe's training split; write ``encoder.safetensors`` and ``pretrain.jsonl``.
+
+    Uses the recipe's ``data``, ``model``, ``optim`` (no layer decay) and ``train`` (epochs, max_steps,
+    seed, log_every) sections and ``pretrain`` for the masking and decoder. Single process.
+    """
+    from safetensors.torch import save_file
+
+    from .engine import seed_everything, setup, to_device
+
+    ctx = setup(recipe)
+    t, o, p = recipe.train, recipe.optim, recipe.pretrain
+    check_adapter(recipe)
+    if recipe.data.demo:
+        from .demo_data import make_demo_data
+
+        make_demo_data(recipe.data.adapter, recipe.data.root)
+    check_data(recipe)
+    adapter = build_adapter(recipe)
+    dataset = adapter.dataset(recipe.data.train_split, train=True)
+    loader, sampler = make_loader(dataset, batch_size=recipe.data.batch_size, num_workers=recipe.data.num_workers,
+                                  seed=t.seed, shuffle=True)
+    seed_everything(t.seed)
+    encoder = build_transformer(recipe, adapter)
+    with torch.no_grad():
+        probe = encoder.tokenizer.encode(to_device(next(iter(loader))[0], torch.device("cpu")))
+    mae = MaskedAutoencoder(encoder, probe.targets.shape[-1], decoder_dim=p.decoder_dim, decoder_depth=p.decoder_depth,
+                            decoder_heads=p.decoder_heads, mask_ratio=p.mask_ratio, norm_targets=p.norm_targets)
+    mae.to(ctx.device).train()
+    lr = o.lr if o.lr is not None else scaled_lr(o.blr, recipe.data.batch_size * o.accum_steps)
+    decay = [q for q in mae.parameters() if q.ndim >= 2]
+    no_decay = [q for q in mae.parameters() if q.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(o.betas), eps=o.eps)
+    steps_per_epoch = len(loader) // o.accum_steps
+    total = t.epochs * steps_per_epoch if t.max_steps is None else min(t.max_steps, t.epochs * steps_per_epoch)
+    warmup = round(o.warmup_epochs * steps_per_epoch)
+    run_dir = recipe.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    log_path = run_dir / "pretrain.jsonl"
+    log_path.unlink(missing_ok=True)
+    ctx.log(f"MAE pretraining: {adapter.name} tokens, loss {mae.loss_kind}, mask {p.mask_ratio}, "
+            f"{total} steps, lr {lr:.3g}, decoder {p.decoder_depth} x {p.decoder_dim}")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc=f"mae {recipe.run_name}", dynamic_ncols=True, file=sys.stderr)
+    step, epoch, losses = 0, 0, []
+    while step < total:
+        set_epoch(loader, sampler, epoch)
+        batches = iter(loader)
+        for _ in range(steps_per_epoch):
+            if step >= total:
+                break
+            apply_lr(optimizer, lr_at(step, base_lr=lr, total_steps=total, warmup_steps=warmup, min_lr=o.min_lr))
+            loss_sum = 0.0
+            for _ in range(o.accum_steps):
+                x = to_device(next(batches)[0], ctx.device)
+                with ctx.autocast():
+                    loss = mae(x)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"MAE loss is {loss.item()} at step {step}; lower optim.blr")
+                (loss / o.accum_steps).backward()
+                loss_sum += loss.item() / o.accum_steps
+            if o.clip_grad is not None:
+                nn.utils.clip_grad_norm_(mae.parameters(), o.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(loss_sum)
+            if step % t.log_every == 0 or step == total:
+                with log_path.open("a") as f:
+                    f.write(json.dumps({"step": step, "epoch": epoch, "loss": loss_sum}) + "\n")
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_sum:.4f}")
+                bar.update(1)
+        epoch += 1
+    if bar is not None:
+        bar.close()
+    path = run_dir / "encoder.safetensors"
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items() if not k.startswith("head.")}
+    save_file(state, str(path), metadata={"format": "pathway", "layout": "TransformerModel", "kind": "mae-encoder",
+                                          "adapter": adapter.name})
+    ctx.log(f"saved MAE encoder: {path} (loss {losses[0]:.4f} -> {losses[-1]:.4f})")
+    return {"encoder": str(path), "first_loss": losses[0], "last_loss": losses[-1], "steps": step}
