@@ -577,6 +577,9 @@ def load_checkpoint(
             report.dropped[src] = "ignored by request"
             continue
         target = _place(key, model_sd, alias)
+        if target is None and key == "cls_token":
+            report.dropped[src] = "the model has no cls token (cls_token: false, global pooling)"
+            continue
         if target is None:
             report.unexpected[key] = src
             continue
@@ -595,7 +598,8 @@ def load_checkpoint(
         if qkv_weight is not None and qkv_weight in final:
             final[key] = torch.zeros_like(want)
             report.notes.append(f"{key}: checkpoint has no qkv bias (qkv_bias=False): zero-filled, same function")
-        elif key == "tokenizer.pos_embed" and fmt == "video_mae" and want.ndim == 3:
+        elif (key == "tokenizer.pos_embed" and fmt == "video_mae" and want.ndim == 3
+              and not any(p.search(key) for p in patterns)):
             from pathway.tokenizers.pos_embed import sinusoid_table
 
             final[key] = sinusoid_table(want.shape[1], want.shape[2]).to(want.dtype)

@@ -135,6 +135,14 @@ def test_timm_safetensors_with_prefixes_and_resampled_grid(tmp_path):
     assert set(report.dropped) == {"head.weight", "head.bias"}
 
 
+def test_cls_token_dropped_and_reported_when_model_pools(tmp_path):
+    sd = mae_pretrain_sd()
+    model = image_model(cls_token=False)
+    report = load_checkpoint(model, save_mae_pth(tmp_path / "m.pth", sd))
+    assert report.ok and "cls_token" in report.dropped and "cls_token" not in model.state_dict()
+    torch.testing.assert_close(model.state_dict()["tokenizer.pos_embed"], sd["pos_embed"][:, 1:], rtol=0, atol=0)
+
+
 def test_timm_same_grid_forward_equal(tmp_path):
     import timm.models.vision_transformer as tvit
 
