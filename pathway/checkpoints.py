@@ -578,7 +578,8 @@ def load_checkpoint(
             continue
         target = _place(key, model_sd, alias)
         if target is None and key == "cls_token":
-            report.dropped[src] = "the model has no cls token (cls_token: false, global pooling)"
+            report.dropped["cls_token"] = f"the model has no cls token (global pooling); was {src}"
+            report.notes = [n for n in report.notes if "folded into cls_token" not in n]
             continue
         if target is None:
             report.unexpected[key] = src
