@@ -1,0 +1,290 @@
+"""Pairing target units with aux units: depth policy, then names or graph position per block.
+
+Blocks are mapped first (``equal``, ``uniform``, ``first``, ``last``, ``every_k``, ``reversed``:
+the paper's reversed-order ablation). Inside a block pair, models whose relative names agree
+(timm <-> timm) pair by name; otherwise units are aligned by graph position with a small
+Needleman-Wunsch over role and shape (zero gap cost): same role +2, role vs no role -1, equal
+shape +3, same out/in ratio +1, other shapes +0.25; different kinds or different roles never pair.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import CompetingPairsError, DepthMismatchError, GroupSizeError, NoPairsError, ShapeMismatchError
+from .report import Pair
+from .trace import Trace, WeightUse
+from .units import Unit
+
+DEPTH_POLICIES = ("equal", "uniform", "first", "last", "every_k", "reversed")
+NAME_MATCH_THRESHOLD = 0.9
+
+
+@dataclass
+class ModelView:
+    """One model as the matcher sees it."""
+
+    name: str
+    trace: Trace
+    units: list[Unit]
+    depth: int
+    blocks: list[str]                      # module paths; empty when blocks were unrolled
+    shapes: dict[str, tuple[int, ...]]     # plain parameter name -> shape
+    reader: str
+
+    def use(self, name: str) -> WeightUse | None:
+        return next((u for u in self.trace.uses if u.name == name), None)
+
+    def block_units(self, block: int) -> list[Unit]:
+        return [u for u in self.units if u.block == block]
+
+
+def map_blocks(n_target: int, n_aux: int, policy: str) -> list[int | None]:
+    """Target block i <- aux block ``result[i]`` (None: no counterpart)."""
+    if policy == "equal":
+        if n_target != n_aux:
+            raise DepthMismatchError(
+                f"the target has {n_target} blocks and the aux model {n_aux}; depth='equal' needs the same "
+                f"depth. Choose how to map them: depth='uniform' (spread aux blocks over the target), 'first', "
+                f"'last', 'every_k' or 'reversed'.")
+        return list(range(n_target))
+    if policy == "first":
+        return [i if i < n_aux else None for i in range(n_target)]
+    if policy == "last":
+        return [i + n_aux - n_target if i + n_aux - n_target >= 0 else None for i in range(n_target)]
+    if policy == "uniform":
+        if n_target == 1:
+            return [0]
+        return [round(i * (n_aux - 1) / (n_target - 1)) for i in range(n_target)]
+    if policy == "every_k":
+        if n_target > n_aux or n_aux % n_target:
+            raise DepthMismatchError(
+                f"depth='every_k' takes every k-th of {n_aux} aux blocks, which needs the aux depth to be a "
+                f"multiple of the target depth ({n_target}); use depth='uniform' instead.")
+        return [i * (n_aux // n_target) for i in range(n_target)]
+    if policy == "reversed":
+        return map_blocks(n_target, n_aux, "uniform")[::-1]
+    raise ValueError(policy)
+
+
+def _score(t: Unit, a: Unit, exact: bool) -> float | None:
+    if t.kind != a.kind or (t.role and a.role and t.role != a.role):
+        return None
+    if exact and t.shape != a.shape:
+        return None
+    score = 2.0 if t.role and t.role == a.role else -1.0 if bool(t.role) != bool(a.role) else 0.0
+    if t.shape == a.shape:
+        return score + 3.0
+    if len(t.shape) == len(a.shape) == 2 and t.shape[0] * a.shape[1] == a.shape[0] * t.shape[1]:
+        return score + 1.0
+    return score + 0.25
+
+
+def align(targets: list[Unit], auxes: list[Unit], exact: bool = False) -> list[tuple[Unit, Unit]]:
+    """Order-preserving alignment maximising the summed score; unmatched units are gaps."""
+    n, m = len(targets), len(auxes)
+    best = [[0.0] * (m + 1) for _ in range(n + 1)]
+    for i in range(n - 1, -1, -1):
+        for j in range(m - 1, -1, -1):
+            s = _score(targets[i], auxes[j], exact)
+            diag = s + best[i + 1][j + 1] if s is not None else float("-inf")
+            best[i][j] = max(best[i + 1][j], best[i][j + 1], diag)
+    pairs, i, j = [], 0, 0
+    while i < n and j < m:
+        s = _score(targets[i], auxes[j], exact)
+        if s is not None and best[i][j] == s + best[i + 1][j + 1]:
+            pairs.append((targets[i], auxes[j]))
+            i, j = i + 1, j + 1
+        elif best[i][j] == best[i + 1][j]:
+            i += 1
+        else:
+            j += 1
+    return pairs
+
+
+def _label(part: WeightUse) -> str:
+    return part.role if part.role in ("q", "k", "v") else part.name.rsplit(".", 2)[-2] if "." in part.name else part.name
+
+
+def unit_pairs(t: Unit, a: Unit, aux_block: int | None) -> tuple[list[Pair], str | None]:
+    """Pairs for every member of target unit ``t`` from aux unit ``a``, or a problem description."""
+    t_rest, a_rest = t.shape[1:], a.shape[1:]
+    if t_rest != a_rest or t.shape[0] != a.shape[0]:
+        grouped = (len(t.members) > 1 or len(a.members) > 1) and t_rest == a_rest
+        what = "group sizes do not add up" if grouped else "shapes differ"
+        return [], (f"{what}: target {'+'.join(t.names)} {list(t.shape)} <- aux {'+'.join(a.names)} "
+                    f"{list(a.shape)}" + (" [group]" if grouped else ""))
+    ranges, start = [], 0
+    for member in a.members:
+        ranges.append((start, start + member.shape[0]))
+        start += member.shape[0]
+    pairs, start = [], 0
+    for member in t.members:
+        stop = start + member.shape[0]
+        parts = [k for k, (lo, hi) in enumerate(ranges) if lo < stop and hi > start]
+        base = ranges[parts[0]][0]
+        used = [a.members[k] for k in parts]
+        whole = len(parts) == 1 and ranges[parts[0]] == (start, stop)
+        if whole:
+            transform = "identity" if used[0].transposed == member.transposed else "transpose"
+        elif len(parts) > 1:
+            transform = f"concat_out[{','.join(_label(u) for u in used)}]"
+        else:
+            transform = f"split_out[{member.role or _label(member)}] rows {start - base}:{stop - base}"
+        if not whole and any(u.transposed != member.transposed for u in used):
+            transform += "+transpose"
+        pairs.append(Pair(
+            target=member.name, aux=tuple(u.name for u in used), transform=transform,
+            role=member.role or t.role, segment=t.segment, target_block=t.block, aux_block=aux_block,
+            aux_transposed=tuple(u.transposed for u in used), out_slice=(start - base, stop - base),
+            target_transposed=member.transposed, flags=tuple(dict.fromkeys(t.flags + a.flags))))
+        start = stop
+    return pairs, None
+
+
+def _name_ratio(target: ModelView, aux: ModelView, block_map: list[int | None]) -> float:
+    total = hits = 0
+    for i, j in enumerate(block_map):
+        for unit in target.block_units(i):
+            for m in unit.members:
+                total += 1
+                other = _counterpart_by_name(m, target, aux, i, j)
+                hits += other is not None and other.shape == m.shape
+    return hits / total if total else 0.0
+
+
+def _counterpart_by_name(m: WeightUse, target: ModelView, aux: ModelView, i: int, j: int | None) -> WeightUse | None:
+    if j is None or not target.blocks or not aux.blocks:
+        return None
+    relative = m.name[len(target.blocks[i]) + 1:]
+    return aux.use(f"{aux.blocks[j]}.{relative}")
+
+
+def match(target: ModelView, aux: ModelView, *, match: str, depth: str, segments: tuple[str, ...],
+          overrides: dict[str, str | list[str]], on_shape_mismatch: str
+          ) -> tuple[list[Pair], dict[str, str], list[int | None], str]:
+    """Pair target units with aux units; returns (pairs, unpaired target weights, block map, strategy)."""
+    block_map = map_blocks(target.depth, aux.depth, depth) if target.depth and aux.depth else [None] * target.depth
+    strategy = match
+    if match == "auto":
+        strategy = "name" if _name_ratio(target, aux, block_map) >= NAME_MATCH_THRESHOLD else "graph"
+
+    candidates: list[tuple[Unit, Unit, int | None]] = []
+    unpaired: dict[str, str] = {}
+    for i, j in enumerate(block_map):
+        t_units = target.block_units(i)
+        if j is None:
+            for u in t_units:
+                unpaired.update({n: f"no aux block for target block {i} under depth='{depth}'" for n in u.names})
+            continue
+        if strategy == "name":
+            for unit in t_units:
+                for m in unit.members:
+                    other = _counterpart_by_name(m, target, aux, i, j)
+                    if other is None:
+                        unpaired[m.name] = f"no weight of the same name in aux block {j}"
+                    else:
+                        candidates.append((_single(m, unit), _single(other, unit), j))
+        else:
+            aligned = align(t_units, aux.block_units(j))
+            candidates += [(t, a, j) for t, a in aligned]
+            paired_ids = {id(t) for t, _ in aligned}
+            for u in t_units:
+                if id(u) not in paired_ids:
+                    unpaired.update({n: f"no counterpart of its kind/role in aux block {j}" for n in u.names})
+    for segment in ("pre", "post", "mid"):
+        if segment in segments:
+            t_seg = [u for u in target.units if u.segment == segment]
+            a_seg = [u for u in aux.units if u.segment == segment]
+            aligned = align(t_seg, a_seg, exact=True)
+            candidates += [(t, a, None) for t, a in aligned]
+            paired_ids = {id(t) for t, _ in aligned}
+            unpaired.update({n: f"no {segment} aux weight of the same kind and shape"
+                             for u in t_seg if id(u) not in paired_ids for n in u.names})
+
+    pairs: list[Pair] = []
+    problems: list[str] = []
+    for t, a, j in candidates:
+        built, problem = unit_pairs(t, a, j)
+        if problem:
+            problems.append(problem)
+            unpaired.update({n: problem for n in t.names})
+        pairs += built
+    if problems and on_shape_mismatch == "error":
+        error = GroupSizeError if any(p.endswith("[group]") for p in problems) else ShapeMismatchError
+        shown = "\n  ".join(problems[:12]) + (f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else "")
+        raise error(f"{len(problems)} paired layer(s) cannot be combined as W + lambda * W_aux:\n  {shown}\n"
+                    f"Fix: on_shape_mismatch='skip' leaves them unpaired; pairs={{...}} sets a pair by hand; "
+                    f"exclude=[...] leaves a target weight out.")
+
+    pairs = _apply_overrides(pairs, overrides, target, aux, unpaired)
+    _check_competition(pairs)
+    for p in pairs:
+        unpaired.pop(p.target, None)
+    if not pairs:
+        raise NoPairsError(
+            f"no weight of {target.name} found a counterpart in {aux.name}: the target has {target.depth} body "
+            f"blocks and {sum(len(u.members) for u in target.units if u.segment == 'body')} body weights, the aux "
+            f"{aux.depth} blocks. Check the layer kinds (kinds=('linear', 'conv')), the example inputs, or set "
+            f"pairs={{target_weight: aux_weight}} by hand.")
+    return pairs, unpaired, block_map, strategy
+
+
+def _single(m: WeightUse, unit: Unit) -> Unit:
+    return Unit([m], unit.kind, unit.segment, unit.block, list(unit.flags))
+
+
+def _resolve(name: str, view: ModelView, side: str) -> str:
+    for candidate in (name, f"{name}.weight"):
+        if candidate in view.shapes:
+            return candidate
+    close = [n for n in view.shapes if name.split(".")[-1] in n][:5]
+    raise ShapeMismatchError(f"pairs: the {side} model has no weight '{name}'" + (f"; similar: {close}" if close else ""))
+
+
+def _apply_overrides(pairs: list[Pair], overrides: dict, target: ModelView, aux: ModelView,
+                     unpaired: dict[str, str]) -> list[Pair]:
+    if not overrides:
+        return pairs
+    by_target = {p.target: p for p in pairs}
+    for t_name, a_names in overrides.items():
+        t_name = _resolve(t_name, target, "target")
+        a_list = [a_names] if isinstance(a_names, str) else list(a_names)
+        a_list = [_resolve(n, aux, "aux") for n in a_list]
+        t_use = target.use(t_name)
+        t_transposed = bool(t_use and t_use.transposed)
+        parts = [aux.use(n) for n in a_list]
+        a_transposed = tuple(bool(u and u.transposed) for u in parts)
+        canon = [aux.shapes[n][::-1] if tr and len(aux.shapes[n]) == 2 else aux.shapes[n] for n, tr in zip(a_list, a_transposed)]
+        t_shape = target.shapes[t_name]
+        t_canon = t_shape[::-1] if t_transposed and len(t_shape) == 2 else t_shape
+        rows = sum(c[0] for c in canon)
+        if any(c[1:] != t_canon[1:] for c in canon) or rows != t_canon[0]:
+            raise ShapeMismatchError(f"pairs: target '{t_name}' {list(t_canon)} cannot take aux {a_list} "
+                                     f"{[list(c) for c in canon]} (stacked along the output dimension).")
+        old = by_target.get(t_name)
+        by_target[t_name] = Pair(
+            target=t_name, aux=tuple(a_list), transform="override" + (f" concat_out[{len(a_list)}]" if len(a_list) > 1 else ""),
+            role=old.role if old else None, segment=old.segment if old else "body",
+            target_block=old.target_block if old else None, aux_block=old.aux_block if old else None,
+            aux_transposed=a_transposed, out_slice=(0, rows), target_transposed=t_transposed, flags=("override",))
+        unpaired.pop(t_name, None)
+    order = {p.target: i for i, p in enumerate(pairs)}
+    return sorted(by_target.values(), key=lambda p: order.get(p.target, len(order)))
+
+
+def _check_competition(pairs: list[Pair]) -> None:
+    seen: dict[str, Pair] = {}
+    for p in pairs:
+        if p.target in seen and seen[p.target].aux != p.aux:
+            raise CompetingPairsError(
+                f"target weight '{p.target}' would receive two aux weights: {seen[p.target].source} and {p.source} "
+                f"(the target reuses this weight in several blocks, so each use found its own counterpart). "
+                f"Fix: exclude=['{re.escape(p.target)}'], or pairs={{'{p.target}': <one aux weight>}}.")
+        seen[p.target] = p
+    # identical duplicates (a shared target layer paired with a shared aux layer) collapse to one pair
+    unique: dict[str, Pair] = {}
+    for p in pairs:
+        unique.setdefault(p.target, p)
+    pairs[:] = list(unique.values())

@@ -1,0 +1,127 @@
+"""What the module tree tells: user-facing parameter names and the repeated body blocks.
+
+Parametrization renames a weight (``qkv.weight`` -> ``qkv.parametrizations.weight.original``) and
+adds pathway tensors beside it; tied weights appear under several names. Everything the user sees
+(reports, ``lambdas``, layer decay) speaks of the *plain* names, the ones the model had before
+``connect``.
+
+Body blocks are found without name conventions: runs of at least two consecutive children with the
+same class and the same parameter shapes, holding at least two matrices (``blocks.N`` in timm,
+``encoder.layer.N`` in Hugging Face, ``encoder.layers.encoder_layer_N`` in torchvision, ``h.N`` in
+GPT-2). The walk stops at the first repeated level, so q/k/v Linear siblings are never blocks.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator
+
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from .layer import PathwayWeight
+
+_PARAMETRIZED = re.compile(r"\.?parametrizations\.([^.]+)\.original$")
+_PATHWAY_TENSOR = re.compile(r"\.?parametrizations\.[^.]+\.\d+\.")
+
+
+def plain_name(raw: str) -> str | None:
+    """``a.parametrizations.weight.original`` -> ``a.weight``; pathway's own tensors -> None."""
+    if _PATHWAY_TENSOR.search(raw):
+        return None
+    return _PARAMETRIZED.sub(lambda m: ("." if raw[: m.start()] else "") + m.group(1), raw)
+
+
+def plain_names(model: nn.Module) -> dict[str, str | None]:
+    """Raw parameter name (aliases included) -> plain name of its canonical (first) alias, or None."""
+    canonical: dict[int, str | None] = {}
+    table: dict[str, str | None] = {}
+    for raw, p in model.named_parameters(remove_duplicate=False):
+        canonical.setdefault(id(p), plain_name(raw))
+        table[raw] = canonical[id(p)]
+        name = plain_name(raw)
+        if name is not None:
+            table.setdefault(name, canonical[id(p)])
+    return table
+
+
+def named_plain_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """The model's own parameters under their plain names, each once, pathway tensors left out."""
+    for raw, p in model.named_parameters():
+        name = plain_name(raw)
+        if name is not None:
+            yield name, p
+
+
+def pathway_sites(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, list[PathwayWeight]]]:
+    """Every parametrized tensor carrying pathways: (plain name, owner module, tensor name, pathways)."""
+    for path, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for tensor_name, plist in module.parametrizations.items():
+            pathways = [p for p in plist if isinstance(p, PathwayWeight)]
+            if pathways:
+                yield (f"{path}.{tensor_name}" if path else tensor_name), module, tensor_name, pathways
+
+
+def _signature(module: nn.Module) -> tuple:
+    kind = parametrize.type_before_parametrizations(module).__name__
+    return kind, tuple((n, tuple(p.shape)) for n, p in named_plain_parameters(module))
+
+
+def _matrices(module: nn.Module) -> int:
+    return sum(1 for _, p in named_plain_parameters(module) if p.dim() >= 2)
+
+
+def find_blocks(model: nn.Module) -> list[str]:
+    """Module paths of the repeated body blocks, in registration order."""
+    blocks: list[str] = []
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        children = [(n, c) for n, c in module.named_children() if n != "parametrizations"]
+        i = 0
+        while i < len(children):
+            j = i + 1
+            sig = _signature(children[i][1])
+            while j < len(children) and _signature(children[j][1]) == sig:
+                j += 1
+            if j - i >= 2 and _matrices(children[i][1]) >= 2:
+                blocks.extend(prefix + n for n, _ in children[i:j])
+            else:
+                for n, c in children[i:j]:
+                    walk(c, f"{prefix}{n}.")
+            i = j
+
+    walk(model, "")
+    return blocks
+
+
+def block_of(name: str, blocks: list[str]) -> int | None:
+    """Index of the block that owns parameter ``name``, or None outside the body."""
+    for index, path in enumerate(blocks):
+        if name.startswith(path + "."):
+            return index
+    return None
+
+
+def owners(model: nn.Module, name: str) -> list[tuple[nn.Module, str]]:
+    """Every (module, tensor name) holding the parameter at plain ``name``, tied aliases included."""
+    path, _, tensor = name.rpartition(".")
+    try:
+        module = model.get_submodule(path)
+    except AttributeError as e:
+        raise KeyError(f"no module '{path}' in {type(model).__name__} for weight '{name}'") from e
+    if parametrize.is_parametrized(module, tensor):
+        param = module.parametrizations[tensor].original
+    else:
+        param = getattr(module, tensor, None)
+    if not isinstance(param, nn.Parameter):
+        raise KeyError(f"'{name}' is not a parameter of {type(model).__name__}")
+    found: dict[tuple[int, str], tuple[nn.Module, str]] = {}
+    for raw, p in model.named_parameters(remove_duplicate=False):
+        alias = plain_name(raw)
+        if p is param and alias is not None:
+            owner_path, _, owner_tensor = alias.rpartition(".")
+            owner = model.get_submodule(owner_path)
+            found.setdefault((id(owner), owner_tensor), (owner, owner_tensor))
+    return list(found.values())

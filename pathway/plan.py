@@ -1,0 +1,222 @@
+"""``plan(target, aux)``: read both models, pair their weights, report; changes nothing.
+
+Everything ``connect`` needs is decided here, and every check that can fail runs here, so that a
+model is never left half-connected (PEFT's rule for ``inject_adapter``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
+
+import torch.nn as nn
+
+from .errors import DeviceMismatchError, NoPairsError, OptionError, SelfConnectionError, TraceError
+from .inputs import derive_inputs, describe
+from .match import DEPTH_POLICIES, ModelView, match
+from .modules import find_blocks, named_plain_parameters, plain_names
+from .report import Report
+from .trace import Trace, analyse, read_fx, read_runtime
+from .units import build_units
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "match": ("auto", "name", "graph"),
+    "depth": DEPTH_POLICIES,
+    "lambda_shape": ("scalar", "channel"),
+    "on_shape_mismatch": ("error", "skip"),
+    "tracer": ("auto", "fx", "runtime"),
+}
+_SUBSETS: dict[str, tuple[str, ...]] = {
+    "kinds": ("linear", "conv"),
+    "segments": ("body", "pre", "mid", "post"),
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    """Options of ``plan`` and ``connect``; see the README for each one's meaning."""
+
+    match: str = "auto"
+    depth: str = "equal"
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    pairs: dict[str, Any] = field(default_factory=dict)
+    kinds: tuple[str, ...] = ("linear",)
+    segments: tuple[str, ...] = ("body",)
+    lambda_init: float | Callable[[str, int | None], float] = 0.0
+    lambda_shape: str = "scalar"
+    train_lambda: bool = True
+    train_aux: bool = True
+    freeze_target: bool = False
+    on_shape_mismatch: str = "error"
+    allow_partial: bool = False
+    target_inputs: Any = None
+    aux_inputs: Any = None
+    tracer: str = "auto"
+
+    @classmethod
+    def parse(cls, options: dict[str, Any]) -> "Options":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise OptionError(f"unknown option(s) {unknown}; the options are: {sorted(known)}")
+        values = dict(options)
+        for key in ("include", "exclude", "kinds", "segments"):
+            if isinstance(values.get(key), str):
+                values[key] = (values[key],)
+            if key in values:
+                values[key] = tuple(values[key])
+        opts = cls(**values)
+        for key, allowed in _CHOICES.items():
+            if getattr(opts, key) not in allowed:
+                raise OptionError(f"{key}={getattr(opts, key)!r} is not one of {list(allowed)}")
+        for key, allowed in _SUBSETS.items():
+            bad = [v for v in getattr(opts, key) if v not in allowed]
+            if bad or not getattr(opts, key):
+                raise OptionError(f"{key}={getattr(opts, key)!r}: each value must be one of {list(allowed)}")
+        if not callable(opts.lambda_init) and not isinstance(opts.lambda_init, (int, float)):
+            raise OptionError("lambda_init must be a number or a callable (weight name, block index) -> number")
+        for pattern in opts.include + opts.exclude:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise OptionError(f"include/exclude pattern {pattern!r} is not a regular expression: {e}") from e
+        if not isinstance(opts.pairs, dict):
+            raise OptionError("pairs must be a dict {target weight name: aux weight name or list of names}")
+        return opts
+
+    def keeps(self, name: str) -> bool:
+        """Whether target weight ``name`` passes include/exclude."""
+        if self.include and not any(re.search(p, name) for p in self.include):
+            return False
+        return not any(re.search(p, name) for p in self.exclude)
+
+
+def read_model(model: nn.Module, inputs: Any, tracer: str, kinds: tuple[str, ...], side: str) -> ModelView:
+    """Trace ``model`` (torch.fx first, the runtime recorder where fx fails) and build its units."""
+    model = getattr(model, "_orig_mod", model)   # torch.compile wrapper
+    names = plain_names(model)
+    shapes = {raw: tuple(p.shape) for raw, p in model.named_parameters(remove_duplicate=False)}
+    plain_shapes = {n: tuple(p.shape) for n, p in named_plain_parameters(model)}
+    shapes.update(plain_shapes)
+    for alias, canonical in names.items():
+        if canonical is not None and alias not in plain_shapes and alias in shapes:
+            plain_shapes[alias] = shapes[alias]
+    ops = None
+    fx_error: Exception | None = None
+    if tracer in ("auto", "fx"):
+        try:
+            ops, consts = read_fx(model)
+            reader = "torch.fx (no example inputs needed)"
+        except Exception as e:  # fx raises many kinds of errors on untraceable code
+            if tracer == "fx":
+                raise TraceError(f"torch.fx cannot trace the {side} model {type(model).__name__}: "
+                                 f"{type(e).__name__}: {e}. Use tracer='runtime' with example inputs.") from e
+            fx_error = e
+    if ops is None:
+        source = "given"
+        if inputs is None:
+            try:
+                inputs, source = derive_inputs(model)
+            except LookupError as e:
+                raise TraceError(f"cannot derive example inputs for the {side} model {type(model).__name__}; pass "
+                                 f"{side}_inputs=... (a tensor, a tuple of args or a dict of kwargs)") from e
+        try:
+            ops, consts = read_runtime(model, inputs)
+        except Exception as e:
+            why = f" (torch.fx failed first: {type(fx_error).__name__})" if fx_error else ""
+            raise TraceError(
+                f"the {side} model {type(model).__name__} could not run on example inputs {describe(inputs)} "
+                f"({source}){why}: {type(e).__name__}: {e}. Pass inputs it accepts: connect(target, aux, "
+                f"{side}_inputs=...) as a tensor, a tuple of positional args or a dict of keyword args.") from e
+        reader = f"runtime recorder on {describe(inputs)} ({source})"
+    uses, sequence, touched = analyse(ops, consts, shapes, names)
+    trace = Trace(reader, describe(inputs) if inputs is not None else "none", uses, sequence, touched)
+    blocks = find_blocks(model)
+    units, depth = build_units(trace, blocks, kinds)
+    return ModelView(type(model).__name__, trace, units, depth, blocks if len(blocks) == depth else [],
+                     plain_shapes, reader)
+
+
+def _check_models(target: nn.Module, aux: nn.Module) -> None:
+    if target is aux:
+        raise SelfConnectionError("the aux model is the target itself; connect a model trained on another modality")
+    shared = {id(p) for p in target.parameters()} & {id(p) for p in aux.parameters()}
+    if shared:
+        raise SelfConnectionError(f"the aux model shares {len(shared)} parameter tensor(s) with the target; pass an "
+                                  f"independent model (copy.deepcopy(aux) if it is a copy of the target)")
+    t = next((p for p in target.parameters() if p.is_floating_point()), None)
+    a = next((p for p in aux.parameters() if p.is_floating_point()), None)
+    if t is None or a is None:
+        raise NoPairsError("the target or the aux model has no floating-point parameters")
+    if t.device != a.device:
+        raise DeviceMismatchError(f"the aux model is on {a.device} and the target on {t.device}; move it first: "
+                                  f"aux.to('{t.device}')")
+    if t.dtype != a.dtype:
+        raise DeviceMismatchError(f"the aux model is {a.dtype} and the target {t.dtype}; convert it first: "
+                                  f"aux.to({t.dtype})")
+
+
+def plan_with(target: nn.Module, aux: nn.Module, opts: Options) -> Report:
+    _check_models(target, aux)
+    t_view = read_model(target, opts.target_inputs, opts.tracer, opts.kinds, "target")
+    a_view = read_model(aux, opts.aux_inputs, opts.tracer, opts.kinds, "aux")
+    pairs, unpaired, block_map, strategy = match(
+        t_view, a_view, match=opts.match, depth=opts.depth, segments=opts.segments, overrides=opts.pairs,
+        on_shape_mismatch=opts.on_shape_mismatch)
+    excluded = sorted({n for n in [*unpaired, *(p.target for p in pairs)] if not opts.keeps(n)})
+    pairs = [p for p in pairs if opts.keeps(p.target) or p.target in opts.pairs]
+    unpaired = {n: why for n, why in unpaired.items() if opts.keeps(n)}
+    if not pairs:
+        raise NoPairsError(f"include/exclude left no pair: patterns include={list(opts.include)}, "
+                           f"exclude={list(opts.exclude)} removed all {len(excluded)} matched target weights")
+    used_aux = {n for p in pairs for n in p.aux}
+    unused_aux = [n for u in a_view.units if u.segment == "body" for n in u.names if n not in used_aux]
+    flags = sorted({f for p in pairs for f in p.flags})
+    return Report(
+        target=t_view.name, aux=a_view.name, target_reader=t_view.reader, aux_reader=a_view.reader,
+        strategy=strategy, depth_policy=opts.depth, depth=(t_view.depth, a_view.depth), block_map=block_map,
+        pairs=pairs, unpaired=unpaired, excluded=excluded, unused_aux=list(dict.fromkeys(unused_aux)),
+        never_used_target=_never_used(target, t_view), never_used_aux=_never_used(aux, a_view),
+        flags=flags)
+
+
+def _never_used(model: nn.Module, view: ModelView) -> list[str]:
+    model = getattr(model, "_orig_mod", model)
+    return [n for n, _ in named_plain_parameters(model) if n not in view.trace.touched]
+
+
+def plan(target: nn.Module, aux: nn.Module, **options: Any) -> Report:
+    """Find the pairs ``connect`` would make, without changing either model.
+
+    Args:
+        target: the model to improve (any ``nn.Module``).
+        aux: a model of the same kind of architecture trained on another modality.
+        **options: see :class:`Options` and the README.
+
+    Returns:
+        A :class:`~pathway.report.Report`: every pair with its transform, what was left unpaired and
+        why, parameters the forward never read, and how each model was read.
+
+    Example:
+        >>> import timm, pathway
+        >>> target = timm.create_model("vit_tiny_patch16_224", num_classes=10)
+        >>> aux = timm.create_model("vit_tiny_patch16_224", num_classes=0)
+        >>> print(pathway.plan(target, aux).coverage)
+        (48, 48)
+    """
+    return plan_with(target, aux, Options.parse(options))
+
+
+def coverage_problem(report: Report) -> str | None:
+    """The message ``connect`` raises when target body weights were left unpaired."""
+    if not report.unpaired:
+        return None
+    shown = "\n  ".join(f"{n}: {why}" for n, why in list(report.unpaired.items())[:12])
+    more = f"\n  ... and {len(report.unpaired) - 12} more" if len(report.unpaired) > 12 else ""
+    paired, total = report.coverage
+    return (f"only {paired}/{total} target body weights of {report.target} found a counterpart in {report.aux}:\n  "
+            f"{shown}{more}\nFix: allow_partial=True accepts this; exclude=[...] leaves weights out on purpose; "
+            f"pairs={{...}} pairs them by hand; another depth policy (depth=...) maps the blocks differently.")
+

@@ -1,0 +1,438 @@
+"""Ordered weight uses of a model's forward, read by torch.fx or by a runtime recorder.
+
+Pairing layers of two unrelated codebases by *graph position* needs the order in which the
+forward uses each weight, how it uses it (``F.linear(x, W)`` reads ``W`` as ``[out, in]``,
+GPT-2's ``x @ W`` as ``[in, out]``), which weights read the same activation (split q, k, v) and
+which attention role each one plays (VideoMAE computes key, value, query: execution order lies).
+
+Two readers see the forward:
+
+* **torch.fx** (``symbolic_trace``) reads the graph without running it; timm and torchvision trace.
+* A **runtime recorder** (a ``TorchFunctionMode`` active during one ``eval()``/``no_grad`` forward
+  on example inputs) reads every model, Hugging Face included, where fx fails.
+
+Both lower what they see into one tiny IR (:class:`Op` over value ids and parameter names), and a
+single :func:`analyse` turns it into :class:`WeightUse` records. So the two readers cannot drift
+apart in how they interpret a graph, only in what they see (tests check they agree).
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Union
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from .errors import TraceError
+
+Ref = Union[int, str]
+"""An op argument: an ``int`` value id (activation or constant) or a ``str`` raw parameter name."""
+
+WEIGHT_KINDS = ("linear", "conv", "embedding")
+
+_KIND_BY_NAME = {
+    "linear": "linear",
+    "conv1d": "conv", "conv2d": "conv", "conv3d": "conv",
+    "matmul": "matmul", "__matmul__": "matmul", "mm": "matmul", "bmm": "matmul",
+    "__rmatmul__": "rmatmul",
+    "addmm": "addmm", "baddbmm": "addmm",
+    "scaled_dot_product_attention": "sdpa",
+    "multi_head_attention_forward": "mha",
+    "embedding": "embedding",
+    "t": "transpose", "transpose": "transpose", "swapaxes": "transpose", "swapdims": "transpose",
+    "T": "transpose", "mT": "transpose",
+}
+# Tensor attributes and methods whose result is not a tensor: fx sees them as nodes, the runtime
+# recorder as non-tensor outputs. Neither must carry dataflow tags into later ops.
+_NON_TENSOR_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout", "is_sparse"}
+_NON_TENSOR_METHODS = {"size", "dim", "numel", "stride", "item", "tolist", "element_size", "get_device",
+                       "is_contiguous", "is_floating_point", "data_ptr"}
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+_PROPERTY_GETTERS = {"T": torch.Tensor.T.__get__, "mT": torch.Tensor.mT.__get__}
+
+
+@dataclass
+class Op:
+    """One call seen in the forward, in the kind's canonical argument order.
+
+    ``args`` holds the tensor slots the analysis needs (``linear``: input, weight, bias;
+    ``matmul``: left, right; ``sdpa``: q, k, v; ``mha``: q, k, v); ``touched`` every tensor the
+    call read; ``mha_weights`` the (weight, role) pairs hidden inside one opaque MHA call.
+    """
+
+    kind: str
+    args: tuple[Ref | None, ...]
+    touched: tuple[Ref, ...]
+    outputs: tuple[int, ...]
+    mha_weights: tuple[tuple[Ref, str], ...] = ()
+
+
+@dataclass
+class WeightUse:
+    """The first use of one weight by the forward."""
+
+    index: int
+    name: str                      # plain parameter name (``blocks.0.attn.qkv.weight``)
+    kind: str                      # "linear" | "conv" | "embedding"
+    shape: tuple[int, ...]         # canonical shape: [out, in, *kernel]
+    transposed: bool               # stored as [in, out] (GPT-2 Conv1D, ``x @ W``)
+    input: int | None              # value id of the activation it reads; siblings share it
+    call: int                      # index of the op; one MHA call holds two uses
+    roles: set[str] = field(default_factory=set)
+    input_tags: frozenset[int] = frozenset()
+
+    @property
+    def role(self) -> str | None:
+        """Attention role from dataflow: ``qkv`` (fused), ``q``, ``k``, ``v``, ``o`` or None."""
+        qkv = self.roles & {"q", "k", "v", "qkv"}
+        if "qkv" in qkv or len(qkv) >= 2:
+            return "qkv"
+        if qkv:
+            return next(iter(qkv))
+        return "o" if "o" in self.roles else None
+
+
+@dataclass
+class Trace:
+    """What one reader saw of one model's forward."""
+
+    method: str                    # "torch.fx" or "runtime recorder"
+    inputs: str                    # which example inputs were used, in words
+    uses: list[WeightUse]          # first use of each weight, in order
+    sequence: list[str]            # every matrix use in order, repeats included (shared blocks)
+    touched: set[str]              # plain names of every parameter the forward read
+
+
+# ----------------------------------------------------------------------------- binding
+
+
+def _kind_of(name: str) -> str:
+    return _KIND_BY_NAME.get(name, "other")
+
+
+def _slot(args: tuple, kwargs: dict, index: int, *names: str) -> Any:
+    if index < len(args):
+        return args[index]
+    for name in names:
+        if name in kwargs:
+            return kwargs[name]
+    return None
+
+
+def _make_op(name: str, args: tuple, kwargs: dict, ref: Callable[[Any], Ref | None], outputs: tuple[int, ...]) -> Op:
+    """Bind a call's arguments into the canonical slots of its kind; shared by both readers."""
+    kind = _kind_of(name)
+    touched = tuple(r for r in (ref(a) for a in tree_flatten((args, kwargs))[0]) if r is not None)
+    if kind in ("linear", "conv"):
+        slots = (_slot(args, kwargs, 0, "input"), _slot(args, kwargs, 1, "weight"), _slot(args, kwargs, 2, "bias"))
+    elif kind in ("matmul", "rmatmul"):
+        slots = (_slot(args, kwargs, 0, "input", "self"), _slot(args, kwargs, 1, "other", "mat2"))
+        if kind == "rmatmul":
+            kind, slots = "matmul", slots[::-1]
+    elif kind == "addmm":
+        kind, slots = "matmul", (_slot(args, kwargs, 1, "mat1", "batch1"), _slot(args, kwargs, 2, "mat2", "batch2"))
+    elif kind == "sdpa":
+        slots = (_slot(args, kwargs, 0, "query"), _slot(args, kwargs, 1, "key"), _slot(args, kwargs, 2, "value"))
+    elif kind == "embedding":
+        slots = (_slot(args, kwargs, 0, "input"), _slot(args, kwargs, 1, "weight"))
+    elif kind == "mha":
+        bound = _MHA_SIGNATURE.bind(*args, **kwargs).arguments
+        if bound.get("use_separate_proj_weight"):
+            weights = [(bound["q_proj_weight"], "q"), (bound["k_proj_weight"], "k"), (bound["v_proj_weight"], "v")]
+        else:
+            weights = [(bound["in_proj_weight"], "qkv")]
+        weights.append((bound["out_proj_weight"], "o"))
+        slots = (bound["query"], bound["key"], bound["value"])
+        return Op(kind, tuple(ref(s) for s in slots), touched, outputs,
+                  tuple((ref(w), role) for w, role in weights if ref(w) is not None))
+    else:
+        slots = ()
+    return Op(kind, tuple(ref(s) for s in slots), touched, outputs)
+
+
+# ----------------------------------------------------------------------------- torch.fx reader
+
+_FX_LEAVES = (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.Embedding)
+
+
+class _LeafTracer(fx.Tracer):
+    """Traces through every module except those whose weight use the IR understands.
+
+    The default tracer keeps every ``torch.nn`` module opaque, which would hide the linears inside
+    ``nn.TransformerEncoderLayer``; here only parameter-free modules and the known weight layers
+    stay leaves.
+    """
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, _FX_LEAVES):
+            return True
+        own_params = any(True for _ in m.parameters(recurse=False))
+        return (not own_params and not list(m.children())
+                and m.__module__.startswith("torch.nn") and not isinstance(m, nn.Sequential))
+
+
+def read_fx(model: nn.Module) -> tuple[list[Op], set[int]]:
+    """Lower ``model``'s fx graph into ops. Raises whatever ``symbolic_trace`` raises."""
+    graph = _LeafTracer().trace(model)
+    modules = dict(model.named_modules())
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    buffers = {name for name, _ in model.named_buffers(remove_duplicate=False)}
+    value_of: dict[fx.Node, Ref] = {}
+    non_tensor: set[fx.Node] = set()
+    consts: set[int] = set()
+    ops: list[Op] = []
+
+    def ref(a: Any) -> Ref | None:
+        return value_of.get(a) if isinstance(a, fx.Node) and a not in non_tensor else None
+
+    for index, node in enumerate(graph.nodes):
+        node_args = [a for a in tree_flatten((node.args, node.kwargs))[0] if isinstance(a, fx.Node)]
+        if node.op == "placeholder":
+            value_of[node] = index
+        elif node.op == "get_attr":
+            if node.target in params:
+                value_of[node] = node.target
+            else:
+                value_of[node] = index
+                if node.target in buffers:
+                    consts.add(index)
+        elif node.op == "output":
+            continue
+        elif node_args and all(a in non_tensor for a in node_args):
+            non_tensor.add(node)
+        elif node.op == "call_module":
+            value_of[node] = index
+            ops.append(_module_op(modules[node.target], node.target, node, ref, index))
+        else:
+            name = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+            if name == "getattr":
+                name = node.args[1]
+                if name in _NON_TENSOR_ATTRS:
+                    non_tensor.add(node)
+                    continue
+                args, kwargs = (node.args[0],), {}
+            elif name in _NON_TENSOR_METHODS:
+                non_tensor.add(node)
+                continue
+            else:
+                args, kwargs = node.args, node.kwargs
+            value_of[node] = index
+            ops.append(_make_op(name, tuple(args), dict(kwargs), ref, (index,)))
+    return ops, consts
+
+
+def _module_op(module: nn.Module, path: str, node: fx.Node, ref: Callable, index: int) -> Op:
+    x = ref(node.args[0]) if node.args else None
+    prefix = f"{path}." if path else ""
+    own = tuple(prefix + n for n, _ in module.named_parameters(recurse=True))
+    if isinstance(module, nn.MultiheadAttention):
+        q, k, v = (ref(a) for a in (list(node.args) + [None, None, None])[:3])
+        if module._qkv_same_embed_dim:
+            weights = [(prefix + "in_proj_weight", "qkv")]
+        else:
+            weights = [(prefix + f"{r}_proj_weight", r) for r in "qkv"]
+        weights.append((prefix + "out_proj.weight", "o"))
+        return Op("mha", (q, k, v), (x, *own) if x is not None else own, (index,), tuple(weights))
+    bias = prefix + "bias" if getattr(module, "bias", None) is not None else None
+    if isinstance(module, nn.Linear):
+        return Op("linear", (x, prefix + "weight", bias), own, (index,))
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return Op("conv", (x, prefix + "weight", bias), own, (index,))
+    if isinstance(module, nn.Embedding):
+        return Op("embedding", (x, prefix + "weight"), own, (index,))
+    touched = tuple(r for r in (ref(a) for a in node.args) if r is not None) + own
+    return Op("other", (), touched, (index,))
+
+
+# ----------------------------------------------------------------------------- runtime reader
+
+
+class _Recorder(TorchFunctionMode):
+    """Records every torch call of one forward as an :class:`Op`.
+
+    Activations get monotonic value ids keyed by ``id(tensor)``; a ``weakref.finalize`` frees the
+    key when the tensor dies so that a recycled ``id`` never aliases an old value.
+    """
+
+    def __init__(self, param_names: dict[int, str], buffer_ids: set[int]):
+        super().__init__()
+        self.param_names = param_names
+        self.buffer_ids = buffer_ids
+        self.ops: list[Op] = []
+        self.consts: set[int] = set()
+        self._value_of: dict[int, int] = {}
+        self._serial = itertools.count()
+
+    def ref(self, obj: Any) -> Ref | None:
+        if not isinstance(obj, torch.Tensor):
+            return None
+        key = id(obj)
+        name = self.param_names.get(key)
+        if name is not None:
+            return name
+        value = self._value_of.get(key)
+        if value is None:
+            value = next(self._serial)
+            self._value_of[key] = value
+            weakref.finalize(obj, self._value_of.pop, key, None)
+            if key in self.buffer_ids:
+                self.consts.add(value)
+        return value
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        outputs = tuple(r for r in (self.ref(t) for t in tree_flatten(out)[0]) if isinstance(r, int))
+        if outputs:
+            name = getattr(func, "__name__", "")
+            if name == "__get__":
+                name = next((n for n, getter in _PROPERTY_GETTERS.items() if func == getter), name)
+            self.ops.append(_make_op(name, tuple(args), kwargs, self.ref, outputs))
+        return out
+
+
+def call_with(model: nn.Module, inputs: Any) -> Any:
+    """Call ``model`` with example inputs given as a tensor, a tuple of args or a dict of kwargs."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def read_runtime(model: nn.Module, inputs: Any) -> tuple[list[Op], set[int]]:
+    """Run one ``eval()``/``no_grad`` forward on ``inputs`` and record it as ops."""
+    names: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), name)
+    recorder = _Recorder(names, {id(b) for b in model.buffers()})
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), recorder:
+            call_with(model, inputs)
+    finally:
+        model.train(was_training)
+    return recorder.ops, recorder.consts
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+def analyse(ops: list[Op], consts: set[int], shapes: dict[str, tuple[int, ...]],
+            plain: dict[str, str | None]) -> tuple[list[WeightUse], list[str], set[str]]:
+    """Turn ops into ordered weight uses with roles; see the module docstring.
+
+    ``shapes`` maps raw parameter names to shapes; ``plain`` maps raw names to the user-facing
+    name (``...parametrizations.weight.original`` -> ``...weight``, tied aliases -> the first
+    name), or to None for pathway's own parameters, which are never reported as uses.
+    """
+    derived: dict[int, tuple[frozenset[str], int]] = {}   # param-derived value -> (raw sources, transposes)
+    tags: dict[int, frozenset[int]] = {}                  # activation value -> weight-use indices
+    uses: list[WeightUse] = []
+    first: dict[str, int] = {}
+    sequence: list[str] = []
+    touched: set[str] = set()
+
+    def sources(r: Ref) -> tuple[frozenset[str], int] | None:
+        if isinstance(r, str):
+            return frozenset([r]), 0
+        return derived.get(r)
+
+    def is_activation(r: Ref | None) -> bool:
+        return isinstance(r, int) and r not in derived and r not in consts
+
+    def record(weight: Ref, kind: str, transposed_use: bool, x: Ref | None, call: int, role: str | None) -> int | None:
+        src = sources(weight)
+        if src is None:
+            return None
+        raw_names, transposes = src
+        candidates = [n for n in sorted(raw_names) if plain.get(n) and len(shapes[n]) >= 2]
+        if not candidates:
+            return None
+        raw = candidates[0]
+        name = plain[raw]
+        transposed = transposed_use ^ bool(transposes % 2)
+        shape = shapes[raw]
+        if kind != "conv" and len(shape) == 2 and transposed:
+            shape = shape[::-1]
+        sequence.append(name)
+        if name in first:
+            return first[name]
+        use = WeightUse(len(uses), name, kind, tuple(shape), transposed, x if is_activation(x) else None, call,
+                        input_tags=tags.get(x, frozenset()) if isinstance(x, int) else frozenset())
+        if role:
+            use.roles.add(role)
+        first[name] = use.index
+        uses.append(use)
+        return use.index
+
+    for call, op in enumerate(ops):
+        for r in op.touched:
+            src = sources(r)
+            if src:
+                touched.update(plain[n] for n in src[0] if plain.get(n))
+        acts = [r for r in op.touched if is_activation(r)]
+        produced: int | None = None
+        if op.kind in ("linear", "conv", "embedding"):
+            x, w = op.args[0], op.args[1]
+            kind = op.kind
+            produced = record(w, kind, False, x, call, None)
+        elif op.kind == "matmul" and len(op.args) == 2:
+            left, right = op.args
+            if sources(right) is not None and is_activation(left):
+                produced = record(right, "linear", True, left, call, None)
+            elif sources(left) is not None and is_activation(right):
+                produced = record(left, "linear", False, right, call, None)
+            elif is_activation(left) and is_activation(right):
+                _attention_roles_from_matmul(tags.get(left, frozenset()), tags.get(right, frozenset()), uses)
+        elif op.kind == "mha":
+            x = op.args[0]
+            for weight, role in op.mha_weights:
+                produced = record(weight, "linear", False, x if role != "o" else None, call, role)
+        elif op.kind == "sdpa":
+            for slot, r in zip("qkv", op.args):
+                t = tags.get(r, frozenset()) if isinstance(r, int) else frozenset()
+                if len(t) == 1:
+                    uses[next(iter(t))].roles.add(slot)
+
+        if produced is not None:
+            for out in op.outputs:
+                tags[out] = frozenset([produced])
+        elif acts:
+            merged = frozenset().union(*(tags.get(r, frozenset()) for r in acts))
+            for out in op.outputs:
+                tags[out] = merged
+        else:
+            srcs = [sources(r) for r in op.touched if sources(r) is not None]
+            if srcs:
+                names = frozenset().union(*(s[0] for s in srcs))
+                transposes = max(s[1] for s in srcs) + (1 if op.kind == "transpose" else 0)
+                for out in op.outputs:
+                    derived[out] = (names, transposes)
+            else:
+                consts.update(op.outputs)
+
+    for use in uses:   # a linear reading what attention produced is its output projection
+        if use.kind == "linear" and use.role is None and any(uses[t].role in ("q", "k", "v", "qkv")
+                                                              for t in use.input_tags if t != use.index):
+            use.roles.add("o")
+    return uses, sequence, touched
+
+
+def _attention_roles_from_matmul(left: frozenset[int], right: frozenset[int], uses: list[WeightUse]) -> None:
+    """``q @ k^T`` (one producer each side) names q and k; ``probs @ v`` (many @ one) names v."""
+    if len(left) == 1 and len(right) == 1:
+        (a,), (b,) = left, right
+        uses[a].roles.add("q")
+        uses[b].roles.add("k")
+    elif len(left) > 1 and len(right) == 1:
+        uses[next(iter(right))].roles.add("v")

@@ -1,0 +1,114 @@
+"""Units: the weights that play one part together, placed in pre / body blocks / mid / post.
+
+Siblings that read the same activation in separate calls form one unit (BERT's q, k, v reading
+one hidden state become one ``[3D, D]`` unit, as timm's fused ``qkv`` is), ordered q, k, v by
+their dataflow roles. Units are then placed by the body blocks the module tree shows; a model
+that applies one shared layer several times (ALBERT) has no repeated children, so its use
+sequence is unrolled into one virtual block per application.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field, replace
+
+from .modules import block_of
+from .trace import Trace, WeightUse
+
+_ROLE_ORDER = "qkv"
+
+
+@dataclass
+class Unit:
+    members: list[WeightUse]          # in concatenation order (q, k, v when roles are known)
+    kind: str
+    segment: str                      # "pre" | "body" | "mid" | "post"
+    block: int | None
+    flags: list[str] = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Canonical shape of the members stacked along the output dimension."""
+        first = self.members[0].shape
+        return (sum(m.shape[0] for m in self.members), *first[1:])
+
+    @property
+    def role(self) -> str | None:
+        roles = [m.role for m in self.members]
+        if len(self.members) > 1 and set(roles) <= set(_ROLE_ORDER) and len(set(roles)) == len(roles):
+            return "qkv" if len(roles) == 3 else "".join(roles)
+        return roles[0] if len(roles) == 1 else None
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.members]
+
+
+def _group(uses: list[WeightUse]) -> list[list[WeightUse]]:
+    """Siblings: same input activation, same kind, same input dims, different calls."""
+    groups: dict[tuple, list[WeightUse]] = {}
+    order: list[tuple] = []
+    for use in uses:
+        key = (use.input, use.kind, use.shape[1:]) if use.input is not None else ("alone", use.index)
+        if key in groups and any(m.call == use.call for m in groups[key]):
+            key = ("alone", use.index)
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append(use)
+    return [groups[k] for k in order]
+
+
+def _ordered(members: list[WeightUse]) -> tuple[list[WeightUse], list[str]]:
+    roles = [m.role for m in members]
+    if len(members) > 1 and all(r in ("q", "k", "v") for r in roles) and len(set(roles)) == len(roles):
+        return sorted(members, key=lambda m: _ROLE_ORDER.index(m.role)), []
+    if len(members) > 1:
+        return members, ["order_by_execution"]
+    return members, []
+
+
+def build_units(trace: Trace, blocks: list[str], kinds: tuple[str, ...]) -> tuple[list[Unit], int]:
+    """Units of ``trace`` restricted to ``kinds``, placed by ``blocks``; returns (units, depth)."""
+    uses = [u for u in trace.uses if u.kind in kinds]
+    units = []
+    for group in _group(uses):
+        members, flags = _ordered(group)
+        block = block_of(members[0].name, blocks)
+        units.append(Unit(members, members[0].kind, "body" if block is not None else "", block, flags))
+    depth = len(blocks)
+    if depth == 0:
+        units, depth = _unroll(units, trace.sequence)
+    _place(units)
+    return units, depth
+
+
+def _place(units: list[Unit]) -> None:
+    """Units outside blocks are pre (before the body), post (after it) or mid (between blocks)."""
+    body = [i for i, u in enumerate(units) if u.block is not None]
+    for i, unit in enumerate(units):
+        if unit.block is None:
+            unit.segment = "pre" if not body or i < body[0] else "post" if i > body[-1] else "mid"
+
+
+def _unroll(units: list[Unit], sequence: list[str]) -> tuple[list[Unit], int]:
+    """One shared layer applied n times -> n virtual blocks (period of the most used weight)."""
+    counts = Counter(sequence)
+    if not counts or counts.most_common(1)[0][1] < 2:
+        return units, 0
+    anchor, times = counts.most_common(1)[0]
+    starts = [i for i, name in enumerate(sequence) if name == anchor]
+    period = starts[1] - starts[0]
+    by_name = {m.name: u for u in units for m in u.members}
+    shared = {m.name for u in units for m in u.members if counts[m.name] == times}
+    virtual: list[Unit] = []
+    for k, start in enumerate(starts):
+        seen: set[int] = set()
+        for name in sequence[start:start + period]:
+            unit = by_name.get(name)
+            if name in shared and unit is not None and id(unit) not in seen:
+                seen.add(id(unit))
+                virtual.append(replace(unit, block=k, segment="body", flags=[*unit.flags, "shared_block"]))
+    pre = [u for u in units if not any(m.name in shared for m in u.members) and u.members[0].index < by_name[anchor].members[0].index]
+    post = [u for u in units if not any(m.name in shared for m in u.members) and u not in pre]
+    return pre + virtual + post, times
