@@ -12,4 +12,9 @@ from .registry import available as available
 from .registry import get as get
 from .registry import register as register
 
-from . import image as image  # noqa: E402  (registers the built-in adapters)
+# Importing the built-in modules registers their adapters.
+from . import audio as audio  # noqa: E402
+from . import image as image  # noqa: E402
+from . import point as point  # noqa: E402
+from . import timeseries as timeseries  # noqa: E402
+from . import video as video  # noqa: E402

@@ -156,6 +156,8 @@ class FileDataset(Dataset):
             path, label = self.samples[i]
             try:
                 return self.load(path, label, i)
+            except (LayoutError, OptionError):
+                raise  # a wrong set-up, not a bad file: skipping would hide it on every file
             except Exception as error:  # the reading libraries raise anything from OSError to RuntimeError
                 if self.adapter.options["strict"]:
                     if isinstance(error, UnreadableFileError):

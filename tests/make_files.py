@@ -83,7 +83,7 @@ def write_video(path: Path, frames: int = 8, size: int = 32, fps: int = 8, seed:
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
+        stream = container.add_stream("libvpx" if path.suffix == ".webm" else "mpeg4", rate=fps)
         stream.width = stream.height = size
         stream.pix_fmt = "yuv420p"
         for i in range(frames):

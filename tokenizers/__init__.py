@@ -11,3 +11,5 @@ from .pos_embed import sinusoid_table as sinusoid_table
 from .point_group import PointGroupTokenizer as PointGroupTokenizer
 from .point_group import farthest_point_sample as farthest_point_sample
 from .point_group import knn as knn
+from .audio_spectrogram import AudioSpectrogramTokenizer as AudioSpectrogramTokenizer
+from .video_tubelet import VideoTubeletTokenizer as VideoTubeletTokenizer

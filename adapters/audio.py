@@ -1,0 +1,167 @@
+"""Audio: wav/flac/mp3/ogg -> 16 kHz mono -> Kaldi log-mel fbank ``[1, 1024, 128]`` -> AudioMAE patches.
+
+The features are AudioMAE's (``torchaudio.compliance.kaldi.fbank(htk_compat=True, window_type="hanning",
+num_mel_bins=128, dither=0, frame_shift=10)`` on the mean-removed waveform), written here in torch so
+torchaudio is not needed: 25 ms frames every 10 ms, per-frame DC removal, pre-emphasis 0.97, Hann
+window, 512-point power spectrum, 128 triangular filters on Kaldi's mel scale (20 Hz to Nyquist),
+natural log floored at float32 eps. Then pad (zeros) or crop to ``target_length`` frames, SpecAugment in
+training (one frequency mask up to ``freqm`` bins, one time mask up to ``timem`` frames) and
+``(x - norm_mean) / (2 * norm_std)`` with AudioMAE's AudioSet statistics by default.
+
+Layouts: ``root/<split>.csv`` manifests with ``path,labels`` (several labels per clip, AudioSet style;
+class list from ``classes``, else ``root/class_labels_indices.csv`` (``index,mid,display_name``), else
+the labels of the training manifest), or ``root/<split>/<class>/<file>`` folders. ``y`` is a float
+multi-hot vector, the task ``multilabel``, the metric mAP. A clip shorter than one 25 ms window is
+zero-padded to one window; a file that decodes to no samples is unreadable.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from pathway.tokenizers import AudioSpectrogramTokenizer, Tokenizer
+
+from .base import Adapter, FileDataset, OptionError, UnreadableFileError
+from .layout import folder_classes, label_indices, read_manifest, scan_class_folders, split_dir
+from .registry import register
+
+AUDIO_EXTENSIONS = ("wav", "flac", "mp3", "ogg")
+AUDIOSET_MEAN, AUDIOSET_STD = -4.2677393, 4.5689974
+
+
+def kaldi_mel_banks(num_bins: int, num_fft: int, sample_rate: int, low_freq: float = 20.0, high_freq: float = 0.0) -> Tensor:
+    """Kaldi's triangular filters, built on the mel scale ``1127 ln(1 + f/700)``; ``[num_bins, num_fft // 2 + 1]``."""
+    nyquist = sample_rate / 2
+    high_freq = high_freq if high_freq > 0 else nyquist + high_freq
+
+    def mel(f: Tensor | float) -> Tensor:
+        return 1127.0 * torch.log1p(torch.as_tensor(f, dtype=torch.float64) / 700.0)
+
+    lo, hi = mel(low_freq), mel(high_freq)
+    delta = (hi - lo) / (num_bins + 1)
+    b = torch.arange(num_bins, dtype=torch.float64).unsqueeze(1)
+    left, centre, right = lo + b * delta, lo + (b + 1) * delta, lo + (b + 2) * delta
+    fft_mel = mel(sample_rate / num_fft * torch.arange(num_fft // 2, dtype=torch.float64)).unsqueeze(0)
+    up, down = (fft_mel - left) / (centre - left), (right - fft_mel) / (right - centre)
+    banks = torch.clamp(torch.minimum(up, down), min=0)
+    return torch.nn.functional.pad(banks, (0, 1)).float()  # Kaldi leaves the Nyquist bin out
+
+
+def kaldi_fbank(wave: Tensor, sample_rate: int = 16000, num_mel_bins: int = 128, frame_ms: float = 25.0,
+                shift_ms: float = 10.0, preemphasis: float = 0.97) -> Tensor:
+    """Log-mel filterbank ``[frames, num_mel_bins]`` of a mono waveform ``[n]`` (Kaldi ``fbank``, snip edges)."""
+    win, shift = int(sample_rate * frame_ms / 1000), int(sample_rate * shift_ms / 1000)
+    wave = wave.float()
+    if wave.numel() < win:
+        wave = torch.nn.functional.pad(wave, (0, win - wave.numel()))
+    num_frames = 1 + (wave.numel() - win) // shift
+    frames = wave.as_strided((num_frames, win), (shift, 1))  # [frames, win]
+    frames = frames - frames.mean(dim=1, keepdim=True)
+    frames = frames - preemphasis * torch.cat([frames[:, :1], frames[:, :-1]], dim=1)
+    frames = frames * torch.hann_window(win, periodic=False)
+    num_fft = 1 << math.ceil(math.log2(win))
+    power = torch.fft.rfft(frames, n=num_fft).abs().pow(2)  # [frames, num_fft/2 + 1]
+    mel = power @ kaldi_mel_banks(num_mel_bins, num_fft, sample_rate).T
+    return mel.clamp(min=torch.finfo(torch.float32).eps).log()
+
+
+def spec_augment(fbank: Tensor, freqm: int, timem: int, generator: torch.Generator | None = None) -> Tensor:
+    """One frequency and one time mask set to zero, widths drawn as torchaudio's masking; ``[T, F]``."""
+    out = fbank.clone()
+    for dim, max_width in ((1, freqm), (0, timem)):
+        if max_width <= 0:
+            continue
+        width = int(torch.rand((), generator=generator) * max_width)
+        start = int(torch.rand((), generator=generator) * (out.shape[dim] - width))
+        out.narrow(dim, start, width).zero_()
+    return out
+
+
+def read_audio(path: Path, sample_rate: int) -> Tensor:
+    """Mono waveform at ``sample_rate`` (librosa decodes and resamples)."""
+    import librosa
+
+    wave, _ = librosa.load(str(path), sr=sample_rate, mono=True)
+    if wave.size == 0:
+        raise UnreadableFileError(f"{path} decodes to no samples")
+    return torch.from_numpy(wave)
+
+
+@register("audio")
+class AudioAdapter(Adapter):
+    task = "multilabel"
+    metric = "map"
+    defaults = {
+        **Adapter.defaults,
+        "sample_rate": 16000,
+        "num_mel_bins": 128,
+        "target_length": 1024,  # frames of 10 ms
+        "patch_size": 16,
+        "pos_embed": "sincos",
+        "norm_mean": AUDIOSET_MEAN,
+        "norm_std": AUDIOSET_STD,
+        "freqm": 48,  # SpecAugment widths, training only
+        "timem": 192,
+        "classes": None,
+        "train_split": "train",
+        "extensions": AUDIO_EXTENSIONS,
+    }
+
+    def check_options(self) -> None:
+        o = self.options
+        for key in ("target_length", "num_mel_bins"):
+            if o[key] % o["patch_size"]:
+                raise OptionError(f"AudioAdapter: {key}={o[key]} must be a multiple of patch_size={o['patch_size']}")
+
+    def _manifest(self, split: str) -> Path:
+        return self.root / f"{split}.csv"
+
+    def find_classes(self) -> list[str]:
+        o = self.options
+        if o["classes"]:
+            return list(o["classes"])
+        index = self.root / "class_labels_indices.csv"
+        if index.is_file():
+            with index.open(newline="") as f:
+                return [row["mid"] for row in csv.DictReader(f)]
+        train = self._manifest(o["train_split"])
+        if train.is_file():
+            return sorted({lab for _, labels in read_manifest(train) for lab in labels})
+        return folder_classes(self.root, None, o["train_split"], o["extensions"])
+
+    def build_dataset(self, split: str, train: bool) -> Dataset:
+        o = self.options
+        manifest = self._manifest(split)
+        if manifest.is_file():
+            samples = [
+                (path, label_indices(labels, self.classes, f"{manifest}: {path.name}")) for path, labels in read_manifest(manifest)
+            ]
+        else:
+            samples = [(p, [c]) for p, c in scan_class_folders(split_dir(self.root, split), o["extensions"], self.classes)]
+
+        def load(path: Path, labels: list[int], index: int) -> tuple[Tensor, Tensor]:
+            y = torch.zeros(self.num_classes)
+            y[labels] = 1.0
+            return self.features(read_audio(path, o["sample_rate"]), train), y
+
+        return FileDataset(samples, load, self)
+
+    def features(self, wave: Tensor, train: bool) -> Tensor:
+        """Waveform -> normalised fbank ``[1, target_length, num_mel_bins]`` (AudioMAE's order of steps)."""
+        o = self.options
+        fbank = kaldi_fbank(wave - wave.mean(), o["sample_rate"], o["num_mel_bins"])
+        n = o["target_length"]
+        fbank = torch.nn.functional.pad(fbank, (0, 0, 0, n - fbank.shape[0])) if fbank.shape[0] < n else fbank[:n]
+        if train:
+            fbank = spec_augment(fbank, o["freqm"], o["timem"])
+        return ((fbank - o["norm_mean"]) / (2 * o["norm_std"])).unsqueeze(0)
+
+    def tokenizer(self, embed_dim: int) -> Tokenizer:
+        o = self.options
+        return AudioSpectrogramTokenizer(o["target_length"], o["num_mel_bins"], o["patch_size"], embed_dim, o["pos_embed"])

@@ -1,0 +1,302 @@
+"""Point clouds: files -> ``x [num_points, in_chans]`` (xyz, then normals if ``in_chans=6``) -> point groups.
+
+Readers: ``ply pcd xyz xyzn xyzrgb pts`` through open3d's ``read_point_cloud``; meshes ``obj off stl``
+through ``read_triangle_mesh`` + ``sample_points_uniformly`` (area-weighted, with triangle normals);
+``npy`` arrays ``[N, C]``; ``txt`` arrays (comma- or space-separated, ModelNet's ``x,y,z,nx,ny,nz``).
+
+Every cloud is centred and scaled into the unit sphere, then sampled to ``num_points``: a random subset
+(training) or a subset seeded by the sample index (evaluation, so it is the same every epoch). A cloud
+with fewer points, including fewer than the tokenizer's group size, is **resampled with replacement**
+(all its points kept once, the rest drawn again). Training augmentation, each optional: anisotropic
+scale in [2/3, 3/2], translation in [-0.2, 0.2], rotation about ``up_axis``, Gaussian jitter (sigma
+0.01, clipped at 0.05); normals follow the rotation and scale and are re-normalised.
+
+Adapters: ``point`` (classification, ``root/<split>/<class>/<file>``, top-1) and ``point_part`` (part
+segmentation, per-point labels, mIoU; see :class:`PointPartAdapter` for its layouts).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from pathway.tokenizers import PointGroupTokenizer, Tokenizer
+
+from .base import Adapter, FileDataset, LayoutError, OptionError, UnreadableFileError
+from .heads import SegmentationHead
+from .layout import folder_classes, list_files, scan_class_folders, split_dir
+from .registry import register
+
+CLOUD_EXTENSIONS = ("ply", "pcd", "xyz", "xyzn", "xyzrgb", "pts")
+MESH_EXTENSIONS = ("obj", "off", "stl")
+ARRAY_EXTENSIONS = ("npy", "txt")
+POINT_EXTENSIONS = CLOUD_EXTENSIONS + MESH_EXTENSIONS + ARRAY_EXTENSIONS
+
+
+def read_array(path: Path) -> np.ndarray:
+    """``[N, C]`` float array from ``.npy`` or a delimited ``.txt`` (comma or whitespace)."""
+    if path.suffix.lower() == ".npy":
+        data = np.load(path, allow_pickle=False)
+    else:
+        with path.open() as f:
+            first = f.readline()
+        data = np.loadtxt(path, delimiter="," if "," in first else None, ndmin=2)
+    if data.ndim != 2 or data.shape[1] < 3:
+        raise UnreadableFileError(f"{path}: expected an array [N, >=3] (xyz first), got shape {data.shape}")
+    return data.astype(np.float32)
+
+
+def read_points(path: Path, in_chans: int = 3, mesh_points: int = 8192) -> np.ndarray:
+    """Points ``[N, in_chans]`` of any supported file: xyz, then normals when ``in_chans == 6``."""
+    ext = path.suffix.lower().lstrip(".")
+    if ext in ARRAY_EXTENSIONS:
+        data = read_array(path)
+    else:
+        import open3d as o3d
+
+        if ext in MESH_EXTENSIONS:
+            mesh = o3d.io.read_triangle_mesh(str(path))
+            if len(mesh.triangles) == 0:
+                raise UnreadableFileError(f"{path}: open3d read no triangles (corrupt or empty mesh)")
+            cloud = mesh.sample_points_uniformly(number_of_points=mesh_points, use_triangle_normal=True)
+        else:
+            cloud = o3d.io.read_point_cloud(str(path))
+        xyz = np.asarray(cloud.points, dtype=np.float32)
+        if len(xyz) == 0:
+            raise UnreadableFileError(f"{path}: open3d read no points (corrupt, empty or unsupported file)")
+        parts = [xyz]
+        if in_chans > 3:
+            if not cloud.has_normals():
+                raise LayoutError(f"{path} has no normals but in_chans={in_chans}; use in_chans=3 or files with normals")
+            parts.append(np.asarray(cloud.normals, dtype=np.float32))
+        data = np.concatenate(parts, axis=1)
+    if data.shape[1] < in_chans:
+        raise LayoutError(f"{path} has {data.shape[1]} values per point but in_chans={in_chans}; lower in_chans")
+    if len(data) == 0 or not np.isfinite(data[:, :3]).all():
+        raise UnreadableFileError(f"{path}: no points or non-finite coordinates")
+    return data[:, :in_chans]
+
+
+def normalize_unit_sphere(points: np.ndarray) -> np.ndarray:
+    """Centre on the centroid and scale the farthest point to radius 1 (xyz only)."""
+    out = points.copy()
+    out[:, :3] -= out[:, :3].mean(axis=0)
+    radius = np.linalg.norm(out[:, :3], axis=1).max()
+    out[:, :3] /= radius if radius > 0 else 1.0
+    return out
+
+
+def sample_indices(have: int, want: int, rng: np.random.Generator) -> np.ndarray:
+    """``want`` indices out of ``have``: a subset, or every point once plus draws with replacement."""
+    if have >= want:
+        return rng.choice(have, want, replace=False)
+    return np.concatenate([rng.permutation(have), rng.choice(have, want - have, replace=True)])
+
+
+def augment(points: np.ndarray, rng: np.random.Generator, up_axis: int | None, rotate: bool, jitter: float) -> np.ndarray:
+    """Point-MAE-style scale / translate, plus optional rotation about ``up_axis`` and jitter."""
+    out = points.copy()
+    scale = rng.uniform(2 / 3, 3 / 2, 3).astype(np.float32)
+    linear = np.diag(scale)
+    if rotate and up_axis is not None:
+        angle = rng.uniform(0, 2 * np.pi)
+        a, b = [i for i in range(3) if i != up_axis]
+        rot = np.eye(3, dtype=np.float32)
+        rot[a, a], rot[a, b], rot[b, a], rot[b, b] = np.cos(angle), -np.sin(angle), np.sin(angle), np.cos(angle)
+        linear = rot @ linear
+    out[:, :3] = out[:, :3] @ linear.T + rng.uniform(-0.2, 0.2, 3).astype(np.float32)
+    if jitter > 0:
+        out[:, :3] += np.clip(jitter * rng.standard_normal(out[:, :3].shape), -5 * jitter, 5 * jitter)
+    if out.shape[1] >= 6:  # normals transform by the inverse transpose, then back to unit length
+        normals = out[:, 3:6] @ np.linalg.inv(linear)
+        out[:, 3:6] = normals / np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-8)
+    return out.astype(np.float32)
+
+
+class _PointAdapterBase(Adapter):
+    """Options and per-cloud processing shared by the classification and segmentation adapters."""
+
+    defaults = {
+        **Adapter.defaults,
+        "num_points": 1024,
+        "num_groups": 64,
+        "group_size": 32,
+        "in_chans": 3,  # 3: xyz; 6: xyz + normals
+        "augment": True,
+        "rotate": False,  # rotation about up_axis in training
+        "up_axis": 1,  # ShapeNet / ModelNet are y-up
+        "jitter": 0.01,
+        "mesh_points": 8192,  # points sampled from each mesh before num_points are drawn
+        "classes": None,
+        "train_split": "train",
+        "extensions": POINT_EXTENSIONS,
+    }
+
+    def check_options(self) -> None:
+        o = self.options
+        if o["in_chans"] < 3:
+            raise OptionError(f"{type(self).__name__}: in_chans={o['in_chans']} must be at least 3 (xyz)")
+        if o["num_points"] < max(o["group_size"], o["num_groups"]):
+            raise OptionError(
+                f"{type(self).__name__}: num_points={o['num_points']} must be at least group_size={o['group_size']} "
+                f"and num_groups={o['num_groups']}"
+            )
+
+    def process(self, points: np.ndarray, labels: np.ndarray | None, train: bool, index: int):
+        """Normalise, sample to ``num_points`` (labels alongside) and augment; returns tensors."""
+        o = self.options
+        rng = np.random.default_rng() if train else np.random.default_rng(index)
+        idx = sample_indices(len(points), o["num_points"], rng)
+        points = normalize_unit_sphere(points[idx])
+        if train and o["augment"]:
+            points = augment(points, rng, o["up_axis"], o["rotate"], o["jitter"])
+        x = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32))
+        return x, None if labels is None else torch.from_numpy(labels[idx].astype(np.int64))
+
+    def tokenizer(self, embed_dim: int) -> Tokenizer:
+        o = self.options
+        return PointGroupTokenizer(o["num_groups"], o["group_size"], o["in_chans"], embed_dim)
+
+
+@register("point")
+class PointAdapter(_PointAdapterBase):
+    """Point-cloud classification from ``root/<split>/<class>/<file>``."""
+
+    task = "classification"
+    metric = "top1"
+
+    def find_classes(self) -> list[str]:
+        o = self.options
+        return folder_classes(self.root, o["classes"], o["train_split"], o["extensions"])
+
+    def build_dataset(self, split: str, train: bool) -> Dataset:
+        o = self.options
+        samples = scan_class_folders(split_dir(self.root, split), o["extensions"], self.classes)
+
+        def load(path: Path, label: int, index: int) -> tuple[Tensor, int]:
+            x, _ = self.process(read_points(path, o["in_chans"], o["mesh_points"]), None, train, index)
+            return x, label
+
+        return FileDataset(samples, load, self)
+
+
+def read_part_txt(path: Path, in_chans: int) -> tuple[np.ndarray, np.ndarray]:
+    """ShapeNetPart text file: one ``x y z nx ny nz label`` line per point -> (points, labels)."""
+    data = read_array(path)
+    if data.shape[1] < 4:
+        raise UnreadableFileError(f"{path}: expected `x y z [nx ny nz] label` per line, got {data.shape[1]} columns")
+    if data.shape[1] - 1 < in_chans:
+        raise LayoutError(f"{path} has {data.shape[1] - 1} values per point before the label but in_chans={in_chans}")
+    return data[:, :in_chans], data[:, -1].astype(np.int64)
+
+
+def read_partnet(root: Path, category: str, split: str) -> list[tuple[Path, Path]]:
+    """``[(points_file, labels_file)]`` of one PartNet category and split.
+
+    Assumed layout (PartNet v0 release, ``data_v0`` + the ``stats`` folder of the PartNet repository)::
+
+        root/stats/train_val_test_split/<Category>.<split>.json   # [{"anno_id": "...", ...}, ...]
+        root/data_v0/<anno_id>/point_sample/pts-10000.txt         # "x y z" per line
+        root/data_v0/<anno_id>/point_sample/label-10000.txt       # one integer label per line
+
+    Labels are used as stored: map PartNet's part ids to the semantic level you train on (fine, middle,
+    coarse) beforehand so that they run from 0 to ``num_classes - 1``.
+    """
+    listing = root / "stats" / "train_val_test_split" / f"{category}.{split}.json"
+    if not listing.is_file():
+        raise LayoutError(f"PartNet split list {listing} not found; expected root/stats/train_val_test_split/<Category>.<split>.json")
+    pairs = []
+    for entry in json.loads(listing.read_text()):
+        folder = root / "data_v0" / str(entry["anno_id"]) / "point_sample"
+        pts, lab = folder / "pts-10000.txt", folder / "label-10000.txt"
+        if not (pts.is_file() and lab.is_file()):
+            raise LayoutError(f"{listing}: anno_id {entry['anno_id']} has no {pts} / {lab}; fix the list or the data")
+        pairs.append((pts, lab))
+    return pairs
+
+
+@register("point_part")
+class PointPartAdapter(_PointAdapterBase):
+    """Part segmentation: per-point labels, ``y [num_points]`` long, head -> ``[B, num_points, C]``.
+
+    Layouts (option ``layout``):
+
+    * ``"folders"`` (default): ``root/<split>/<category>/*.txt`` in ShapeNetPart's text format
+      (``x y z nx ny nz label`` per line); the category is the folder name.
+    * ``"shapenetpart"``: the official ``shapenetcore_partanno_segmentation_benchmark_v0_normal`` release,
+      ``root/train_test_split/shuffled_<split>_file_list.json`` listing ``shape_data/<synset>/<id>``, files
+      at ``root/<synset>/<id>.txt``; 50 part labels.
+    * ``"partnet"``: PartNet, one ``category`` at a time, see :func:`read_partnet`.
+
+    ``num_classes`` (part labels) defaults to 50 for ShapeNetPart, else it is read from the training files.
+    """
+
+    task = "segmentation"
+    metric = "miou"
+    defaults = {**_PointAdapterBase.defaults, "layout": "folders", "category": None, "num_classes": None,
+                "extensions": ("txt",)}
+    LAYOUTS = ("folders", "shapenetpart", "partnet")
+
+    def check_options(self) -> None:
+        super().check_options()
+        o = self.options
+        if o["layout"] not in self.LAYOUTS:
+            raise OptionError(f"PointPartAdapter: layout={o['layout']!r} is not one of {self.LAYOUTS}")
+        if o["layout"] == "partnet" and not o["category"]:
+            raise OptionError("PointPartAdapter: layout='partnet' needs category=<PartNet category>, e.g. 'Chair'")
+
+    def samples(self, split: str) -> list[tuple[Path, Path | None]]:
+        """``[(points_file, labels_file or None when the labels are the last column)]``."""
+        o = self.options
+        if o["layout"] == "partnet":
+            return read_partnet(self.root, o["category"], split)
+        if o["layout"] == "shapenetpart":
+            listing = self.root / "train_test_split" / f"shuffled_{split}_file_list.json"
+            if not listing.is_file():
+                raise LayoutError(f"ShapeNetPart split list {listing} not found (layout='shapenetpart')")
+            files = [self.root / Path(*Path(e).parts[1:]).with_suffix(".txt") for e in json.loads(listing.read_text())]
+            missing = [f for f in files if not f.is_file()]
+            if missing:
+                raise LayoutError(f"{listing} lists {len(missing)} missing files, e.g. {missing[0]}")
+            return [(f, None) for f in files]
+        folder = split_dir(self.root, split)
+        files = list_files(folder, o["extensions"])
+        if not files:
+            raise LayoutError(f"no {o['extensions']} files under {folder}/<category>/")
+        return [(f, None) for f in files]
+
+    def find_classes(self) -> list[str]:
+        o = self.options
+        if o["classes"]:
+            return list(o["classes"])
+        n = o["num_classes"] or (50 if o["layout"] == "shapenetpart" else None)
+        if n is None:  # read every training file once: set num_classes to skip this on big data sets
+            n = 1 + max(int(self.read(p, lab)[1].max()) for p, lab in self.samples(o["train_split"]))
+        return [str(i) for i in range(n)]
+
+    def read(self, points_file: Path, labels_file: Path | None) -> tuple[np.ndarray, np.ndarray]:
+        o = self.options
+        if labels_file is None:
+            return read_part_txt(points_file, o["in_chans"])
+        points = read_array(points_file)[:, : o["in_chans"]]
+        labels = np.loadtxt(labels_file, dtype=np.int64, ndmin=1)
+        if len(labels) != len(points):
+            raise UnreadableFileError(f"{labels_file}: {len(labels)} labels for {len(points)} points in {points_file}")
+        return points, labels
+
+    def build_dataset(self, split: str, train: bool) -> Dataset:
+        def load(path: Path, labels_file: Path | None, index: int) -> tuple[Tensor, Tensor]:
+            points, labels = self.read(path, labels_file)
+            if labels.min() < 0 or labels.max() >= self.num_classes:
+                raise LayoutError(f"{path}: part labels {labels.min()}..{labels.max()} outside 0..{self.num_classes - 1}; set num_classes")
+            return self.process(points, labels, train, index)
+
+        return FileDataset(self.samples(split), load, self)
+
+    def head(self, embed_dim: int) -> nn.Module:
+        return SegmentationHead(embed_dim, self.num_classes)

@@ -1,0 +1,96 @@
+"""Multichannel time series: the worked example of adding a modality in one file (docs/new-modality.md).
+
+Files ``root/<split>/<class>/*.npy`` (array ``[channels, length]``) or ``*.csv`` (one row per time step,
+one column per channel, an optional header). Each series is cropped (training: at random; evaluation:
+centred) or zero-padded to ``length``, and standardised per channel. Tokens come from
+:class:`TimeSeriesPatchTokenizer`, the shared :class:`~pathway.tokenizers.PatchTokenizer` on a 1-D grid
+(Conv1d ``proj`` over ``patch_size`` steps, MAE's sin-cos table by default).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from pathway.tokenizers import PatchTokenizer, Tokenizer
+
+from .base import Adapter, FileDataset, LayoutError, OptionError, UnreadableFileError
+from .layout import folder_classes, scan_class_folders, split_dir
+from .registry import register
+
+
+class TimeSeriesPatchTokenizer(PatchTokenizer):
+    """``[B, in_chans, length] -> tokens [B, length / patch_size, embed_dim]``."""
+
+    def __init__(self, length: int, patch_size: int, in_chans: int, embed_dim: int, pos_embed: str = "sincos") -> None:
+        super().__init__((length,), (patch_size,), in_chans, embed_dim, pos_embed=pos_embed)
+
+
+def read_series(path: Path) -> np.ndarray:
+    """``[channels, length]`` float32 from ``.npy`` (channels first) or ``.csv`` (time steps as rows)."""
+    if path.suffix.lower() == ".npy":
+        data = np.load(path, allow_pickle=False)
+        data = data[None] if data.ndim == 1 else data
+    else:
+        with path.open() as f:
+            header = f.readline()
+        has_header = any(c.isalpha() for c in header.replace("e", "").replace("E", ""))
+        data = np.loadtxt(path, delimiter=",", skiprows=int(has_header), ndmin=2).T
+    if data.ndim != 2 or data.shape[1] == 0 or not np.isfinite(data).all():
+        raise UnreadableFileError(f"{path}: expected a finite [channels, length] series, got shape {data.shape}")
+    return data.astype(np.float32)
+
+
+@register("timeseries")
+class TimeSeriesAdapter(Adapter):
+    task = "classification"
+    metric = "top1"
+    defaults = {
+        **Adapter.defaults,
+        "in_chans": 3,
+        "length": 128,  # steps after crop / pad; a multiple of patch_size
+        "patch_size": 16,
+        "pos_embed": "sincos",
+        "classes": None,
+        "train_split": "train",
+        "extensions": ("npy", "csv"),
+    }
+
+    def check_options(self) -> None:
+        o = self.options
+        if o["length"] % o["patch_size"]:
+            raise OptionError(f"TimeSeriesAdapter: length={o['length']} must be a multiple of patch_size={o['patch_size']}")
+
+    def find_classes(self) -> list[str]:
+        o = self.options
+        return folder_classes(self.root, o["classes"], o["train_split"], o["extensions"])
+
+    def build_dataset(self, split: str, train: bool) -> Dataset:
+        o = self.options
+        samples = scan_class_folders(split_dir(self.root, split), o["extensions"], self.classes)
+
+        def load(path: Path, label: int, index: int) -> tuple[Tensor, int]:
+            series = read_series(path)
+            if series.shape[0] != o["in_chans"]:
+                raise LayoutError(f"{path} has {series.shape[0]} channels but in_chans={o['in_chans']}; set in_chans")
+            return torch.from_numpy(self.fit_length(series, train)), label
+
+        return FileDataset(samples, load, self)
+
+    def fit_length(self, series: np.ndarray, train: bool) -> np.ndarray:
+        """Crop or zero-pad to ``length`` steps, then standardise each channel."""
+        n, have = self.options["length"], series.shape[1]
+        if have > n:
+            start = np.random.randint(0, have - n + 1) if train else (have - n) // 2
+            series = series[:, start : start + n]
+        mean, std = series.mean(axis=1, keepdims=True), series.std(axis=1, keepdims=True)
+        series = (series - mean) / np.maximum(std, 1e-6)
+        return np.pad(series, ((0, 0), (0, n - series.shape[1]))).astype(np.float32)
+
+    def tokenizer(self, embed_dim: int) -> Tokenizer:
+        o = self.options
+        return TimeSeriesPatchTokenizer(o["length"], o["patch_size"], o["in_chans"], embed_dim, o["pos_embed"])
