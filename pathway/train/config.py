@@ -71,7 +71,6 @@ class DataConfig:
     val_split: str = "val"  # split evaluated during and after training ("" = no evaluation)
     batch_size: int = 64  # per process and per micro-step; effective batch = batch_size * accum_steps * world_size
     num_workers: int = 4  # DataLoader workers (0 = load in the main process)
-    test_views: int = 1  # clips x crops per item at evaluation: eval items are [V, ...] stacks, logits averaged per item
     num_classes: int | None = None  # only for builds without the data (dry runs, inspect); else counted by the adapter
     demo: bool = False  # generate the embedded demo data at root when it is missing (pathway/train/demo_data.py)
 
@@ -112,13 +111,14 @@ class AuxConfig:
 class PathwayConfig:
     """Options passed to ``pathway.connect(target, aux, **options)`` (contracts.md section 1).
 
-    ``include`` defaults to the transformer blocks: tokenizers and heads of two modalities have
-    nothing to pair, which is also what the paper does.
+    ``segments`` defaults to the body (the repeated blocks): tokenizers and heads of two modalities
+    have nothing to pair, which is also what the paper does.
     """
 
     match: Literal["auto", "name", "graph"] = "auto"  # how target and aux layers are paired
     depth: Literal["equal", "uniform", "first", "last", "every_k", "reversed"] = "equal"  # block depth policy
-    include: list[str] = field(default_factory=lambda: [r"^blocks\."])  # regexes on target weight names
+    segments: list[str] = field(default_factory=lambda: ["body"])  # parts paired: "body" (blocks), "pre", "mid", "post"
+    include: list[str] = field(default_factory=list)  # regexes on target weight names (empty = all of the segments)
     exclude: list[str] = field(default_factory=list)  # regexes on target weight names (e.g. '\.mlp\.' = attn-only)
     pairs: dict[str, str] = field(default_factory=dict)  # explicit target-name -> aux-name overrides
     kinds: list[str] = field(default_factory=lambda: ["linear"])  # layer kinds: "linear", "conv"
@@ -129,6 +129,7 @@ class PathwayConfig:
     freeze_target: bool = False  # True: the paper's "fixed target" setting (only pathway trains)
     on_shape_mismatch: Literal["error", "skip"] = "error"  # what to do with pairs of different shapes
     allow_partial: bool = False  # accept target body layers left without a partner
+    tracer: Literal["auto", "fx", "runtime"] = "auto"  # how the core reads each model's graph
 
 
 @dataclass
@@ -225,10 +226,8 @@ class Recipe:
     def connect_options(self) -> dict[str, Any]:
         """Keyword arguments for ``pathway.connect`` / ``pathway.plan``."""
         opts = dataclasses.asdict(self.pathway)
-        opts["include"] = list(opts["include"]) or None
-        opts["exclude"] = list(opts["exclude"]) or None
-        opts["pairs"] = dict(opts["pairs"]) or None
-        opts["kinds"] = tuple(opts["kinds"])
+        for key in ("segments", "include", "exclude", "kinds"):
+            opts[key] = tuple(opts[key])
         return opts
 
 

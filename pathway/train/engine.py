@@ -147,12 +147,13 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def forward_views(model: nn.Module, x: Tensor, views: int) -> Tensor:
-    """Logits of items that stack ``views`` clips/crops as ``x [B, V, ...]``, averaged per item."""
-    if views == 1:
+def forward_views(model: nn.Module, x: Tensor, item_dims: int) -> Tensor:
+    """Logits per item. Evaluation items with one dimension more than training items stack views
+    (video: clips x crops, ``x [B, V, ...]``): every view goes through the model, logits are averaged."""
+    if x.dim() == item_dims + 1:
         return model(x)
-    logits = model(x.flatten(0, 1))
-    return average_views(logits, views)
+    views = x.shape[1]
+    return average_views(model(x.flatten(0, 1)), views)
 
 
 class JsonlLog:
@@ -197,8 +198,11 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, ctx: Context, metric: str, task: str, views: int = 1) -> dict[str, float]:
-    """The adapter's metric over ``loader`` (every rank's share gathered), plus the mean loss."""
+def evaluate(model: nn.Module, loader, ctx: Context, metric: str, task: str, item_dims: int) -> dict[str, float]:
+    """The adapter's metric over ``loader`` (every rank's share gathered), plus the mean loss.
+
+    ``item_dims``: dimensions of one training item (``x.dim()`` without the batch), to recognise
+    multi-view evaluation items."""
     was_training = model.training
     model.eval()
     acc = MetricAccumulator(metric)
@@ -206,7 +210,7 @@ def evaluate(model: nn.Module, loader, ctx: Context, metric: str, task: str, vie
     for x, y in loader:
         x, y = to_device(x, ctx.device), to_device(y, ctx.device)
         with pathway.cached(), ctx.autocast():
-            logits = forward_views(model, x, views)
+            logits = forward_views(model, x, item_dims)
         loss_sum += compute_loss(logits, y, task).item() * y.shape[0]
         n += y.shape[0]
         acc.add(logits, y)
@@ -274,7 +278,9 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
     if ctx.main and not resume and ckpt.list_checkpoints(ckpt_dir):
         raise FileExistsError(f"{run_dir} already holds checkpoints; pass --resume to continue it, "
                               f"or choose another output.name / output.dir")
-    model, report = build_model(recipe, adapter, log=ctx.log)
+    example = train_set[0][0][None]  # the core reads both graphs on a real input
+    item_dims = example.dim() - 1
+    model, report = build_model(recipe, adapter, example=example, log=ctx.log)
     if report is not None:
         ctx.log(str(report))
     model.to(ctx.device)
@@ -402,9 +408,9 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
         if position >= steps_per_epoch * o.accum_steps:  # the epoch is complete
             epoch, position = epoch + 1, 0
         if val_loader is not None and (epoch % t.eval_every == 0 or step >= total_steps):
-            last_eval = evaluate(net, val_loader, ctx, adapter.metric, adapter.task, recipe.data.test_views)
+            last_eval = evaluate(net, val_loader, ctx, adapter.metric, adapter.task, item_dims)
             if ema is not None:
-                ema_eval = evaluate(ema.module, val_loader, ctx, adapter.metric, adapter.task, recipe.data.test_views)
+                ema_eval = evaluate(ema.module, val_loader, ctx, adapter.metric, adapter.task, item_dims)
                 last_eval.update({f"ema_{k}": v for k, v in ema_eval.items()})
             log.write(kind="eval", step=step, epoch=epoch, **last_eval)
             ctx.log(f"eval step {step} epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
@@ -417,13 +423,13 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
     # -- fold and export ----------------------------------------------------------------------------
     result: dict[str, Any] = {"step": step, "metrics": last_eval, "run_dir": str(run_dir)}
     if ctx.main:
-        result.update(finish(model, recipe, adapter, val_set or train_set, ctx, log, lam_log))
+        result.update(finish(model, recipe, adapter, val_set or train_set, item_dims, ctx, log, lam_log))
     ctx.barrier()
     return result
 
 
-def finish(model: TransformerModel, recipe: Recipe, adapter, check_set, ctx: Context, log: JsonlLog,
-           lam_log: JsonlLog) -> dict[str, Any]:
+def finish(model: TransformerModel, recipe: Recipe, adapter, check_set, example_dims: int, ctx: Context,
+           log: JsonlLog, lam_log: JsonlLog) -> dict[str, Any]:
     """Fold, check, save the folded model, write CSVs and plots (rank 0)."""
     from torch.utils.data import DataLoader
 
@@ -434,8 +440,8 @@ def finish(model: TransformerModel, recipe: Recipe, adapter, check_set, ctx: Con
     if pathway.is_connected(model):
         x, _ = next(iter(DataLoader(check_set, batch_size=min(8, len(check_set)))))
         x = to_device(x, ctx.device)
-        if recipe.data.test_views > 1 and x.dim() > 1:
-            x = x.flatten(0, 1)
+        if x.dim() == example_dims + 2:  # multi-view evaluation items: check on the views
+            x = x.flatten(0, 1)[:8]
         out["fold_max_abs_diff"] = fold_and_check(model, x, ctx)
         ctx.log(f"fold: max |folded - connected| on a batch of {x.shape[0]}: {out['fold_max_abs_diff']:.3g}")
     out.update(save_folded(model, adapter, run_dir, log=ctx.log))

@@ -186,11 +186,12 @@ def init_from_checkpoint(model: nn.Module, path: str | Path, fmt: str = "auto", 
     return f"{path.name} (format {report.format}): {len(report.loaded)} tensors loaded, left at init {report.left_at_init or 'none'}"
 
 
-def build_model(recipe: Recipe, adapter: Adapter | None = None, *, log=print) -> tuple[TransformerModel, Any]:
+def build_model(recipe: Recipe, adapter: Adapter | None = None, *, example: Tensor | None = None,
+                log=print) -> tuple[TransformerModel, Any]:
     """Target model (initialised from ``model.checkpoint``), connected to the aux model when ``aux.enabled``.
 
+    ``example``: one input batch for the core to read both graphs with (default: what it derives).
     Returns ``(model, report)``; report is ``pathway.connect``'s Report, or None for the baseline.
-    Build on the meta device by calling this under ``with torch.device("meta"):`` (dry runs).
     """
     import pathway
 
@@ -205,5 +206,6 @@ def build_model(recipe: Recipe, adapter: Adapter | None = None, *, log=print) ->
         log("aux body: " + init_from_checkpoint(aux, recipe.aux.checkpoint, recipe.aux.checkpoint_format, body_only=True))
     else:
         log("aux body: random init (no aux.checkpoint)")
-    report = pathway.connect(model, aux, **recipe.connect_options())
+    inputs = {} if example is None else {"target_inputs": example, "aux_inputs": example}
+    report = pathway.connect(model, aux, **recipe.connect_options(), **inputs)
     return model, report

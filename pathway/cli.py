@@ -1,0 +1,193 @@
+"""The ``pathway`` command (also ``python -m pathway``): train, eval, fold, pretrain, inspect, demo-data.
+
+Every command that takes a recipe accepts ``--set section.key=value`` (repeatable, YAML values) and
+``--dry-run``. Errors a user can fix (recipe, data, checkpoint) print one message and exit 2,
+without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+EPILOG = """examples:
+  pathway train recipes/demo/image.yaml
+  pathway train recipes/demo/image.yaml --set train.epochs=1 --set optim.blr=2e-3
+  pathway train recipes/paper/image_point.yaml --dry-run      # check a recipe, print the pairs and the plan
+  torchrun --nproc-per-node 8 -m pathway train RECIPE            # DDP
+  pathway train RECIPE --resume                                 # continue from the last checkpoint
+  pathway pretrain recipes/demo/point_mae.yaml                   # MAE encoder, usable as aux.checkpoint
+  pathway eval RECIPE --weights runs/NAME/model.safetensors
+  pathway fold runs/NAME/checkpoints/ckpt-00000100.pt -o folded.safetensors
+  pathway inspect RECIPE                                         # connect report, target vs aux
+  pathway inspect timm:vit_small_patch16_224 timm:vit_small_patch16_224
+
+Recipes are YAML over typed defaults (pathway/train/config.py, docs/training.md)."""
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", type=Path, help="recipe YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set train.epochs=3 (repeatable; values are YAML)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pathway",
+        description="Multimodal Pathway: train a transformer with the weights of another modality's transformer "
+                    "(W + lambda * W_aux), then fold the pathway away.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a recipe (fine-tune with a pathway, fold, export)",
+                       description="Train a recipe: connect target and aux, train, fold the pathway into the "
+                                   "target, check and save the folded model, metrics and plots.")
+    _add_recipe_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the newest readable checkpoint of the run folder")
+    p.add_argument("--dry-run", action="store_true", help="validate, build on the meta device, print pairs and plan, exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and metrics files only)")
+
+    p = sub.add_parser("pretrain", help="MAE-pretrain an encoder for any adapter (an aux model for the demos)",
+                       description="Masked-autoencoder pretraining on the recipe's data; writes encoder.safetensors.")
+    _add_recipe_args(p)
+    p.add_argument("--dry-run", action="store_true", help="validate and print the plan, exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("eval", help="evaluate weights on the recipe's validation split",
+                       description="Evaluate a folded model file (model.safetensors) or a training checkpoint.")
+    _add_recipe_args(p)
+    p.add_argument("--weights", type=Path, required=True,
+                   help="model.safetensors written by train (folded), or a checkpoints/ckpt-*.pt")
+    p.add_argument("--split", default=None, help="split to evaluate (default: data.val_split)")
+
+    p = sub.add_parser("fold", help="fold the pathways of a training checkpoint into a plain model file",
+                       description="Rebuild the connected model from a training checkpoint (its recipe is inside), "
+                                   "fold every pathway, save safetensors in TransformerModel keys.")
+    p.add_argument("checkpoint", type=Path, help="checkpoints/ckpt-*.pt of a run")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output .safetensors file")
+
+    p = sub.add_parser("inspect", help="connect report for a recipe's target and aux, or two timm models",
+                       description="Print what pathway.connect would pair (pathway.plan; nothing is changed). "
+                                   "Give one recipe, or two models as timm:NAME.")
+    p.add_argument("models", nargs="+", metavar="RECIPE | timm:NAME", help="a recipe, or two timm model names")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe override (pathway.* options apply to timm models too)")
+
+    p = sub.add_parser("demo-data", help="write the embedded demo data of one modality",
+                       description="Generate the small on-disk data set the demo recipes use.")
+    p.add_argument("adapter", help="image | point | audio | video | timeseries")
+    p.add_argument("root", type=Path, help="output folder")
+    return parser
+
+
+def _cmd_train(args) -> int:
+    from .train.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        import os
+
+        from .train.dryrun import dry_run
+
+        print(dry_run(recipe, world=int(os.environ.get("WORLD_SIZE", "1"))))
+        return 0
+    from .train.engine import train
+
+    result = train(recipe, resume=args.resume, progress=not args.no_progress)
+    if result.get("metrics"):
+        print("final: " + ", ".join(f"{k} {v:.4g}" for k, v in result["metrics"].items()))
+    return 0
+
+
+def _cmd_pretrain(args) -> int:
+    from .train.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        from .train.dryrun import dry_run
+
+        print(dry_run(recipe, pretrain=True))
+        return 0
+    from .train.pretrain import pretrain
+
+    pretrain(recipe, progress=not args.no_progress)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .train.config import check_data, load_recipe
+    from .train.evaluate import evaluate_weights
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    check_data(recipe)
+    metrics = evaluate_weights(recipe, args.weights, split=args.split)
+    print(", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    return 0
+
+
+def _cmd_fold(args) -> int:
+    from .train.evaluate import fold_checkpoint
+
+    print(fold_checkpoint(args.checkpoint, args.output))
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    import pathway
+
+    from .train.config import load_recipe
+
+    if len(args.models) == 1:
+        from .train.dryrun import dry_run
+
+        print(dry_run(load_recipe(Path(args.models[0]), args.overrides)))
+        return 0
+    if len(args.models) != 2 or not all(m.startswith("timm:") for m in args.models):
+        raise SystemExit("pathway inspect: give one recipe, or two models as timm:NAME timm:NAME")
+    import timm
+    import torch
+
+    from .train.config import parse_overrides, recipe_from_dict
+
+    opts = recipe_from_dict(parse_overrides(args.overrides), "--set").connect_options()
+    with torch.device("meta"):
+        target, aux = (timm.create_model(m.removeprefix("timm:"), pretrained=False) for m in args.models)
+    print(pathway.plan(target, aux, **opts))
+    return 0
+
+
+def _cmd_demo_data(args) -> int:
+    from .train.demo_data import make_demo_data
+
+    print(make_demo_data(args.adapter, args.root))
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "pretrain": _cmd_pretrain, "eval": _cmd_eval, "fold": _cmd_fold,
+            "inspect": _cmd_inspect, "demo-data": _cmd_demo_data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import pathway
+    from pathway.adapters.base import AdapterError
+
+    from .train.checkpoint import CheckpointError
+    from .train.config import RecipeError
+    from .train.engine import NonFiniteLossError
+
+    user_errors = (RecipeError, CheckpointError, AdapterError, pathway.PathwayError, NonFiniteLossError,
+                   FileNotFoundError, FileExistsError)
+    try:
+        return COMMANDS[args.command](args)
+    except user_errors as err:
+        print(f"pathway {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

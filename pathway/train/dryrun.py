@@ -1,0 +1,112 @@
+"""``--dry-run``: check a recipe end to end without training, and say what the run would do.
+
+Validates the schema and the adapter, builds target and aux on the meta device (no memory, no
+weights; on the CPU if some part cannot run on meta), prints ``pathway.plan``'s report (the
+pairs ``connect`` would make, changing nothing) and the run plan: data sizes when the data is
+there, steps, warm-up, effective batch, lr. Missing data or checkpoint files are listed as
+problems a real run would stop on, not errors here, so paper recipes can be checked anywhere. The
+embedded demo data (`data.demo: true`) is made if missing: it takes a second.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import Recipe, check_adapter
+from .model import build_adapter, build_transformer
+from .optim import base_lr
+
+__all__ = ["dry_run"]
+
+
+def _build_pair(recipe: Recipe, adapter, device: str):
+    with torch.device(device):
+        target = build_transformer(recipe, adapter)
+        aux = build_transformer(recipe, adapter, aux=True) if recipe.aux.enabled else None
+    return target, aux
+
+
+def example_input(adapter, has_data: bool, split: str):
+    """One input batch for the core to read the graphs: the adapter's ``example_input()`` if it has one,
+    else the first training item, else None (the core derives one)."""
+    if hasattr(adapter, "example_input"):
+        return adapter.example_input()[None]
+    if has_data:
+        return adapter.dataset(split, train=True)[0][0][None]
+    return None
+
+
+def _plan(target, aux, recipe: Recipe, example, device: str):
+    import pathway
+
+    inputs = {}
+    if example is not None:
+        example = example.to(device)
+        inputs = {"target_inputs": example, "aux_inputs": example}
+    return pathway.plan(target, aux, **recipe.connect_options(), **inputs)
+
+
+def dry_run(recipe: Recipe, *, world: int = 1, pretrain: bool = False) -> str:
+    """The report text; raises RecipeError (or the core's PathwayError) for what would stop a run."""
+    check_adapter(recipe)
+    lines = [f"recipe {recipe.source}" + (f": {recipe.description}" if recipe.description else "")]
+    problems = []
+    root = recipe.data.root
+    if recipe.data.demo and root:  # the demo data is small and made in a second: make it, then check for real
+        from .demo_data import make_demo_data
+
+        make_demo_data(recipe.data.adapter, root)
+    has_data = bool(root) and Path(root).exists()
+    if not has_data:
+        problems.append(f"data.root {root or '(empty)'} does not exist")
+    for key, path in (("model.checkpoint", recipe.model.checkpoint), ("aux.checkpoint", recipe.aux.checkpoint)):
+        if path and not Path(path).is_file():
+            problems.append(f"{key} {path} does not exist")
+    adapter = build_adapter(recipe, need_data=False)
+    lines.append(f"adapter {adapter.name}: task {adapter.task}, metric {adapter.metric}, {adapter.num_classes} classes"
+                 + ("" if has_data else " (data-less spec)"))
+
+    example = example_input(adapter, has_data, recipe.data.train_split)
+    device = "meta"
+    try:
+        target, aux = _build_pair(recipe, adapter, device)
+        report = _plan(target, aux, recipe, example, device) if aux is not None and not pretrain else None
+    except (NotImplementedError, RuntimeError):  # an op without a meta kernel: build for real on the CPU
+        device = "cpu"
+        target, aux = _build_pair(recipe, adapter, device)
+        report = _plan(target, aux, recipe, example, device) if aux is not None and not pretrain else None
+    n_params = sum(p.numel() for p in target.parameters())
+    lines.append(f"target: TransformerModel D={recipe.model.embed_dim} depth={recipe.model.depth} "
+                 f"heads={recipe.model.num_heads}, {n_params / 1e6:.2f}M parameters (built on {device})"
+                 + (f", init {recipe.model.checkpoint}" if recipe.model.checkpoint else ", random init"))
+    if pretrain:
+        p = recipe.pretrain
+        lines.append(f"MAE pretraining: mask {p.mask_ratio}, decoder {p.decoder_depth} x {p.decoder_dim} "
+                     f"({p.decoder_heads} heads), loss {target.tokenizer.reconstruction_loss}")
+    elif aux is None:
+        lines.append("aux: disabled (baseline run without a pathway)")
+    else:
+        lines.append(f"aux: body of {recipe.aux.checkpoint or 'a random init'}"
+                     + (f" ({recipe.aux.adapter} model)" if recipe.aux.adapter else ""))
+        lines.append(str(report))
+
+    o, t = recipe.optim, recipe.train
+    batch = recipe.data.batch_size * o.accum_steps * world
+    if has_data:
+        n_train = len(adapter.dataset(recipe.data.train_split, train=True))
+        steps = n_train // world // recipe.data.batch_size // o.accum_steps
+        total = t.epochs * steps if t.max_steps is None else min(t.max_steps, t.epochs * steps)
+        lines.append(f"data: {n_train} training items -> {steps} steps per epoch, {total} steps in all, "
+                     f"warm-up {round(o.warmup_epochs * steps)} steps")
+    else:
+        lines.append(f"data: not present; {t.epochs} epochs, warm-up {o.warmup_epochs} epochs")
+    lines.append(f"optim: AdamW lr {base_lr(recipe, batch):.3g} (effective batch {batch} = {recipe.data.batch_size} x "
+                 f"{o.accum_steps} accum x {world} processes), wd {o.weight_decay}, layer decay {o.layer_decay}, "
+                 f"lambda lr {o.lambda_lr or 'same'}, clip {o.clip_grad}")
+    lines.append(f"train: amp {t.amp}, mixup {t.mixup}, cutmix {t.cutmix}, smoothing {t.label_smoothing}, "
+                 f"drop path {recipe.model.drop_path}, ema {t.ema}; outputs in {recipe.run_dir}")
+    if problems:
+        lines.append("a real run would stop on: " + "; ".join(problems))
+    return "\n".join(lines)
