@@ -87,7 +87,6 @@ class Adapter:
         self.check_options()
         # Shared memory so that skips inside DataLoader worker processes are counted here too.
         self._skipped = multiprocessing.Value("i", 0)
-        self._warned: set[str] = set()
 
     @property
     def skipped(self) -> int:
@@ -118,21 +117,22 @@ class Adapter:
         return ClassificationHead(embed_dim, self.num_classes)
 
     def record_skip(self, path: Path, error: BaseException) -> None:
+        """Count one unreadable file and warn about it (callers report each file once)."""
         with self._skipped.get_lock():
             self._skipped.value += 1
-        if str(path) not in self._warned:
-            self._warned.add(str(path))
-            warnings.warn(
-                f"{type(self).__name__}: skipping unreadable file {path} ({type(error).__name__}: {error}); "
-                f"pass strict=True to stop on it instead",
-                stacklevel=3,
-            )
+        warnings.warn(
+            f"{type(self).__name__}: skipping unreadable file {path} ({type(error).__name__}: {error}); "
+            f"pass strict=True to stop on it instead",
+            stacklevel=3,
+        )
 
 
 class FileDataset(Dataset):
     """Items ``load(path, label, index) -> (x, y)`` over a list of ``(path, label)``, skipping unreadable files.
 
     ``index`` lets evaluation transforms be deterministic per sample (e.g. seeded point sampling).
+    A file that failed once is marked in shared memory, so that it is counted and warned about once
+    and never decoded again, whichever worker meets it.
     """
 
     def __init__(
@@ -146,6 +146,7 @@ class FileDataset(Dataset):
         self.samples = samples
         self.load = load
         self.adapter = adapter
+        self._bad = multiprocessing.Array("b", len(samples))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -153,6 +154,8 @@ class FileDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, Any]:
         for step in range(len(self.samples)):
             i = (index + step) % len(self.samples)
+            if self._bad[i]:
+                continue
             path, label = self.samples[i]
             try:
                 return self.load(path, label, i)
@@ -163,5 +166,9 @@ class FileDataset(Dataset):
                     if isinstance(error, UnreadableFileError):
                         raise
                     raise UnreadableFileError(f"cannot read {path}: {type(error).__name__}: {error}") from error
-                self.adapter.record_skip(path, error)
+                with self._bad.get_lock():
+                    first = not self._bad[i]
+                    self._bad[i] = 1
+                if first:
+                    self.adapter.record_skip(path, error)
         raise UnreadableFileError(f"{type(self.adapter).__name__}: none of the {len(self.samples)} files could be read")

@@ -151,3 +151,334 @@ def test_spec_builds_tokenizer_and_head_without_data():
         ad.dataset("train", True)
     with pytest.raises(OptionError, match="in_chans"):
         adapters.get("image").spec(10, in_chans=4)
+
+
+# ---------------------------------------------------------------- audio
+
+
+def kaldi_fbank_reference(wave: np.ndarray, sr: int = 16000, bins: int = 128) -> np.ndarray:
+    """Kaldi's compute-fbank-feats steps, written from its documentation with numpy loops (float64)."""
+    win, shift, nfft = 400, 160, 512
+    if len(wave) < win:
+        wave = np.pad(wave, (0, win - len(wave)))
+    mel = lambda f: 1127.0 * np.log(1.0 + f / 700.0)  # noqa: E731
+    lo, hi = mel(20.0), mel(sr / 2)
+    step = (hi - lo) / (bins + 1)
+    fb = np.zeros((bins, nfft // 2 + 1))
+    for m in range(bins):
+        left, centre, right = lo + m * step, lo + (m + 1) * step, lo + (m + 2) * step
+        for k in range(nfft // 2):
+            z = mel(k * sr / nfft)
+            if left < z < right:
+                fb[m, k] = (z - left) / (centre - left) if z <= centre else (right - z) / (right - centre)
+    window = np.array([0.5 - 0.5 * np.cos(2 * np.pi * i / (win - 1)) for i in range(win)])
+    rows = []
+    for t in range(1 + (len(wave) - win) // shift):
+        frame = wave[t * shift : t * shift + win].astype(np.float64)
+        frame = frame - frame.mean()
+        frame = np.concatenate([[frame[0] - 0.97 * frame[0]], frame[1:] - 0.97 * frame[:-1]])
+        power = np.abs(np.fft.rfft(frame * window, nfft)) ** 2
+        rows.append(np.log(np.maximum(fb @ power, np.finfo(np.float32).eps)))
+    return np.array(rows)
+
+
+@pytest.fixture
+def audio_root(tmp_path: Path) -> Path:
+    mf.write_audio(tmp_path / "clips" / "a.wav", freq=440)
+    mf.write_audio(tmp_path / "clips" / "b.flac", freq=880, sr=22050, channels=2)  # resampled, down-mixed
+    mf.write_audio(tmp_path / "clips" / "c.ogg", freq=1500, seconds=0.5)
+    mf.write_audio(tmp_path / "clips" / "tiny.wav", seconds=0.01)  # shorter than one 25 ms window
+    (tmp_path / "train.csv").write_text(
+        'path,labels\nclips/a.wav,"/m/speech,/m/music"\nclips/b.flac,/m/music\nclips/c.ogg,/m/dog;/m/speech\nclips/tiny.wav,/m/dog\n'
+    )
+    (tmp_path / "class_labels_indices.csv").write_text(
+        "index,mid,display_name\n0,/m/speech,Speech\n1,/m/music,Music\n2,/m/dog,Dog\n3,/m/cat,Cat\n"
+    )
+    return tmp_path
+
+
+def test_kaldi_fbank_matches_reference():
+    import soundfile as sf
+
+    from pathway.adapters.audio import kaldi_fbank
+
+    wave = np.random.default_rng(0).standard_normal(16000 // 4).astype(np.float32) * 0.3
+    ours = kaldi_fbank(torch.from_numpy(wave)).numpy()
+    ref = kaldi_fbank_reference(wave)
+    assert ours.shape == ref.shape == (1 + (4000 - 400) // 160, 128)
+    np.testing.assert_allclose(ours, ref, atol=2e-3, rtol=1e-4)
+    assert kaldi_fbank(torch.zeros(100)).shape == (1, 128)  # padded to one window
+
+
+def test_audio_adapter_multilabel_manifest(audio_root: Path):
+    import librosa
+
+    from pathway.adapters.audio import AUDIOSET_MEAN, AUDIOSET_STD, kaldi_fbank
+
+    ad = adapters.get("audio")(audio_root, target_length=128, freqm=8, timem=16)
+    assert ad.classes == ["/m/speech", "/m/music", "/m/dog", "/m/cat"] and (ad.task, ad.metric) == ("multilabel", "map")
+    items, _ = read_all(ad.dataset("train", train=False))
+    assert [y.tolist() for _, y in items] == [[1, 1, 0, 0], [0, 1, 0, 0], [1, 0, 1, 0], [0, 0, 1, 0]]
+    assert all(x.shape == (1, 128, 128) for x, _ in items)
+    # the adapter's steps against a direct computation: librosa at 16 kHz mono, mean removed, fbank, pad, normalise
+    wave, _ = librosa.load(str(audio_root / "clips" / "b.flac"), sr=16000, mono=True)
+    fb = kaldi_fbank_reference(wave - wave.mean())  # 1 s: 98 frames, the rest is padding
+    np.testing.assert_allclose(items[1][0][0, : len(fb)].numpy(), (fb - AUDIOSET_MEAN) / (2 * AUDIOSET_STD), atol=1e-3)
+    short = items[2][0][0]  # 0.5 s = 48 frames, then zero padding (before normalisation, as AudioMAE)
+    torch.testing.assert_close(short[48:], torch.full((80, 128), -AUDIOSET_MEAN / (2 * AUDIOSET_STD)))
+    assert items[3][0].shape == (1, 128, 128)  # 10 ms clip padded to one window
+    train_x = ad.dataset("train", train=True)[0][0][0]
+    masked = train_x == -AUDIOSET_MEAN / (2 * AUDIOSET_STD)
+    assert masked.any(dim=0).sum() <= 8 + 1 or masked.any(dim=1).sum() >= 1
+    tok = ad.tokenizer(16)
+    out = tok.encode(torch.stack([x for x, _ in items]))
+    assert out.tokens.shape == (4, 64, 16) and ad.head(16)(out.tokens, out).shape == (4, 4)
+
+
+def test_audio_adapter_folders_bad_files_and_errors(tmp_path: Path, audio_root: Path):
+    for i in range(3):
+        mf.write_audio(tmp_path / "f" / "train" / "tone" / f"{i}.wav", freq=300 + 100 * i)
+    mf.corrupt(mf.write_audio(tmp_path / "f" / "train" / "tone" / "empty.wav"), "empty")
+    mf.corrupt(mf.write_audio(tmp_path / "f" / "train" / "tone" / "garbage.flac"), "garbage")
+    mf.corrupt(mf.write_audio(tmp_path / "f" / "train" / "tone" / "cut.flac"), "truncated")
+    ad = adapters.get("audio")(tmp_path / "f", target_length=64)
+    items, messages = read_all(ad.dataset("train", False))
+    assert len(items) == 6 and ad.skipped == 3 and ad.num_classes == 1
+    assert all(any(name in m for m in messages) for name in ("empty.wav", "garbage.flac", "cut.flac"))
+    (audio_root / "val.csv").write_text("path,labels\nclips/a.wav,/m/speech\nclips/missing.wav,/m/dog\n")
+    with pytest.raises(LayoutError, match=r"line 3: 'clips/missing.wav' points to .*does not exist"):
+        adapters.get("audio")(audio_root).dataset("val", False)
+    (audio_root / "val.csv").write_text("path,labels\nclips/a.wav,/m/horse\n")
+    with pytest.raises(LayoutError, match=r"\['/m/horse'\] not in the class list"):
+        adapters.get("audio")(audio_root).dataset("val", False)
+    with pytest.raises(OptionError, match="multiple of patch_size"):
+        adapters.get("audio")(audio_root, target_length=100)
+
+
+# ---------------------------------------------------------------- point clouds
+
+
+@pytest.fixture
+def point_root(tmp_path: Path) -> Path:
+    for i, ext in enumerate(("ply", "pcd", "xyz", "xyzn", "pts", "npy", "txt")):
+        mf.write_point_cloud(tmp_path / "train" / "blob" / f"{i}.{ext}", n=512, seed=i, normals=True)
+    for ext in ("obj", "off", "stl"):
+        mf.write_mesh(tmp_path / "train" / "box" / f"m.{ext}")
+    mf.write_point_cloud(tmp_path / "train" / "box" / "few.npy", n=20, seed=9)  # fewer points than a group
+    return tmp_path
+
+
+def test_point_adapter_reads_every_format(point_root: Path):
+    from pathway.adapters.point import read_points
+
+    ad = adapters.get("point")(point_root, num_points=256, num_groups=16, group_size=32)
+    ds = ad.dataset("train", train=False)
+    items, messages = read_all(ds)
+    assert len(items) == 11 and ad.skipped == 0 and not messages
+    for (x, y), (path, label) in zip(items, ds.samples):
+        assert x.shape == (256, 3) and y == label
+        torch.testing.assert_close(x.mean(0), torch.zeros(3), atol=0.15, rtol=0)  # centred on the sample
+        assert 0.9 < float(x.norm(dim=1).max()) <= 1.0 + 1e-5  # inside the unit sphere
+    # values: the ply file's points, normalised, are the adapter's (evaluation sampling is a subset)
+    raw = read_points(point_root / "train" / "blob" / "0.ply")
+    assert raw.shape == (512, 3)
+    np.testing.assert_allclose(raw, mf.sphere_points(512, 0), atol=1e-5)
+    few = dict(zip([p.name for p, _ in ds.samples], items))["few.npy"][0]
+    assert len(torch.unique(few, dim=0)) == 20  # resampled with replacement up to 256 points
+    assert torch.equal(ds[0][0], ds[0][0])  # evaluation sampling is deterministic
+    tok = ad.tokenizer(32)
+    out = tok.encode(torch.stack([x for x, _ in items]))
+    assert out.tokens.shape == (11, 16, 32) and ad.head(32)(out.tokens, out).shape == (11, 2)
+
+
+def test_point_adapter_normals_and_augmentation(point_root: Path):
+    ad = adapters.get("point")(point_root, num_points=128, num_groups=8, group_size=8, in_chans=6, rotate=True,
+                               extensions=("ply", "pcd", "xyzn", "obj", "off", "stl"))
+    x, _ = ad.dataset("train", train=True)[0]
+    assert x.shape == (128, 6)
+    torch.testing.assert_close(x[:, 3:].norm(dim=1), torch.ones(128))  # normals stay unit length
+    assert ad.tokenizer(16).first_conv[0].weight.shape == (128, 6, 1)
+    with pytest.raises(LayoutError, match="has no normals"):
+        adapters.get("point")(point_root, in_chans=6, extensions=("xyz",), strict=True).dataset("train", False)[0]
+    with pytest.raises(OptionError, match="num_points=16 must be at least group_size=32"):
+        adapters.get("point")(point_root, num_points=16)
+
+
+@pytest.mark.parametrize("how", ["empty", "truncated", "garbage"])
+def test_point_adapter_skips_broken_files(point_root: Path, how: str):
+    bad = [mf.corrupt(point_root / "train" / "blob" / name, how) for name in ("0.ply", "1.pcd", "5.npy")]
+    if how != "truncated":  # the first third of an OBJ text is still a (smaller) valid mesh
+        bad.append(mf.corrupt(point_root / "train" / "box" / "m.obj", how))
+    ad = adapters.get("point")(point_root, num_points=64, num_groups=8, group_size=8)
+    items, messages = read_all(ad.dataset("train", True))
+    assert len(items) == 11 and ad.skipped == len(bad)
+    assert all(sum(str(p) in m for m in messages) == 1 for p in bad)
+    with pytest.raises(UnreadableFileError, match="0.ply"):
+        adapters.get("point")(point_root, num_points=64, num_groups=8, group_size=8, strict=True).dataset("train", True)[0]
+
+
+def test_point_part_segmentation(tmp_path: Path):
+    for i in range(2):
+        mf.write_part_txt(tmp_path / "train" / "chair" / f"{i}.txt", n=200, seed=i, labels=(0, 1))
+        mf.write_part_txt(tmp_path / "train" / "lamp" / f"{i}.txt", n=300, seed=10 + i, labels=(2, 3))
+    ad = adapters.get("point_part")(tmp_path, num_points=256, num_groups=16, group_size=16, in_chans=6)
+    assert (ad.task, ad.metric, ad.num_classes) == ("segmentation", "miou", 4)
+    items, _ = read_all(ad.dataset("train", train=False))
+    x, y = items[0]
+    assert x.shape == (256, 6) and y.shape == (256,) and y.dtype == torch.long
+    # labels travel with their points: upper half of the cloud is label 1 in the file
+    raw = np.loadtxt(ad.dataset("train", False).samples[0][0])
+    upper = x[:, 2] > np.median(raw[:, 2] - raw[:, :3].mean(0)[2]) / np.linalg.norm(raw[:, :3] - raw[:, :3].mean(0), axis=1).max() + 0.05
+    assert set(y[upper].tolist()) <= {1}
+    tok, head = ad.tokenizer(32), ad.head(32)
+    batch = torch.stack([x for x, _ in items])
+    out = tok.encode(batch)
+    logits = head(out.tokens, out)
+    assert logits.shape == (4, 256, 4)
+    logits.sum().backward()
+
+
+def test_segmentation_head_interpolates_from_three_nearest_centres():
+    from pathway.adapters.heads import SegmentationHead
+    from pathway.tokenizers import TokenizerOutput
+    from pathway.tokenizers.point_group import interpolate_to_points
+
+    centers = torch.tensor([[[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [5, 5, 5]]])
+    feats = torch.tensor([[[1.0], [2.0], [3.0], [100.0]]])
+    points = torch.tensor([[[0.0, 0, 0], [0.5, 0, 0]]])
+    got = interpolate_to_points(points, centers, feats)
+    w = 1 / (torch.tensor([0.0, 1, 1]) + 1e-8)
+    expect0 = (w * torch.tensor([1.0, 2, 3])).sum() / w.sum()
+    w = 1 / torch.tensor([0.25, 0.25, 1.25])
+    expect1 = (w * torch.tensor([1.0, 2, 3])).sum() / w.sum()
+    torch.testing.assert_close(got[0, :, 0], torch.stack([expect0, expect1]))
+    head = SegmentationHead(1, 3)
+    out = TokenizerOutput(feats, feats, feats, {"centers": centers, "points": points})
+    with_cls = torch.cat([torch.zeros(1, 1, 1), feats], dim=1)
+    torch.testing.assert_close(head(with_cls, out), head(feats, out))  # a class token is ignored
+    with pytest.raises(ValueError, match="centers"):
+        head(feats, TokenizerOutput(feats, feats, feats, {}))
+
+
+def test_partnet_reader(tmp_path: Path):
+    import json
+
+    from pathway.adapters.point import read_partnet
+
+    split = tmp_path / "stats" / "train_val_test_split"
+    split.mkdir(parents=True)
+    (split / "Chair.train.json").write_text(json.dumps([{"anno_id": "17", "model_id": "x"}]))
+    folder = tmp_path / "data_v0" / "17" / "point_sample"
+    folder.mkdir(parents=True)
+    np.savetxt(folder / "pts-10000.txt", mf.sphere_points(300))
+    np.savetxt(folder / "label-10000.txt", np.arange(300) % 3, fmt="%d")
+    assert read_partnet(tmp_path, "Chair", "train") == [(folder / "pts-10000.txt", folder / "label-10000.txt")]
+    ad = adapters.get("point_part")(tmp_path, layout="partnet", category="Chair", num_points=128, num_groups=8, group_size=8)
+    x, y = ad.dataset("train", False)[0]
+    assert ad.num_classes == 3 and x.shape == (128, 3) and set(y.tolist()) == {0, 1, 2}
+    with pytest.raises(LayoutError, match="Chair.val.json"):
+        ad.dataset("val", False)
+    with pytest.raises(OptionError, match="category"):
+        adapters.get("point_part")(tmp_path, layout="partnet")
+
+
+# ---------------------------------------------------------------- video
+
+
+@pytest.fixture
+def video_root(tmp_path: Path) -> Path:
+    mf.write_video(tmp_path / "train" / "up" / "a.mp4", frames=8, seed=1)
+    mf.write_video(tmp_path / "train" / "up" / "b.webm", frames=8, seed=2)
+    mf.write_video(tmp_path / "train" / "down" / "c.avi", frames=5, seed=3)  # shorter than a clip
+    return tmp_path
+
+
+def normalised_frames(path: Path, idx: list[int]) -> torch.Tensor:
+    from pathway.adapters.video import read_all_frames_pyav
+
+    frames = torch.from_numpy(read_all_frames_pyav(path)[idx]).permute(0, 3, 1, 2).float() / 255
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return ((frames - mean) / std).permute(1, 0, 2, 3)
+
+
+def test_video_adapter_clips_match_decoded_frames(video_root: Path):
+    ad = adapters.get("video")(video_root, num_frames=4, sampling_rate=2, img_size=32, test_clips=1, test_crops=1)
+    assert ad.classes == ["down", "up"]
+    ds = ad.dataset("train", train=False)
+    items, messages = read_all(ds)
+    assert not messages and [y for _, y in items] == [0, 1, 1]
+    by_name = {p.name: x for (p, _), (x, _) in zip(ds.samples, items)}
+    torch.testing.assert_close(by_name["a.mp4"], normalised_frames(video_root / "train" / "up" / "a.mp4", [0, 2, 4, 6]))
+    # 5 frames, clip spans 8: indices loop to 0, 2, 4, 1
+    torch.testing.assert_close(by_name["c.avi"], normalised_frames(video_root / "train" / "down" / "c.avi", [0, 2, 4, 1]))
+    x, _ = ad.dataset("train", train=True)[0]
+    assert x.shape == (3, 4, 32, 32)
+    multi = adapters.get("video")(video_root, num_frames=4, sampling_rate=1, img_size=32, test_clips=2, test_crops=3)
+    views = multi.dataset("train", False)[0][0]
+    assert views.shape == (6, 3, 4, 32, 32)
+    tok = ad.tokenizer(24)
+    assert tok.proj.weight.shape == (24, 3, 2, 16, 16)
+    out = tok.encode(torch.stack([x for x, _ in items]))
+    assert out.tokens.shape == (3, 2 * 2 * 2, 24) and ad.head(24)(out.tokens, out).shape == (3, 2)
+
+
+def test_video_falls_back_to_pyav(video_root: Path, monkeypatch):
+    import decord
+
+    from pathway.adapters.video import frame_count_and_reader
+
+    path = video_root / "train" / "up" / "a.mp4"
+    n, get = frame_count_and_reader(path)
+    expected = get([1, 3])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("decord cannot open this file")
+
+    monkeypatch.setattr(decord, "VideoReader", broken)
+    n2, get2 = frame_count_and_reader(path)
+    assert n2 == n == 8
+    np.testing.assert_array_equal(get2([1, 3]), expected)
+
+
+def test_video_manifest_bad_files_and_errors(video_root: Path):
+    (video_root / "train.csv").write_text("path,label\ntrain/up/a.mp4,3\ntrain/down/c.avi,0\ntrain/up/b.webm,3\n")
+    ad = adapters.get("video")(video_root, num_frames=2, sampling_rate=1, img_size=32, test_clips=1, test_crops=1)
+    assert ad.classes == ["0", "3"]
+    for how, name in zip(("empty", "truncated", "garbage"), ("a.mp4", "c.avi", "b.webm")):
+        mf.write_video(video_root / "bad" / how / name)
+        mf.corrupt(video_root / "bad" / how / name, how)
+    (video_root / "val.csv").write_text(
+        "path,label\ntrain/up/a.mp4,3\nbad/empty/a.mp4,3\nbad/truncated/c.avi,0\nbad/garbage/b.webm,0\n"
+    )
+    items, messages = read_all(ad.dataset("val", False))
+    assert len(items) == 4 and ad.skipped == 3 and sum("bad/" in m for m in messages) == 3
+    (video_root / "val.csv").write_text("path,label\ntrain/up/a.mp4,7\n")
+    with pytest.raises(LayoutError, match=r"\['7'\] not in the class list"):
+        ad.dataset("val", False)
+
+
+# ---------------------------------------------------------------- time series (the fifth, one-file modality)
+
+
+def test_timeseries_adapter(tmp_path: Path):
+    from pathway.adapters.timeseries import TimeSeriesPatchTokenizer
+
+    mf.write_series(tmp_path / "train" / "calm" / "a.npy", length=100, seed=0)
+    mf.write_series(tmp_path / "train" / "wild" / "b.csv", length=40, seed=1)
+    mf.corrupt(mf.write_series(tmp_path / "train" / "wild" / "c.npy"), "garbage")
+    ad = adapters.get("timeseries")(tmp_path, in_chans=3, length=64, patch_size=8)
+    ds = ad.dataset("train", train=False)
+    items, _ = read_all(ds)
+    assert len(items) == 3 and ad.skipped == 1
+    raw = np.load(tmp_path / "train" / "calm" / "a.npy")[:, 18:82]  # centre crop of 100 -> 64
+    ref = (raw - raw.mean(1, keepdims=True)) / raw.std(1, keepdims=True)
+    np.testing.assert_allclose(items[0][0].numpy(), ref, atol=1e-5)
+    csv = np.loadtxt(tmp_path / "train" / "wild" / "b.csv", delimiter=",", skiprows=1).T
+    np.testing.assert_allclose(items[1][0][:, :40].numpy(), (csv - csv.mean(1, keepdims=True)) / csv.std(1, keepdims=True), atol=1e-5)
+    assert torch.equal(items[1][0][:, 40:], torch.zeros(3, 24))  # zero padding to length
+    tok = ad.tokenizer(16)
+    assert isinstance(tok, TimeSeriesPatchTokenizer) and tok.proj.weight.shape == (16, 3, 8)
+    out = tok.encode(torch.stack([x for x, _ in items]))
+    assert out.tokens.shape == (3, 8, 16) and out.targets.shape == (3, 8, 24)
+    with pytest.raises(LayoutError, match="has 3 channels but in_chans=2"):
+        adapters.get("timeseries")(tmp_path, in_chans=2, length=64, patch_size=8, strict=True).dataset("train", False)[0]

@@ -204,3 +204,33 @@ def test_point_groups_same_on_cuda():
     gpu = tok.cuda().encode(pts.cuda())
     assert torch.equal(cpu.extras["neighbours"], gpu.extras["neighbours"].cpu())
     torch.testing.assert_close(cpu.tokens, gpu.tokens.cpu(), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- video and audio patches
+
+
+def test_video_tubelets_match_videomae_layout():
+    from pathway.tokenizers import VideoTubeletTokenizer
+
+    tok = VideoTubeletTokenizer(num_frames=4, img_size=32, tubelet_size=2, patch_size=16, embed_dim=24)
+    assert tok.proj.weight.shape == (24, 3, 2, 16, 16)  # VideoMAE's Conv3d
+    x = torch.randn(2, 3, 4, 32, 32)
+    out = tok.encode(x)
+    # VideoMAE: proj(x).flatten(2).transpose(1, 2) + the sinusoid table of 2*2*2 positions
+    ref = tok.proj(x).flatten(2).transpose(1, 2) + sinusoid_table(8, 24)
+    torch.testing.assert_close(out.tokens, ref, rtol=0, atol=1e-6)
+    assert out.targets.shape == (2, 8, 2 * 16 * 16 * 3) and not tok.pos_embed.requires_grad
+    assert tok.encode(torch.randn(1, 3, 8, 32, 32)).pos.shape == (1, 16, 24)  # more frames: table recomputed
+
+
+def test_audio_patches_match_audiomae_layout():
+    from pathway.tokenizers import AudioSpectrogramTokenizer
+
+    tok = AudioSpectrogramTokenizer(num_frames=64, num_mel_bins=32, patch_size=16, embed_dim=16)
+    assert tok.proj.weight.shape == (16, 1, 16, 16)
+    spec = torch.randn(2, 64, 32)
+    out = tok.encode(spec)
+    ref = tok.proj(spec.unsqueeze(1)).flatten(2).transpose(1, 2) + torch.from_numpy(mae_2d_sincos(16, 4, 2)).float()
+    torch.testing.assert_close(out.tokens, ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(tok(spec.unsqueeze(1)), out.tokens)
+    assert out.targets.shape == (2, 8, 256)
