@@ -4,6 +4,10 @@ The merge runs in fp32 and is cast back (PEFT saw merge drift in bf16), and it i
 original ``nn.Parameter`` object, so the model is the user's own class again with the original
 ``state_dict`` keys, optimizers holding that parameter stay valid, and ``requires_grad`` is what it
 was before ``connect``.
+
+The parametrization is taken off by hand rather than with ``remove_parametrizations``: that
+function deletes the property from the injected ``Parametrized*`` class, and ``copy.deepcopy``
+(EMA copies, for one) shares that class between the copies, so it would break the other copy.
 """
 
 from __future__ import annotations
@@ -21,26 +25,31 @@ def fold(model: nn.Module) -> nn.Module:
 
     Raises:
         NotConnectedError: ``model`` carries no pathway.
-        PathwayError: a weight also carries parametrizations that are not pathways (e.g. weight
+        PathwayError: a module also carries parametrizations that are not pathways (e.g. weight
             norm); fold cannot know how to merge those.
     """
     sites = list(pathway_sites(model))
     if not sites:
         raise NotConnectedError(f"{type(model).__name__} is not connected (pathway.is_connected(model) is False): "
                                 f"there is nothing to fold")
+    for name, module, tensor_name, pathways in sites:
+        for other_name, plist in module.parametrizations.items():
+            if any(p not in pathways for p in plist) and (other_name != tensor_name or len(plist) != len(pathways)):
+                raise PathwayError(f"'{name}': its module also carries parametrizations that are not pathways on "
+                                   f"'{other_name}'; remove them before fold")
     merged: dict[int, tuple[nn.Parameter, torch.Tensor, bool]] = {}
     with torch.no_grad():
-        for name, module, tensor_name, pathways in sites:
-            plist = module.parametrizations[tensor_name]
-            if len(pathways) != len(plist):
-                others = [type(p).__name__ for p in plist if p not in pathways]
-                raise PathwayError(f"'{name}' also carries parametrizations {others}; remove them before fold")
-            original = plist.original
+        for _, module, tensor_name, pathways in sites:
+            original = module.parametrizations[tensor_name].original
             if id(original) not in merged:
                 total = original.float() + sum(p.delta() for p in pathways)
                 merged[id(original)] = (original, total.to(original.dtype), pathways[0].target_requires_grad)
-        for name, module, tensor_name, _ in sites:
-            parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+        for module in {id(m): m for _, m, _, _ in sites}.values():
+            originals = {n: plist.original for n, plist in module.parametrizations.items()}
+            module.__class__ = parametrize.type_before_parametrizations(module)
+            del module.parametrizations
+            for tensor_name, original in originals.items():
+                module.register_parameter(tensor_name, original)
         for original, value, requires_grad in merged.values():
             original.copy_(value)
             original.requires_grad_(requires_grad)

@@ -1,0 +1,194 @@
+"""Pairing across codebases, depth policies, shared weights, and the errors that guard them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import pathway
+import toy_models as toys
+from pathway.inject import _aux_parameters, materialise
+from pathway.match import map_blocks
+
+
+def pair_map(report) -> dict[str, tuple[tuple[str, ...], str]]:
+    return {p.target: (p.aux, p.transform) for p in report.pairs}
+
+
+def built(report, aux) -> dict[str, torch.Tensor]:
+    params = _aux_parameters(aux)
+    return {p.target: materialise(p, params) for p in report.pairs}
+
+
+def test_timm_to_timm_pairs_by_name():
+    report = pathway.plan(toys.timm_vit(depth=3), toys.timm_vit(depth=3, classes=0))
+    assert report.strategy == "name" and report.coverage == (12, 12)
+    assert all(p.aux == (p.target,) and p.transform == "identity" for p in report.pairs)
+    assert "torch.fx" in report.target_reader
+
+
+def test_timm_vit_from_hf_bert_concatenates_split_qkv():
+    target, aux = toys.timm_vit(depth=2), toys.hf_bert(depth=2)
+    report = pathway.plan(target, aux)
+    assert report.strategy == "graph" and report.coverage == (8, 8)
+    pairs = pair_map(report)
+    q, k, v = (f"encoder.layer.1.attention.self.{r}.weight" for r in ("query", "key", "value"))
+    assert pairs["blocks.1.attn.qkv.weight"] == ((q, k, v), "concat_out[q,k,v]")
+    assert pairs["blocks.1.attn.proj.weight"][0] == ("encoder.layer.1.attention.output.dense.weight",)
+    assert pairs["blocks.1.mlp.fc1.weight"][0] == ("encoder.layer.1.intermediate.dense.weight",)
+    assert pairs["blocks.1.mlp.fc2.weight"][0] == ("encoder.layer.1.output.dense.weight",)
+    tensors, bert = built(report, aux), aux.encoder.layer[1].attention.self
+    expected = torch.cat([bert.query.weight, bert.key.weight, bert.value.weight])
+    assert torch.equal(tensors["blocks.1.attn.qkv.weight"], expected)
+    assert "runtime recorder on input_ids" in report.aux_reader
+
+
+def test_hf_bert_from_timm_splits_fused_qkv():
+    target, aux = toys.hf_bert(depth=2), toys.timm_vit(depth=2)
+    report = pathway.plan(target, aux)
+    tensors = built(report, aux)
+    qkv = aux.blocks[0].attn.qkv.weight
+    for i, role in enumerate(("query", "key", "value")):
+        name = f"encoder.layer.0.attention.self.{role}.weight"
+        assert pair_map(report)[name][1].startswith("split_out")
+        assert torch.equal(tensors[name], qkv[64 * i: 64 * (i + 1)])
+
+
+def test_timm_vit_from_torchvision_mha():
+    target, aux = toys.timm_vit(depth=2), toys.tv_vit(depth=2)
+    report = pathway.plan(target, aux, segments=("pre", "body", "post"))
+    pairs = pair_map(report)
+    layer = "encoder.layers.encoder_layer_1"
+    assert pairs["blocks.1.attn.qkv.weight"] == ((f"{layer}.self_attention.in_proj_weight",), "identity")
+    assert pairs["blocks.1.attn.proj.weight"][0] == (f"{layer}.self_attention.out_proj.weight",)
+    assert pairs["blocks.1.mlp.fc1.weight"][0] == (f"{layer}.mlp.0.weight",)
+    assert pairs["blocks.1.mlp.fc2.weight"][0] == (f"{layer}.mlp.3.weight",)
+    assert pairs["head.weight"][0] == ("heads.head.weight",)        # exact-shape pre/post pairing
+
+
+def test_timm_vit_from_videomae_orders_by_dataflow():
+    target, aux = toys.timm_vit(depth=2), toys.hf_videomae(depth=2)
+    report = pathway.plan(target, aux)
+    attn = aux.encoder.layer[0].attention.attention
+    expected = torch.cat([attn.query.weight, attn.key.weight, attn.value.weight])
+    assert torch.equal(built(report, aux)["blocks.0.attn.qkv.weight"], expected)
+    assert report.coverage == (8, 8)
+
+
+@pytest.mark.parametrize("make_aux", [toys.hf_ast, toys.hf_vit])
+def test_timm_vit_from_hf_audio_and_image_transformers(make_aux):
+    report = pathway.plan(toys.timm_vit(depth=2), make_aux(depth=2))
+    assert report.coverage == (8, 8)
+    assert pair_map(report)["blocks.0.attn.qkv.weight"][1] == "concat_out[q,k,v]"
+
+
+def test_gpt2_conv1d_target_gets_transposed_aux():
+    target, aux = toys.hf_gpt2(depth=2), toys.hf_bert(depth=2)
+    report = pathway.plan(target, aux)
+    assert report.coverage == (8, 8)
+    tensors = built(report, aux)
+    bert = aux.encoder.layer[0].attention.self
+    expected = torch.cat([bert.query.weight, bert.key.weight, bert.value.weight]).t()    # [in, out] storage
+    assert torch.equal(tensors["h.0.attn.c_attn.weight"], expected)
+    assert pair_map(report)["h.0.mlp.c_fc.weight"][1] == "transpose"
+
+
+def test_tied_aux_lm_head_is_not_a_body_weight():
+    report = pathway.plan(toys.hf_gpt2(depth=2), toys.hf_gpt2(depth=2, lm_head=True))
+    assert report.coverage == (8, 8)
+    assert not any("lm_head" in n or "wte" in n for p in report.pairs for n in p.aux)
+
+
+@pytest.mark.parametrize("policy, expected", [
+    ("uniform", [0, 3]), ("first", [0, 1]), ("last", [2, 3]), ("every_k", [0, 2]), ("reversed", [3, 0])])
+def test_depth_policies(policy, expected):
+    assert map_blocks(2, 4, policy) == expected
+    report = pathway.plan(toys.timm_vit(depth=2), toys.timm_vit(depth=4), depth=policy)
+    assert report.block_map == expected
+    assert pair_map(report)["blocks.1.mlp.fc1.weight"][0] == (f"blocks.{expected[1]}.mlp.fc1.weight",)
+
+
+def test_equal_depth_policy_refuses_a_depth_mismatch():
+    with pytest.raises(pathway.DepthMismatchError, match="depth='uniform'"):
+        pathway.plan(toys.timm_vit(depth=2), toys.timm_vit(depth=4))
+
+
+def test_reversed_order_for_the_paper_ablation():
+    report = pathway.plan(toys.timm_vit(depth=3), toys.timm_vit(depth=3), depth="reversed")
+    assert pair_map(report)["blocks.0.attn.qkv.weight"][0] == ("blocks.2.attn.qkv.weight",)
+
+
+def test_shallower_aux_leaves_target_blocks_unpaired_and_connect_refuses():
+    target, aux = toys.timm_vit(depth=3), toys.timm_vit(depth=2)
+    report = pathway.plan(target, aux, depth="first")
+    assert report.coverage == (8, 12) and all("no aux block" in why for why in report.unpaired.values())
+    with pytest.raises(pathway.CoverageError, match="allow_partial=True"):
+        pathway.connect(target, aux, depth="first")
+    assert not pathway.is_connected(target)                   # nothing half-applied
+    pathway.connect(target, aux, depth="first", allow_partial=True)
+    assert len(pathway.lambdas(target)) == 8
+
+
+def test_shared_target_layer_cannot_take_two_aux_layers():
+    with pytest.raises(pathway.CompetingPairsError, match="block.qkv.weight"):
+        pathway.plan(toys.SharedNet(times=2), toys.FunctionalNet(depth=2))
+
+
+def test_shared_layers_on_both_sides_unroll_and_pair():
+    report = pathway.plan(toys.SharedNet(times=2), toys.SharedNet(times=2))
+    assert report.depth == (2, 2) and report.coverage == (4, 4)
+    assert "shared_block" in report.flags
+
+
+def test_include_exclude_and_overrides():
+    target, aux = toys.timm_vit(depth=2), toys.timm_vit(depth=2)
+    report = pathway.plan(target, aux, include=[r"\.attn\."])
+    assert {p.target.split(".")[-2] for p in report.pairs} == {"qkv", "proj"}
+    assert len(report.excluded) == 4 and report.coverage == (4, 4)
+    report = pathway.plan(target, aux, exclude=["fc2"], pairs={"blocks.0.mlp.fc1": "blocks.1.mlp.fc1.weight"})
+    assert pair_map(report)["blocks.0.mlp.fc1.weight"] == (("blocks.1.mlp.fc1.weight",), "override")
+    assert not any("fc2" in p.target for p in report.pairs)
+
+
+def test_shape_mismatch_names_layers_and_shapes():
+    with pytest.raises(pathway.ShapeMismatchError, match=r"blocks.0.attn.qkv.weight \[192, 64\].*\[96, 32\]"):
+        pathway.plan(toys.timm_vit(dim=64), toys.timm_vit(dim=32))
+    with pytest.raises(pathway.NoPairsError):
+        pathway.plan(toys.timm_vit(dim=64), toys.timm_vit(dim=32), on_shape_mismatch="skip")
+    narrow_mlp = toys.timm_vit(dim=64, mlp_ratio=2.0)
+    report = pathway.plan(toys.timm_vit(dim=64), narrow_mlp, on_shape_mismatch="skip")
+    assert {p.target.split(".")[-2] for p in report.pairs} == {"qkv", "proj"}
+    assert len(report.unpaired) == 4 and all("shapes differ" in why for why in report.unpaired.values())
+
+
+def test_group_sizes_that_do_not_add_up():
+    # fused qkv [192, 64] <- q [64] + k [32] + v [32] of grouped-query attention
+    with pytest.raises(pathway.GroupSizeError, match="group sizes do not add up"):
+        pathway.plan(toys.timm_vit(dim=64), toys.GQANet(dim=64))
+
+
+def test_errors_for_bad_use():
+    model = toys.timm_vit()
+    with pytest.raises(pathway.SelfConnectionError):
+        pathway.plan(model, model)
+    with pytest.raises(pathway.DeviceMismatchError, match=r"aux.to\(torch.float32\)"):
+        pathway.plan(model, toys.timm_vit().double())
+    with pytest.raises(pathway.OptionError, match="unknown option"):
+        pathway.plan(model, toys.timm_vit(), lamda_init=0.1)
+    with pytest.raises(pathway.OptionError, match="depth='diagonal'|depth"):
+        pathway.plan(model, toys.timm_vit(), depth="diagonal")
+    with pytest.raises(pathway.NoPairsError):
+        pathway.plan(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)))
+    with pytest.raises(pathway.TraceError, match="aux_inputs"):
+        pathway.plan(toys.timm_vit(), toys.BranchNet(dim=64), aux_inputs=torch.randn(1, 3, 32, 32))
+
+
+def test_report_reads_well_and_is_plain_data():
+    report = pathway.plan(toys.timm_vit(depth=2), toys.hf_bert(depth=2))
+    text = str(report)
+    assert "VisionTransformer <- BertModel" in text and "8/8" in text
+    assert "blocks.0.attn.qkv.weight" in text and "attention.self.{query,key,value}.weight" in text
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["coverage"] == [8, 8] and len(data["pairs"]) == 8
