@@ -51,6 +51,45 @@ def read_array(path: Path) -> np.ndarray:
     return data.astype(np.float32)
 
 
+_PLY_SIZES = {"char": 1, "uchar": 1, "int8": 1, "uint8": 1, "short": 2, "ushort": 2, "int16": 2, "uint16": 2,
+              "int": 4, "uint": 4, "int32": 4, "uint32": 4, "float": 4, "float32": 4, "double": 8, "float64": 8}
+
+
+def check_ply_complete(path: Path) -> None:
+    """Raise if a PLY file is shorter than its header promises.
+
+    open3d reports a truncated PLY only on stdout and still returns a cloud of the promised size whose
+    tail is uninitialised memory, so the size is checked here first (binary files whose elements have
+    only fixed-size properties; ASCII files by their line count).
+    """
+    with path.open("rb") as f:
+        if f.readline().strip() != b"ply":
+            raise UnreadableFileError(f"{path}: not a PLY file (no 'ply' magic line)")
+        fmt, elements = "", []  # [(count, bytes per item or None if it has list properties)]
+        for raw in f:
+            words = raw.decode("ascii", "replace").split()
+            if not words:
+                continue
+            if words[0] == "format":
+                fmt = words[1]
+            elif words[0] == "element":
+                elements.append([int(words[2]), 0])
+            elif words[0] == "property" and elements:
+                size = None if words[1] == "list" else _PLY_SIZES.get(words[1])
+                elements[-1][1] = None if size is None or elements[-1][1] is None else elements[-1][1] + size
+            elif words[0] == "end_header":
+                break
+        else:
+            raise UnreadableFileError(f"{path}: PLY header has no end_header")
+        body = f.read()
+    if fmt == "ascii":
+        rows = sum(1 for line in body.splitlines() if line.strip())
+        if rows < sum(count for count, _ in elements):
+            raise UnreadableFileError(f"{path}: truncated PLY ({rows} data lines, header promises more)")
+    elif all(size is not None for _, size in elements) and len(body) < sum(c * s for c, s in elements):
+        raise UnreadableFileError(f"{path}: truncated PLY ({len(body)} data bytes, header promises more)")
+
+
 def read_points(path: Path, in_chans: int = 3, mesh_points: int = 8192) -> np.ndarray:
     """Points ``[N, in_chans]`` of any supported file: xyz, then normals when ``in_chans == 6``."""
     ext = path.suffix.lower().lstrip(".")
@@ -59,6 +98,8 @@ def read_points(path: Path, in_chans: int = 3, mesh_points: int = 8192) -> np.nd
     else:
         import open3d as o3d
 
+        if ext == "ply":
+            check_ply_complete(path)
         if ext in MESH_EXTENSIONS:
             mesh = o3d.io.read_triangle_mesh(str(path))
             if len(mesh.triangles) == 0:
