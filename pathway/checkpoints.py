@@ -521,7 +521,7 @@ def load_state_dict(path: str | Path, format: str = "auto", modality: str = "") 
     """
     sd, args = read_checkpoint(path)
     try:
-        fmt, conv = _convert(sd, format, args, None)
+        _, conv = _convert(sd, format, args, None)
     except CheckpointError as err:
         if modality:
             raise CheckpointError(f"{path} ({modality} checkpoint): {err}") from None
