@@ -1,0 +1,57 @@
+"""Data-loading throughput per adapter: samples/s through a DataLoader with 2 workers (prints, asserts nothing).
+
+Files are written into a temporary folder with the same writers the tests use (``tests/make_files.py``):
+images 224^2 PNG, 10 s wav at 16 kHz (-> 1024 x 128 fbank), 8192-point binary PLY clouds (-> 1024 points),
+64-frame 128^2 mp4 (-> 16 frames at rate 4, 112^2) and 3 x 512 time series. Training transforms are on.
+Run: ``.venv/bin/python benchmarks/bench_data_loading.py``.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import make_files as mf  # noqa: E402
+
+import pathway.adapters as adapters  # noqa: E402
+
+CASES = {
+    # name: (files per class, writer(path, i), extension, adapter options)
+    "image": (32, lambda p, i: mf.write_image(p, size=224, seed=i), "png", {"img_size": 224}),
+    "audio": (16, lambda p, i: mf.write_audio(p, seconds=10.0, freq=200 + 50 * i), "wav", {}),
+    "point": (32, lambda p, i: mf.write_point_cloud(p, n=8192, seed=i), "ply", {"num_points": 1024}),
+    "video": (8, lambda p, i: mf.write_video(p, frames=64, size=128, seed=i), "mp4", {"img_size": 112}),
+    "timeseries": (64, lambda p, i: mf.write_series(p, channels=3, length=512, seed=i), "npy", {"length": 512}),
+}
+
+
+def main(workers: int = 2, batch_size: int = 8) -> None:
+    print(f"torch {torch.__version__}, DataLoader num_workers={workers}, batch_size={batch_size}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (per_class, write, ext, options) in CASES.items():
+            root = Path(tmp) / name
+            for c in ("a", "b"):
+                for i in range(per_class):
+                    write(root / "train" / c / f"{i}.{ext}", i)
+            adapter = adapters.get(name)(root, **options)
+            loader = DataLoader(adapter.dataset("train", train=True), batch_size=batch_size, num_workers=workers,
+                                shuffle=True, persistent_workers=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                next(iter(loader))  # start the workers, import the readers
+                start = time.perf_counter()
+                n = sum(len(y) for _, y in loader)
+                seconds = time.perf_counter() - start
+            shape = tuple(adapter.dataset("train", train=False)[0][0].shape)
+            print(f"{name:10s} {n:4d} samples x {shape}: {n / seconds:8.1f} samples/s ({seconds:.2f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
