@@ -422,21 +422,36 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
 
     # -- fold and export ----------------------------------------------------------------------------
     result: dict[str, Any] = {"step": step, "metrics": last_eval, "run_dir": str(run_dir)}
+    if ctx.world > 1:
+        result["replica_max_abs_diff"] = replica_difference(model, ctx)
+        ctx.log(f"DDP replicas: max |rank - rank 0| over per-tensor checksums {result['replica_max_abs_diff']:.3g}")
     if ctx.main:
-        result.update(finish(model, recipe, adapter, val_set or train_set, item_dims, ctx, log, lam_log))
+        result.update(finish(model, recipe, adapter, val_set or train_set, item_dims, ctx, log, lam_log,
+                             extra={k: v for k, v in result.items() if k == "replica_max_abs_diff"}))
     ctx.barrier()
     return result
 
 
+def replica_difference(model: nn.Module, ctx: Context) -> float:
+    """Largest difference between this rank's and rank 0's per-tensor checksums (0.0: replicas agree).
+
+    A cheap end-of-run check that DDP kept the copies in lock-step (one float64 per tensor is sent).
+    """
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters()]).to(ctx.device)
+    gathered = [torch.zeros_like(sums) for _ in range(ctx.world)]
+    dist.all_gather(gathered, sums)
+    return max((g - gathered[0]).abs().max().item() for g in gathered)
+
+
 def finish(model: TransformerModel, recipe: Recipe, adapter, check_set, example_dims: int, ctx: Context,
-           log: JsonlLog, lam_log: JsonlLog) -> dict[str, Any]:
+           log: JsonlLog, lam_log: JsonlLog, extra: dict[str, Any]) -> dict[str, Any]:
     """Fold, check, save the folded model, write CSVs and plots (rank 0)."""
     from torch.utils.data import DataLoader
 
     from .export import save_folded
 
     run_dir = recipe.run_dir
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = dict(extra)
     if pathway.is_connected(model):
         x, _ = next(iter(DataLoader(check_set, batch_size=min(8, len(check_set)))))
         x = to_device(x, ctx.device)

@@ -1,0 +1,73 @@
+"""Recipes: typed schema, extends, --set overrides, and errors that name the file, key and allowed values."""
+
+from pathlib import Path
+
+import pytest
+
+from pathway.train.config import (RecipeError, check_adapter, check_data, load_recipe, parse_overrides,
+                                  recipe_from_dict)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_defaults_extends_and_overrides(tmp_path):
+    (tmp_path / "data").mkdir()
+    write(tmp_path / "base.yaml", "data: {adapter: image, root: data, options: {img_size: 32}}\n"
+                                  "model: {embed_dim: 64, depth: 4}\noptim: {blr: 1.0e-3}\n")
+    child = write(tmp_path / "ablation.yaml", "extends: base.yaml\nmodel: {depth: 2}\n"
+                                              "data: {options: {patch_size: 4}}\npathway: {exclude: ['mlp']}\n")
+    r = load_recipe(child, ["optim.blr=2e-3", "train.epochs=3", "pathway.lambda_init=0.1"])
+    assert (r.model.embed_dim, r.model.depth, r.model.num_heads) == (64, 2, 12)  # base, child, default
+    assert r.data.options == {"img_size": 32, "patch_size": 4}  # adapter options merge key by key
+    assert r.data.root == str((tmp_path / "data").resolve())  # relative to the file that names it
+    assert r.optim.blr == pytest.approx(2e-3) and isinstance(r.optim.blr, float)  # '2e-3' is text in YAML 1.1
+    assert r.train.epochs == 3 and r.pathway.exclude == ["mlp"] and r.pathway.lambda_init == 0.1
+    assert r.run_name == "ablation"
+    # the resolved recipe round-trips through its dict (what checkpoints and recipe.yaml hold)
+    again = recipe_from_dict(r.to_dict())
+    assert again.to_dict() == r.to_dict()
+    assert r.connect_options()["exclude"] == ("mlp",)
+
+
+@pytest.mark.parametrize("text, override, expected", [
+    ("train: {epoch: 3}\n", None, "unknown key 'train.epoch' (did you mean 'train.epochs'?)"),
+    ("trian: {epochs: 3}\n", None, "unknown key 'trian' (did you mean 'train'?)"),
+    ("train: {epochs: three}\n", None, "'train.epochs' = 'three' (str); expected int"),
+    ("train: {amp: off}\n", None, "'train.amp' = False (bool); expected 'auto' | 'bf16' | 'fp16' | 'fp32'"),
+    ("pathway: {depth: backwards}\n", None, "expected 'equal' | 'uniform' | 'first' | 'last' | 'every_k' | 'reversed'"),
+    ("model: [1, 2]\n", None, "'model' must be a mapping"),
+    ("", "optim.betas=0.9", "'optim.betas' = 0.9 (float); expected list[float]"),
+])
+def test_errors_name_file_key_and_allowed(tmp_path, text, override, expected):
+    path = write(tmp_path / "bad.yaml", text)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, [override] if override else None)
+    assert str(path) in str(err.value) and expected in str(err.value)
+
+
+def test_extends_cycle_and_missing_parent(tmp_path):
+    write(tmp_path / "a.yaml", "extends: b.yaml\n")
+    write(tmp_path / "b.yaml", "extends: a.yaml\n")
+    with pytest.raises(RecipeError, match="cycle"):
+        load_recipe(tmp_path / "a.yaml")
+    write(tmp_path / "c.yaml", "extends: nowhere.yaml\n")
+    with pytest.raises(RecipeError, match="nowhere.yaml"):
+        load_recipe(tmp_path / "c.yaml")
+
+
+def test_adapter_and_data_checks(tmp_path):
+    r = load_recipe(write(tmp_path / "r.yaml", "data: {adapter: imgae, root: missing}\n"))
+    with pytest.raises(RecipeError, match=r"'data.adapter' = 'imgae' is not a registered adapter; available: .*image"):
+        check_adapter(r)
+    with pytest.raises(RecipeError, match=r"'data.root' = .*missing' does not exist"):
+        check_data(r)
+
+
+def test_parse_overrides_nested_yaml_values():
+    assert parse_overrides(["a.b=1", "a.c=[x, y]", "d.e=null", "f.g="]) == {
+        "a": {"b": 1, "c": ["x", "y"]}, "d": {"e": None}, "f": {"g": ""}}
+    with pytest.raises(RecipeError, match="expected section.key=value"):
+        parse_overrides(["novalue"])

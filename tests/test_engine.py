@@ -1,0 +1,216 @@
+"""The engine: schedule, metrics, model, a whole tiny run (fold check, timm export, logs, plots),
+NaN stop, corrupt checkpoints, MAE pretraining. Tiny models (width 32, depth 2), a few steps, CPU."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pathway.train.config import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE = ROOT / "recipes" / "demo" / "image.yaml"
+
+
+def tiny(data_root: Path, out: Path, name: str, *extra: str) -> list[str]:
+    """Overrides that shrink the image demo to a few seconds."""
+    return [f"data.root={data_root}", f"output.dir={out}", f"output.name={name}", "model.embed_dim=32",
+            "model.depth=2", "model.num_heads=2", "data.batch_size=16", "train.epochs=1", "train.max_steps=6",
+            "train.log_every=2", "optim.warmup_epochs=0.1", *extra]
+
+
+@pytest.fixture(scope="module")
+def image_data(tmp_path_factory):
+    from pathway.train.demo_data import make_demo_data
+
+    return make_demo_data("image", tmp_path_factory.mktemp("data") / "image", per_class=30)
+
+
+# -- pure pieces --------------------------------------------------------------------------------
+
+
+def test_lr_schedule_warmup_cosine_and_mae_scaling():
+    from pathway.train.schedule import lr_at, scaled_lr
+
+    lrs = [lr_at(s, base_lr=1.0, total_steps=100, warmup_steps=10, min_lr=0.01) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warm-up to the peak
+    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:10]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # then monotone decay
+    assert lrs[55] == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    assert lr_at(100, base_lr=1.0, total_steps=100, warmup_steps=10, min_lr=0.01) == pytest.approx(0.01)
+    assert scaled_lr(1e-3, 1024) == pytest.approx(4e-3)  # MAE: blr * bs / 256
+
+
+def test_metrics_against_references():
+    from sklearn.metrics import average_precision_score
+
+    from pathway.train.metrics import average_views, mean_average_precision, part_miou, topk_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(50, 7, generator=g), torch.randint(0, 7, (50,), generator=g)
+    acc = topk_accuracy(logits, target)
+    assert acc["top1"] == pytest.approx((logits.argmax(1) == target).float().mean().item() * 100)
+    ranks = (logits > logits.gather(1, target[:, None])).sum(1)
+    assert acc["top5"] == pytest.approx((ranks < 5).float().mean().item() * 100)
+
+    multi = (torch.rand(40, 5, generator=g) > 0.6).float()
+    scores = torch.randn(40, 5, generator=g)
+    ref = average_precision_score(multi.numpy(), scores.numpy(), average="macro")
+    assert mean_average_precision(scores, multi)["map"] == pytest.approx(100 * ref, abs=1e-4)
+
+    # two shapes of one category, parts {0, 1}: IoUs (1 + 1/3) / 2 and 1 -> instance mean 5/6
+    target_seg = torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0]])
+    pred = torch.tensor([[0, 1, 1, 1], [0, 0, 0, 0]])
+    seg_logits = torch.nn.functional.one_hot(pred, 2).float()
+    res = part_miou(seg_logits, target_seg, torch.tensor([0, 0]), {0: [0, 1]})
+    assert res["inst_miou"] == pytest.approx(100 * ((0.5 + 2 / 3) / 2 + 1) / 2)
+
+    views = torch.arange(12.0).view(6, 2)  # 3 items x 2 views
+    assert torch.equal(average_views(views, 2), torch.tensor([[1.0, 2.0], [5.0, 6.0], [9.0, 10.0]]))
+
+
+def test_transformer_model_keys_and_shapes(image_data):
+    from pathway.train.model import build_adapter, build_transformer
+
+    r = load_recipe(IMAGE, [f"data.root={image_data}", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+                            "model.cls_token=true"])
+    adapter = build_adapter(r)
+    model = build_transformer(r, adapter)
+    keys = set(model.state_dict())
+    for k in ("cls_token", "tokenizer.proj.weight", "blocks.1.attn.qkv.weight", "blocks.1.attn.proj.weight",
+              "blocks.1.mlp.fc1.weight", "blocks.1.mlp.fc2.weight", "blocks.0.norm1.weight", "norm.weight"):
+        assert k in keys
+    x = torch.stack([adapter.dataset("train", True)[i][0] for i in range(3)])
+    assert model(x).shape == (3, adapter.num_classes)
+
+
+# -- a whole run ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(image_data, tmp_path_factory):
+    from pathway.train.engine import train
+
+    out = tmp_path_factory.mktemp("runs")
+    r = load_recipe(IMAGE, tiny(image_data, out, "run", "pathway.lambda_init=0.2", "train.ema=true",
+                                "train.ema_decay=0.9", "train.mixup=0.8", "train.cutmix=1.0",
+                                "train.label_smoothing=0.1", "optim.accum_steps=2"))
+    return train(r, progress=False), r
+
+
+def test_run_writes_logs_plots_and_folded_model(finished_run):
+    result, recipe = finished_run
+    run = recipe.run_dir
+    assert result["step"] == 6
+    for name in ("recipe.yaml", "metrics.jsonl", "lambdas.jsonl", "train.csv", "eval.csv", "curves.png",
+                 "lambdas.png", "model.safetensors", "model_timm.safetensors", "model_timm.json", "result.json"):
+        assert (run / name).is_file(), name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train_rows] == [2, 4, 6]
+    assert all(r["lambda_abs"] > 0 and r["samples_per_s"] > 0 and math.isfinite(r["loss"]) for r in train_rows)
+    assert {"top1", "top5", "ema_top1"} <= set(result["metrics"])
+    assert load_recipe(run / "recipe.yaml").to_dict() == {**recipe.to_dict()}  # resolved recipe saved
+
+
+def test_fold_is_checked_and_folded_file_is_plain(finished_run):
+    from safetensors.torch import load_file
+
+    from pathway.train.model import build_adapter, build_transformer
+
+    result, recipe = finished_run
+    info = json.loads((recipe.run_dir / "result.json").read_text())
+    assert info["fold_max_abs_diff"] < 1e-5
+    lam = json.loads((recipe.run_dir / "lambdas.jsonl").read_text().splitlines()[-1])
+    assert any(abs(v - 0.2) > 1e-4 for k, v in lam.items() if k != "step")  # lambdas trained, fold is not trivial
+    plain = build_transformer(recipe, build_adapter(recipe))
+    plain.load_state_dict(load_file(str(recipe.run_dir / "model.safetensors")), strict=True)
+
+
+def test_timm_export_loads_strict_with_same_outputs(finished_run):
+    import timm
+    from safetensors.torch import load_file
+
+    from pathway.train.model import build_adapter, build_transformer
+
+    _, recipe = finished_run
+    run = recipe.run_dir
+    kwargs = json.loads((run / "model_timm.json").read_text())["kwargs"]
+    vit = timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs).eval()
+    vit.load_state_dict(load_file(str(run / "model_timm.safetensors")), strict=True)
+    ours = build_transformer(recipe, build_adapter(recipe)).eval()
+    ours.load_state_dict(load_file(str(run / "model.safetensors")), strict=True)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert (vit(x) - ours(x)).abs().max().item() < 1e-5
+
+
+def test_nan_loss_stops_after_saving(image_data, tmp_path, monkeypatch):
+    """Fault injection: the 3rd loss is NaN. The run stops with a message; the last safe state is on disk."""
+    import pathway.train.engine as engine
+    from pathway.train.checkpoint import load_latest
+
+    real, calls = engine.compute_loss, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(engine, "compute_loss", poisoned)
+    r = load_recipe(IMAGE, tiny(image_data, tmp_path, "nan"))
+    with pytest.raises(engine.NonFiniteLossError, match="loss is nan at step 2.*last finite state is saved"):
+        engine.train(r, progress=False)
+    path, state = load_latest(r.run_dir / "checkpoints")
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_corrupt_checkpoint_is_named_and_previous_used(tmp_path):
+    from pathway.train.checkpoint import CheckpointError, load_latest, save_checkpoint
+
+    base = {"model": {"w": torch.ones(3)}, "optimizer": {}, "epoch": 0, "position": 0, "rng": [], "recipe": {}}
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, {**base, "step": step}, step, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000002.pt", "ckpt-00000003.pt"]
+    newest = tmp_path / "ckpt-00000003.pt"
+    newest.write_bytes(newest.read_bytes()[:50])  # truncated, as by a full disk
+    messages = []
+    path, state = load_latest(tmp_path, log=messages.append)
+    assert state["step"] == 2 and path.name == "ckpt-00000002.pt"
+    assert str(newest) in messages[0] and "unreadable" in messages[0]
+    (tmp_path / "ckpt-00000002.pt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="ckpt-00000002.pt.*ckpt-00000003.pt|ckpt-00000003.pt.*ckpt-00000002.pt"):
+        load_latest(tmp_path, log=messages.append)
+
+
+@pytest.mark.parametrize("adapter, opts", [
+    ("image", ["data.options={img_size: 32, patch_size: 8, auto_augment: null, re_prob: 0.0}"]),
+    ("point", ["data.options={num_points: 128, num_groups: 8, group_size: 16}"]),
+])
+def test_mae_pretrain_gives_an_aux_checkpoint(adapter, opts, tmp_path):
+    from pathway.train.demo_data import make_demo_data
+    from pathway.train.model import build_adapter, build_transformer, init_from_checkpoint
+    from pathway.train.pretrain import pretrain
+
+    root = make_demo_data(adapter, tmp_path / adapter, per_class=10)
+    over = [f"data.root={root}", f"output.dir={tmp_path}", "output.name=mae",
+            "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "data.batch_size=8", "train.epochs=1",
+            "train.max_steps=4", "pretrain.decoder_dim=16", "pretrain.decoder_depth=1", "pretrain.decoder_heads=2",
+            *opts]
+    r = load_recipe(ROOT / "recipes" / "demo" / f"{adapter}.yaml", over)
+    out = pretrain(r, progress=False)
+    assert math.isfinite(out["last_loss"]) and out["steps"] == 4
+    aux = build_transformer(r, build_adapter(r))
+    before = aux.blocks[0].attn.qkv.weight.clone()
+    line = init_from_checkpoint(aux, out["encoder"], "auto", body_only=True)
+    assert "pathway layout" in line and not torch.equal(before, aux.blocks[0].attn.qkv.weight)
+
+
+def test_chamfer_is_zero_on_identical_sets_and_symmetric():
+    from pathway.train.pretrain import chamfer_l2
+
+    a, b = torch.randn(4, 16, 3), torch.randn(4, 16, 3)
+    assert chamfer_l2(a, a[:, torch.randperm(16)]).item() == pytest.approx(0.0, abs=1e-6)
+    assert chamfer_l2(a, b).item() == pytest.approx(chamfer_l2(b, a).item(), rel=1e-5)
