@@ -1,0 +1,23 @@
+"""The README's runnable examples run (few steps)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("script, expect", [
+    ("quickstart.py", "max |folded - connected| = 0.00e+00"),
+    ("hf_trainer.py", "folded: connected=False"),
+])
+def test_example_runs(script, expect):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    result = subprocess.run([sys.executable, "-P", os.path.join(ROOT, "examples", script), "--steps", "2"],
+                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert expect in result.stdout
