@@ -44,7 +44,8 @@ class PathwayWeight(nn.Module):
         self.target_requires_grad = target_requires_grad
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + (self.scale * self.aux_weight).to(weight.dtype)
+        # one fused op: weight + scale * aux_weight
+        return torch.addcmul(weight, self.scale.to(weight.dtype), self.aux_weight)
 
     def delta(self) -> torch.Tensor:
         """``lambda * W_aux`` in fp32, what fold adds to the target weight."""

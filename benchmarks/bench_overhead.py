@@ -1,0 +1,199 @@
+"""Cost of a pathway: training step, inference after fold, peak memory, connect/fold time.
+
+Variants, measured side by side (interleaved rounds in one process, so drift hits all alike):
+  plain       the timm model
+  connected   pathway.connect (parametrization), each step inside pathway.cached()
+  uncached    the same without cached() (MHA-style modules read weights several times)
+  reference   the official approach: each paired Linear replaced by a subclass computing
+              F.linear(x, W + s * W_aux, b)
+A step is forward + backward + AdamW. Peak memory is measured per variant in a fresh subprocess
+(CPU: peak RSS; CUDA: torch.cuda.max_memory_allocated). Prints ratios to plain; asserts nothing.
+
+    python -P benchmarks/bench_overhead.py [--models vit_small_patch16_224 vit_base_patch16_224] [--batch 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pathway
+
+VARIANTS = ("plain", "connected", "uncached", "reference")
+
+
+class ReferenceLinear(nn.Linear):
+    """The official M2PT layer: a Linear whose forward adds the scaled aux weight."""
+
+    def __init__(self, linear: nn.Linear, aux_weight: torch.Tensor):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                         device=linear.weight.device, dtype=linear.weight.dtype)
+        self.load_state_dict(linear.state_dict())
+        self.aux_weight = nn.Parameter(aux_weight.detach().clone())
+        self.scale = nn.Parameter(torch.zeros((), device=linear.weight.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight + self.scale * self.aux_weight, self.bias)
+
+
+def build(name: str, variant: str, device: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=100).to(device)
+    if variant in ("connected", "uncached"):
+        pathway.connect(model, timm.create_model(name, num_classes=0).to(device))
+    elif variant == "reference":
+        aux = timm.create_model(name, num_classes=0).to(device)
+        for path, module in list(model.named_modules()):
+            if path.startswith("blocks.") and isinstance(module, nn.Linear):
+                parent, _, child = path.rpartition(".")
+                setattr(model.get_submodule(parent), child,
+                        ReferenceLinear(module, aux.get_submodule(path).weight))
+    return model
+
+
+def step_fn(model: nn.Module, variant: str, device: str, batch: int):
+    opt = torch.optim.AdamW(pathway.param_groups(model, lr=1e-4, weight_decay=0.05))
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    y = torch.randint(0, 100, (batch,), device=device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+    cache = pathway.cached if variant == "connected" else contextlib.nullcontext
+
+    def step() -> None:
+        with amp, cache():
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(name: str, device: str, batch: int, rounds: int) -> dict[str, float]:
+    steps = {v: step_fn(build(name, v, device), v, device, batch) for v in VARIANTS}
+    for step in steps.values():          # warm-up
+        step()
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for _ in range(rounds):
+        for v, step in steps.items():
+            sync(device)
+            t = time.perf_counter()
+            step()
+            sync(device)
+            times[v].append(time.perf_counter() - t)
+    return {v: statistics.median(ts) for v, ts in times.items()}
+
+
+def time_inference(name: str, device: str, batch: int, rounds: int) -> dict[str, float]:
+    plain = build(name, "plain", device).eval()
+    folded = build(name, "connected", device).eval()
+    for lam in pathway.lambdas(folded).values():
+        lam.data.fill_(0.1)
+    pathway.fold(folded)
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    out: dict[str, list[float]] = {"plain": [], "folded": []}
+    with torch.no_grad():
+        for model in (plain, folded):
+            model(x)
+        for _ in range(rounds):
+            for key, model in (("plain", plain), ("folded", folded)):
+                sync(device)
+                t = time.perf_counter()
+                model(x)
+                sync(device)
+                out[key].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
+def connect_fold_time(name: str, device: str) -> dict[str, float]:
+    torch.manual_seed(0)
+    target = timm.create_model(name, num_classes=100).to(device)
+    aux = timm.create_model(name, num_classes=0).to(device)
+    x = torch.randn(1, 3, 224, 224, device=device)
+    with torch.no_grad():
+        target.eval()(x)
+        sync(device)
+        t = time.perf_counter()
+        target(x)
+        sync(device)
+        forward = time.perf_counter() - t
+    t = time.perf_counter()
+    pathway.connect(target, aux)
+    connect = time.perf_counter() - t
+    t = time.perf_counter()
+    pathway.fold(target)
+    fold = time.perf_counter() - t
+    return {"forward_batch1": forward, "connect": connect, "fold": fold}
+
+
+def peak_memory(name: str, variant: str, device: str, batch: int) -> float:
+    """One training step in this (fresh) process; peak bytes."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step = step_fn(build(name, variant, device), variant, device, batch)
+    step()
+    step()
+    sync(device)
+    if device == "cuda":
+        return float(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+
+
+def memory_table(name: str, device: str, batch: int) -> dict[str, float]:
+    out = {}
+    for v in VARIANTS:
+        cmd = [sys.executable, "-P", __file__, "--memory-of", v, "--models", name, "--batch", str(batch),
+               "--device", device]
+        out[v] = float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip())
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["vit_small_patch16_224", "vit_base_patch16_224"])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_of:
+        print(peak_memory(args.models[0], args.memory_of, args.device, args.batch))
+        return
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {device_name}; torch {torch.__version__}; batch {args.batch}; median of {args.rounds} rounds"
+          + ("; bf16 autocast" if args.device == "cuda" else "; fp32"))
+    results = {}
+    for name in args.models:
+        steps = time_steps(name, args.device, args.batch, args.rounds)
+        memory = memory_table(name, args.device, args.batch)
+        infer = time_inference(name, args.device, args.batch, args.rounds)
+        cf = connect_fold_time(name, args.device)
+        results[name] = {"step_s": steps, "peak_bytes": memory, "inference_s": infer, "connect_fold_s": cf}
+        print(f"\n{name}")
+        print(f"  {'variant':<10} {'step (s)':>9} {'vs plain':>9} {'peak mem (MiB)':>15} {'vs plain':>9}")
+        for v in VARIANTS:
+            print(f"  {v:<10} {steps[v]:9.3f} {steps[v] / steps['plain']:9.3f} "
+                  f"{memory[v] / 2**20:15.0f} {memory[v] / memory['plain']:9.3f}")
+        print(f"  connected vs reference step: {steps['connected'] / steps['reference']:.3f}")
+        print(f"  inference: folded {infer['folded']:.3f}s vs plain {infer['plain']:.3f}s "
+              f"(ratio {infer['folded'] / infer['plain']:.3f})")
+        print(f"  connect {cf['connect']:.2f}s, fold {cf['fold']:.3f}s (a batch-1 forward takes {cf['forward_batch1']:.2f}s)")
+    print("\njson:", json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
