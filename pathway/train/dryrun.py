@@ -50,6 +50,7 @@ def _plan(target, aux, recipe: Recipe, example, device: str):
 
 def dry_run(recipe: Recipe, *, world: int = 1, pretrain: bool = False) -> str:
     """The report text; raises RecipeError (or the core's PathwayError) for what would stop a run."""
+    import pathway
     check_adapter(recipe)
     lines = [f"recipe {recipe.source}" + (f": {recipe.description}" if recipe.description else "")]
     problems = []
@@ -77,6 +78,13 @@ def dry_run(recipe: Recipe, *, world: int = 1, pretrain: bool = False) -> str:
         device = "cpu"
         target, aux = _build_pair(recipe, adapter, device)
         report = _plan(target, aux, recipe, example, device) if aux is not None and not pretrain else None
+    except pathway.TraceError as err:
+        if example is not None:
+            raise
+        # No data and no adapter.example_input(): the core's guessed input did not fit this tokenizer.
+        report = f"pathway: no connect report: {str(err).split('. Pass inputs')[0]}"
+        problems.append("the connect report needs an example input: the data, or adapter.example_input() "
+                        "(docs/requests-engine.md, item 3)")
     n_params = sum(p.numel() for p in target.parameters())
     lines.append(f"target: TransformerModel D={recipe.model.embed_dim} depth={recipe.model.depth} "
                  f"heads={recipe.model.num_heads}, {n_params / 1e6:.2f}M parameters (built on {device})"

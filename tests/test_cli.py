@@ -1,0 +1,96 @@
+"""The pathway command: help, --dry-run on every recipe under recipes/ (demo and paper), clean errors,
+eval and fold of a finished run, python -m pathway."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pathway.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+
+
+def test_help_reads_well(capsys):
+    with pytest.raises(SystemExit) as code:
+        main(["--help"])
+    assert code.value.code == 0
+    text = capsys.readouterr().out
+    for command in ("train", "pretrain", "eval", "fold", "inspect", "demo-data", "--dry-run", "torchrun"):
+        assert command in text
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "--resume" in text and "--set KEY=VALUE" in text and "--dry-run" in text
+
+
+def test_recipes_are_found():
+    assert any(p.parts[-2] == "demo" for p in RECIPES)
+    assert len(RECIPES) >= 6
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[str(p.relative_to(ROOT / "recipes")) for p in RECIPES])
+def test_dry_run_every_recipe(recipe, capsys):
+    assert main(["train", str(recipe), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"recipe {recipe.resolve()}")
+    assert "target: TransformerModel" in out and "optim: AdamW lr" in out
+    assert "pathway: TransformerModel <- TransformerModel" in out or "aux: disabled" in out or "pathway: no connect" in out
+
+
+def test_dry_run_of_a_demo_pairs_every_body_weight(capsys):
+    assert main(["train", str(ROOT / "recipes/demo/point.yaml"), "--dry-run", "--set", "model.depth=3"]) == 0
+    out = capsys.readouterr().out
+    assert "coverage    12/12 target body weights paired" in out and "built on meta" in out
+    assert main(["pretrain", str(ROOT / "recipes/demo/point_mae.yaml"), "--dry-run"]) == 0
+    assert "loss chamfer" in capsys.readouterr().out
+
+
+def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
+    assert main(["train", str(ROOT / "recipes/demo/image.yaml"), "--dry-run", "--set", "train.epoch=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'train.epoch'" in err and "Traceback" not in err
+    assert main(["train", str(ROOT / "recipes/demo/image.yaml"), "--set", "data.adapter=nope"]) == 2
+    assert "not a registered adapter" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "none.yaml")]) == 2
+    assert "file not found" in capsys.readouterr().err
+
+
+def test_inspect_two_timm_models(capsys):
+    assert main(["inspect", "timm:vit_tiny_patch16_224", "timm:vit_tiny_patch16_224", "--set", "pathway.match=name"]) == 0
+    assert "48/48" in capsys.readouterr().out  # 12 blocks x (qkv, proj, fc1, fc2)
+
+
+@pytest.mark.slow
+def test_train_then_eval_and_fold_from_the_command_line(tmp_path, capsys):
+    import json
+
+    from safetensors.torch import load_file
+
+    data = tmp_path / "data"
+    assert main(["demo-data", "timeseries", str(data)]) == 0
+    sets = [f"data.root={data}", f"output.dir={tmp_path}", "output.name=ts", "model.embed_dim=32", "model.depth=2",
+            "model.num_heads=2", "train.epochs=1", "train.max_steps=4", "pathway.lambda_init=0.1"]
+    args = [a for s in sets for a in ("--set", s)]
+    recipe = str(ROOT / "recipes/demo/timeseries.yaml")
+    assert main(["train", recipe, "--no-progress", *args]) == 0
+    final = capsys.readouterr().out.strip().splitlines()[-1]
+    assert final.startswith("final: top1")
+    run = tmp_path / "ts"
+    # the folded file evaluates to the connected model's final numbers
+    assert main(["eval", recipe, "--weights", str(run / "model.safetensors"), *args]) == 0
+    evaluated = capsys.readouterr().out.strip()
+    assert evaluated.split(", loss")[0] == final.removeprefix("final: ").split(", loss")[0]
+    # fold a training checkpoint: same tensors as the run's own folded model
+    ckpt = sorted((run / "checkpoints").glob("ckpt-*.pt"))[-1]
+    assert main(["fold", str(ckpt), "-o", str(tmp_path / "folded.safetensors")]) == 0
+    a, b = load_file(str(tmp_path / "folded.safetensors")), load_file(str(run / "model.safetensors"))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert json.loads((run / "result.json").read_text())["fold_max_abs_diff"] < 1e-5
+
+
+def test_python_dash_m_pathway():
+    run = subprocess.run([sys.executable, "-m", "pathway", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0 and "Multimodal Pathway" in run.stdout
