@@ -34,6 +34,8 @@ class ImageAdapter(Adapter):
         "pos_embed": "learn",
         "auto_augment": "rand-m9-mstd0.5-inc1",  # None turns RandAugment off
         "re_prob": 0.25,  # random erasing
+        "hflip": 0.5,  # horizontal flip probability (0 for digits, text, anything not mirror-symmetric)
+        "scale": (0.08, 1.0),  # random-resized-crop area range (timm's default)
         "color_jitter": None,  # MAE fine-tuning: off when RandAugment is on
         "interpolation": "bicubic",
         "crop_pct": 0.875,  # evaluation: resize to img_size / crop_pct, centre crop
@@ -74,6 +76,7 @@ class ImageAdapter(Adapter):
             return create_transform(
                 o["img_size"], is_training=True, auto_augment=o["auto_augment"], color_jitter=o["color_jitter"],
                 re_prob=o["re_prob"], re_mode="pixel", interpolation=o["interpolation"], mean=mean, std=std,
+                hflip=o["hflip"], scale=tuple(o["scale"]),
             )
         return create_transform(
             o["img_size"], is_training=False, interpolation=o["interpolation"], crop_pct=o["crop_pct"], mean=mean, std=std

@@ -24,6 +24,7 @@ EPILOG = """examples:
   pathway fold runs/NAME/checkpoints/ckpt-00000100.pt -o folded.safetensors
   pathway inspect RECIPE                                         # connect report, target vs aux
   pathway inspect timm:vit_small_patch16_224 timm:vit_small_patch16_224
+  pathway experiment                                             # the embedded experiment -> results/
 
 Recipes are YAML over typed defaults (pathway/train/config.py, docs/training.md)."""
 
@@ -76,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="+", metavar="RECIPE | timm:NAME", help="a recipe, or two timm model names")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override (pathway.* options apply to timm models too)")
+
+    p = sub.add_parser("experiment", help="the embedded experiment: digits ViT with pathways to a point-cloud MAE, "
+                                          "MiniLM text and a random control, over 3 seeds (README's first command)",
+                       description="Run the embedded experiment and write results/ (table, verdict, plots).")
+    p.add_argument("--out", type=Path, default=Path("results"), help="output folder (default: results)")
+    p.add_argument("--quick", action="store_true", help="toy sizes, same code path (about a minute)")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1 2; with --quick: 0 1)")
 
     p = sub.add_parser("demo-data", help="write the embedded demo data of one modality",
                        description="Generate the small on-disk data set the demo recipes use.")
@@ -167,7 +175,14 @@ def _cmd_demo_data(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "pretrain": _cmd_pretrain, "eval": _cmd_eval, "fold": _cmd_fold,
+def _cmd_experiment(args) -> int:
+    from .experiment import run_experiment
+
+    run_experiment(args.out, quick=args.quick, seeds=tuple(args.seeds) if args.seeds else None)
+    return 0
+
+
+COMMANDS = {"experiment": _cmd_experiment, "train": _cmd_train, "pretrain": _cmd_pretrain, "eval": _cmd_eval, "fold": _cmd_fold,
             "inspect": _cmd_inspect, "demo-data": _cmd_demo_data}
 
 

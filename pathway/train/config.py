@@ -100,7 +100,7 @@ class AuxConfig:
     enabled: bool = True  # False: train the plain target (the baseline of every paper table)
     adapter: str = ""  # modality of the aux checkpoint, for format detection ("" = same as data.adapter)
     checkpoint: str = ""  # aux weights file ("" = random init: tests and the 'untrained aux' ablation)
-    checkpoint_format: str = "auto"  # as model.checkpoint_format
+    checkpoint_format: str = "auto"  # as model.checkpoint_format, or "transformers": a Hugging Face model directory
     embed_dim: int | None = None  # None = same as model.*
     depth: int | None = None
     num_heads: int | None = None

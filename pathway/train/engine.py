@@ -283,6 +283,10 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
     model, report = build_model(recipe, adapter, example=example, log=ctx.log)
     if report is not None:
         ctx.log(str(report))
+        if ctx.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "report.txt").write_text(str(report) + "\n")
+            (run_dir / "report.json").write_text(json.dumps(report.to_dict(), indent=1))
     model.to(ctx.device)
     lr = base_lr(recipe, effective_batch)
     ctx.log(f"optimizer AdamW lr {lr:.3g} (effective batch {effective_batch}), groups:")

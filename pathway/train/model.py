@@ -24,7 +24,8 @@ from .config import Recipe, RecipeError
 if TYPE_CHECKING:
     from pathway.adapters import Adapter
 
-__all__ = ["TransformerModel", "build_adapter", "build_transformer", "build_model", "read_weights", "init_from_checkpoint"]
+__all__ = ["TransformerModel", "build_adapter", "build_transformer", "build_model", "read_weights", "init_from_checkpoint",
+           "load_transformers_model"]
 
 
 class TransformerModel(nn.Module):
@@ -186,6 +187,20 @@ def init_from_checkpoint(model: nn.Module, path: str | Path, fmt: str = "auto", 
     return f"{path.name} (format {report.format}): {len(report.loaded)} tensors loaded, left at init {report.left_at_init or 'none'}"
 
 
+def load_transformers_model(path: str | Path) -> nn.Module:
+    """A Hugging Face model from a local directory (config.json + weights), in fp32, eval mode, no network."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise RecipeError(f"aux.checkpoint={path}: aux.checkpoint_format=transformers needs a Hugging Face model "
+                          f"directory holding config.json and the weights")
+    try:
+        from transformers import AutoModel
+    except ImportError as e:
+        raise RecipeError("aux.checkpoint_format=transformers needs the transformers package "
+                          "(pip install transformers)") from e
+    return AutoModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32).eval()
+
+
 def build_model(recipe: Recipe, adapter: Adapter | None = None, *, example: Tensor | None = None,
                 log=print) -> tuple[TransformerModel, Any]:
     """Target model (initialised from ``model.checkpoint``), connected to the aux model when ``aux.enabled``.
@@ -201,6 +216,13 @@ def build_model(recipe: Recipe, adapter: Adapter | None = None, *, example: Tens
         log("target init: " + init_from_checkpoint(model, recipe.model.checkpoint, recipe.model.checkpoint_format))
     if not recipe.aux.enabled:
         return model, None
+    if recipe.aux.checkpoint_format == "transformers":
+        # Any Hugging Face model directory (another codebase, another modality): the core pairs it by
+        # graph position and derives its inputs from its config (token ids for a text encoder).
+        aux = load_transformers_model(recipe.aux.checkpoint)
+        log(f"aux: {type(aux).__name__} from {recipe.aux.checkpoint} (Hugging Face directory)")
+        inputs = {} if example is None else {"target_inputs": example}
+        return model, pathway.connect(model, aux, **recipe.connect_options(), **inputs)
     aux = build_transformer(recipe, adapter, aux=True)
     if recipe.aux.checkpoint:
         log("aux body: " + init_from_checkpoint(aux, recipe.aux.checkpoint, recipe.aux.checkpoint_format, body_only=True))
