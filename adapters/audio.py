@@ -162,6 +162,10 @@ class AudioAdapter(Adapter):
             fbank = spec_augment(fbank, o["freqm"], o["timem"])
         return ((fbank - o["norm_mean"]) / (2 * o["norm_std"])).unsqueeze(0)
 
+    def input_shape(self) -> tuple[int, ...]:
+        o = self.options
+        return (1, o["target_length"], o["num_mel_bins"])
+
     def tokenizer(self, embed_dim: int) -> Tokenizer:
         o = self.options
         return AudioSpectrogramTokenizer(o["target_length"], o["num_mel_bins"], o["patch_size"], embed_dim, o["pos_embed"])

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
@@ -111,6 +112,15 @@ class Adapter:
 
     def tokenizer(self, embed_dim: int) -> Tokenizer:
         raise NotImplementedError
+
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one training item's ``x`` (no batch dimension), from the options alone."""
+        raise NotImplementedError
+
+    def example_input(self) -> torch.Tensor:
+        """A random ``x`` of the right shape: what ``pathway.connect`` runs when it needs example inputs
+        and there is no data at hand (dry runs, ``pathway inspect``)."""
+        return torch.randn(self.input_shape())
 
     def head(self, embed_dim: int) -> nn.Module:
         """Mean-pool + Linear on the model's final LayerNorm; multilabel heads are the same, logits for BCE."""

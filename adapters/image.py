@@ -82,6 +82,10 @@ class ImageAdapter(Adapter):
             o["img_size"], is_training=False, interpolation=o["interpolation"], crop_pct=o["crop_pct"], mean=mean, std=std
         )
 
+    def input_shape(self) -> tuple[int, ...]:
+        o = self.options
+        return (o["in_chans"], o["img_size"], o["img_size"])
+
     def tokenizer(self, embed_dim: int) -> Tokenizer:
         o = self.options
         return ImagePatchTokenizer(o["img_size"], o["patch_size"], o["in_chans"], embed_dim, pos_embed=o["pos_embed"])

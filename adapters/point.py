@@ -199,6 +199,10 @@ class _PointAdapterBase(Adapter):
         x = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32))
         return x, None if labels is None else torch.from_numpy(labels[idx].astype(np.int64))
 
+    def input_shape(self) -> tuple[int, ...]:
+        o = self.options
+        return (o["num_points"], o["in_chans"])
+
     def tokenizer(self, embed_dim: int) -> Tokenizer:
         o = self.options
         return PointGroupTokenizer(o["num_groups"], o["group_size"], o["in_chans"], embed_dim)

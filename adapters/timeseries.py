@@ -91,6 +91,10 @@ class TimeSeriesAdapter(Adapter):
         series = (series - mean) / np.maximum(std, 1e-6)
         return np.pad(series, ((0, 0), (0, n - series.shape[1]))).astype(np.float32)
 
+    def input_shape(self) -> tuple[int, ...]:
+        o = self.options
+        return (o["in_chans"], o["length"])
+
     def tokenizer(self, embed_dim: int) -> Tokenizer:
         o = self.options
         return TimeSeriesPatchTokenizer(o["length"], o["patch_size"], o["in_chans"], embed_dim, o["pos_embed"])

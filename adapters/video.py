@@ -173,6 +173,10 @@ class VideoAdapter(Adapter):
                 views.append(self._normalise(frames[..., top : top + size, left : left + size]))
         return views[0] if len(views) == 1 else torch.stack(views)
 
+    def input_shape(self) -> tuple[int, ...]:
+        o = self.options
+        return (3, o["num_frames"], o["img_size"], o["img_size"])
+
     def tokenizer(self, embed_dim: int) -> Tokenizer:
         o = self.options
         return VideoTubeletTokenizer(

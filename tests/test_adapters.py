@@ -487,3 +487,16 @@ def test_timeseries_adapter(tmp_path: Path):
     assert out.tokens.shape == (3, 8, 16) and out.targets.shape == (3, 8, 24)
     with pytest.raises(LayoutError, match="has 3 channels but in_chans=2"):
         adapters.get("timeseries")(tmp_path, in_chans=2, length=64, patch_size=8, strict=True).dataset("train", False)[0]
+
+
+@pytest.mark.parametrize("name, options", [
+    ("image", dict(img_size=32, patch_size=8)), ("video", dict(num_frames=8, img_size=32)),
+    ("audio", dict(target_length=64, num_mel_bins=32)), ("point", dict(num_points=256, num_groups=8, group_size=16)),
+    ("point_part", dict(num_points=256, num_groups=8, group_size=16)), ("timeseries", dict(length=128, patch_size=16)),
+])
+def test_example_input_fits_the_tokenizer_without_data(name, options):
+    from pathway.adapters import get
+
+    adapter = get(name).spec(4, **options)
+    tokens = adapter.tokenizer(32)(adapter.example_input()[None])
+    assert tokens.shape[0] == 1 and tokens.shape[-1] == 32
