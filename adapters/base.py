@@ -98,8 +98,20 @@ class Adapter:
         """Raise :class:`OptionError` for option values the adapter cannot use."""
 
     def find_classes(self) -> list[str]:
-        """Class names, in label order, found from ``self.root`` and the options."""
-        raise NotImplementedError
+        """Class names, in label order: the ``classes`` option, else the class folders of the training split.
+
+        Adapters that read manifests (audio, video) override this.
+        """
+        from .layout import folder_classes
+
+        o = self.options
+        return folder_classes(self.root, o["classes"], o["train_split"], o["extensions"])
+
+    def folder_samples(self, split: str) -> list[tuple[Path, int]]:
+        """``(file, label)`` for every file of ``root/split/<class>/``, in the folder-per-class layout."""
+        from .layout import scan_class_folders, split_dir
+
+        return scan_class_folders(split_dir(self.root, split), self.options["extensions"], self.classes)
 
     def dataset(self, split: str, train: bool) -> Dataset:
         """Items ``(x, y)`` of ``split``; ``train`` turns on augmentation."""

@@ -14,7 +14,6 @@ from torch.utils.data import Dataset
 from pathway.tokenizers import ImagePatchTokenizer, Tokenizer
 
 from .base import Adapter, FileDataset, OptionError
-from .layout import folder_classes, scan_class_folders, split_dir
 from .registry import register
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -50,13 +49,9 @@ class ImageAdapter(Adapter):
         if self.options["in_chans"] not in (1, 3):
             raise OptionError(f"ImageAdapter: in_chans={self.options['in_chans']} must be 3 (RGB) or 1 (grey)")
 
-    def find_classes(self) -> list[str]:
-        o = self.options
-        return folder_classes(self.root, o["classes"], o["train_split"], o["extensions"])
-
     def build_dataset(self, split: str, train: bool) -> Dataset:
         o = self.options
-        samples = scan_class_folders(split_dir(self.root, split), o["extensions"], self.classes)
+        samples = self.folder_samples(split)
         transform = self.transform(train)
 
         def load(path: Path, label: int, index: int) -> tuple[Tensor, int]:

@@ -29,7 +29,7 @@ from pathway.tokenizers import PointGroupTokenizer, Tokenizer
 
 from .base import Adapter, FileDataset, LayoutError, OptionError, UnreadableFileError
 from .heads import SegmentationHead
-from .layout import folder_classes, list_files, scan_class_folders, split_dir
+from .layout import list_files, split_dir
 from .registry import register
 
 CLOUD_EXTENSIONS = ("ply", "pcd", "xyz", "xyzn", "xyzrgb", "pts")
@@ -215,13 +215,9 @@ class PointAdapter(_PointAdapterBase):
     task = "classification"
     metric = "top1"
 
-    def find_classes(self) -> list[str]:
-        o = self.options
-        return folder_classes(self.root, o["classes"], o["train_split"], o["extensions"])
-
     def build_dataset(self, split: str, train: bool) -> Dataset:
         o = self.options
-        samples = scan_class_folders(split_dir(self.root, split), o["extensions"], self.classes)
+        samples = self.folder_samples(split)
 
         def load(path: Path, label: int, index: int) -> tuple[Tensor, int]:
             x, _ = self.process(read_points(path, o["in_chans"], o["mesh_points"]), None, train, index)

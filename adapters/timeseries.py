@@ -19,7 +19,6 @@ from torch.utils.data import Dataset
 from pathway.tokenizers import PatchTokenizer, Tokenizer
 
 from .base import Adapter, FileDataset, LayoutError, OptionError, UnreadableFileError
-from .layout import folder_classes, scan_class_folders, split_dir
 from .registry import register
 
 
@@ -65,13 +64,9 @@ class TimeSeriesAdapter(Adapter):
         if o["length"] % o["patch_size"]:
             raise OptionError(f"TimeSeriesAdapter: length={o['length']} must be a multiple of patch_size={o['patch_size']}")
 
-    def find_classes(self) -> list[str]:
-        o = self.options
-        return folder_classes(self.root, o["classes"], o["train_split"], o["extensions"])
-
     def build_dataset(self, split: str, train: bool) -> Dataset:
         o = self.options
-        samples = scan_class_folders(split_dir(self.root, split), o["extensions"], self.classes)
+        samples = self.folder_samples(split)
 
         def load(path: Path, label: int, index: int) -> tuple[Tensor, int]:
             series = read_series(path)
