@@ -157,19 +157,30 @@ def test_tied_target_weight_keeps_its_tie():
         torch.testing.assert_close(target(x), out, atol=1e-5, rtol=1e-5)
 
 
-def test_autocast_bf16_and_torch_compile():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast(dtype):
+    target = toys.timm_vit()
+    pathway.connect(target, toys.timm_vit())
+    set_lambdas(target, 0.1)
+    with torch.autocast("cpu", dtype=dtype):
+        out = target(torch.randn(2, 3, 32, 32))
+    assert out.dtype == dtype
+    out.float().sum().backward()
+    lam = pathway.lambdas(target)["blocks.0.attn.qkv.weight"]
+    assert lam.grad is not None and lam.grad.dtype == torch.float32 and torch.isfinite(lam.grad)
+
+
+def test_torch_compile():
     target = toys.timm_vit()
     pathway.connect(target, toys.timm_vit())
     set_lambdas(target, 0.1)
     x = torch.randn(2, 3, 32, 32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = target(x)
-    assert out.dtype == torch.bfloat16
-    out.float().sum().backward()
-    assert pathway.lambdas(target)["blocks.0.attn.qkv.weight"].grad is not None
     eager = target(x)
     compiled = torch.compile(target)
-    torch.testing.assert_close(compiled(x), eager, atol=1e-4, rtol=1e-4)
+    out = compiled(x)
+    torch.testing.assert_close(out, eager, atol=1e-4, rtol=1e-4)
+    out.sum().backward()
+    assert pathway.lambdas(target)["blocks.0.attn.qkv.weight"].grad is not None
 
 
 def test_ddp_sees_no_unused_parameters(tmp_path):
