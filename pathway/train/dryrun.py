@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .config import Recipe, check_adapter
-from .model import build_adapter, build_transformer
+from .config import Recipe, RecipeError, check_adapter
+from .model import build_adapter, build_transformer, load_transformers_model
 from .optim import base_lr
 
 __all__ = ["dry_run"]
@@ -24,33 +24,24 @@ __all__ = ["dry_run"]
 def _build_pair(recipe: Recipe, adapter, device: str):
     with torch.device(device):
         target = build_transformer(recipe, adapter)
-        aux = build_transformer(recipe, adapter, aux=True) if recipe.aux.enabled else None
-    return target, aux
-
-
-def example_input(adapter, has_data: bool, split: str):
-    """One input batch for the core to read the graphs: the adapter's ``example_input()`` if it has one,
-    else the first training item, else None (the core derives one)."""
-    if hasattr(adapter, "example_input"):
-        return adapter.example_input()[None]
-    if has_data:
-        return adapter.dataset(split, train=True)[0][0][None]
-    return None
+        if not recipe.aux.enabled:
+            return target, None
+        if recipe.aux.checkpoint_format == "transformers":
+            return target, load_transformers_model(recipe.aux.checkpoint)
+        return target, build_transformer(recipe, adapter, aux=True)
 
 
 def _plan(target, aux, recipe: Recipe, example, device: str):
     import pathway
 
-    inputs = {}
-    if example is not None:
-        example = example.to(device)
-        inputs = {"target_inputs": example, "aux_inputs": example}
-    return pathway.plan(target, aux, **recipe.connect_options(), **inputs)
+    example = example.to(device)
+    # a Hugging Face aux reads its own inputs (token ids...) from its config
+    aux_inputs = {} if recipe.aux.checkpoint_format == "transformers" else {"aux_inputs": example}
+    return pathway.plan(target, aux, **recipe.connect_options(), target_inputs=example, **aux_inputs)
 
 
 def dry_run(recipe: Recipe, *, world: int = 1, pretrain: bool = False) -> str:
     """The report text; raises RecipeError (or the core's PathwayError) for what would stop a run."""
-    import pathway
     check_adapter(recipe)
     lines = [f"recipe {recipe.source}" + (f": {recipe.description}" if recipe.description else "")]
     problems = []
@@ -63,14 +54,18 @@ def dry_run(recipe: Recipe, *, world: int = 1, pretrain: bool = False) -> str:
     if not has_data:
         problems.append(f"data.root {root or '(empty)'} does not exist")
     for key, path in (("model.checkpoint", recipe.model.checkpoint), ("aux.checkpoint", recipe.aux.checkpoint)):
-        if path and not Path(path).is_file():
-            problems.append(f"{key} {path} does not exist")
+        hf_directory = key == "aux.checkpoint" and recipe.aux.checkpoint_format == "transformers"
+        if path and not (Path(path) / "config.json" if hf_directory else Path(path)).is_file():
+            problems.append(f"{key} {path} does not exist" + (" (a Hugging Face model directory)" if hf_directory else ""))
     adapter = build_adapter(recipe, need_data=False)
     lines.append(f"adapter {adapter.name}: task {adapter.task}, metric {adapter.metric}, {adapter.num_classes} classes"
                  + ("" if has_data else " (data-less spec)"))
 
-    example = example_input(adapter, has_data, recipe.data.train_split)
-    device = "meta"
+    example = adapter.example_input()[None]  # from the options alone: no data needed
+    # a Hugging Face aux loads its weights on the CPU, so the target is built there too
+    device = "cpu" if recipe.aux.enabled and recipe.aux.checkpoint_format == "transformers" else "meta"
+    if device == "cpu" and problems and "aux.checkpoint" in problems[-1]:
+        raise RecipeError(f"{recipe.source}: {problems[-1]}")
     try:
         target, aux = _build_pair(recipe, adapter, device)
         report = _plan(target, aux, recipe, example, device) if aux is not None and not pretrain else None
@@ -78,13 +73,6 @@ def dry_run(recipe: Recipe, *, world: int = 1, pretrain: bool = False) -> str:
         device = "cpu"
         target, aux = _build_pair(recipe, adapter, device)
         report = _plan(target, aux, recipe, example, device) if aux is not None and not pretrain else None
-    except pathway.TraceError as err:
-        if example is not None:
-            raise
-        # No data and no adapter.example_input(): the core's guessed input did not fit this tokenizer.
-        report = f"pathway: no connect report: {str(err).split('. Pass inputs')[0]}"
-        problems.append("the connect report needs an example input: the data, or adapter.example_input() "
-                        "(docs/requests-engine.md, item 3)")
     n_params = sum(p.numel() for p in target.parameters())
     lines.append(f"target: TransformerModel D={recipe.model.embed_dim} depth={recipe.model.depth} "
                  f"heads={recipe.model.num_heads}, {n_params / 1e6:.2f}M parameters (built on {device})"
