@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -146,9 +147,13 @@ def run_experiment(out: str | Path = "results", quick: bool = False, seeds: tupl
             t = time.perf_counter()
             recipe = load_recipe(RECIPES / "experiment_image.yaml", [
                 f"data.root={image_root}", f"train.seed={seed}", f"output.dir={out / 'runs'}",
-                f"output.name={condition}-seed{seed}", *aux[condition], *sizes.train])
+                f"output.name={condition}-seed{seed}", "train.keep_last=1", *aux[condition], *sizes.train])
             result = train(recipe)
             run_dir = Path(result["run_dir"])
+            # A finished run needs no resume state (three checkpoints with optimizer state are ~0.7 GB
+            # per run here) nor the second copy of its folded model in timm keys, already checked.
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+            Path(result.get("timm_model", run_dir / "model_timm.safetensors")).unlink(missing_ok=True)
             lambda_rows = _read_jsonl(run_dir / "lambdas.jsonl")
             runs.append(Run(
                 condition, seed, float(result["metrics"]["top1"]) / 100.0, result.get("fold_max_abs_diff"),
@@ -231,7 +236,8 @@ def summarise(runs: list[Run], out: Path, pretrained: dict[str, Any], timings: d
         "- learned lambdas per layer, last step of each run: `lambdas.json`",
         *[f"- connect report: `{p}`" for p in reports],
         *[f"- plot: `{p.name}`" for p in plots],
-        "- every run (metrics.jsonl, CSVs, per-run plots, folded model): `runs/<condition>-seed<k>/`",
+        "- every run (metrics.jsonl, CSVs, per-run plots, connect report, folded model): "
+        "`runs/<condition>-seed<k>/`; training checkpoints are removed once a run has finished",
         "",
         "## Time (seconds)",
         "",
