@@ -191,7 +191,9 @@ class _PointAdapterBase(Adapter):
     def process(self, points: np.ndarray, labels: np.ndarray | None, train: bool, index: int):
         """Normalise, sample to ``num_points`` (labels alongside) and augment; returns tensors."""
         o = self.options
-        rng = np.random.default_rng() if train else np.random.default_rng(index)
+        # training: seeded from numpy's global state, which the engine seeds, checkpoints and restores (and
+        # DataLoader workers re-seed), so runs repeat and resume exactly; evaluation: fixed per item
+        rng = np.random.default_rng(np.random.randint(2**63 - 1, dtype=np.int64) if train else index)
         idx = sample_indices(len(points), o["num_points"], rng)
         points = normalize_unit_sphere(points[idx])
         if train and o["augment"]:

@@ -75,6 +75,7 @@ def step_fn(model: nn.Module, variant: str, device: str, batch: int):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    step.optimizer = opt
     return step
 
 
@@ -140,25 +141,33 @@ def connect_fold_time(name: str, device: str) -> dict[str, float]:
     return {"forward_batch1": forward, "connect": connect, "fold": fold}
 
 
-def peak_memory(name: str, variant: str, device: str, batch: int) -> float:
-    """One training step in this (fresh) process; peak bytes."""
+def peak_memory(name: str, variant: str, device: str, batch: int) -> dict[str, float]:
+    """Two training steps in this (fresh) process: peak bytes, and the persistent state's bytes.
+
+    On the CPU the peak is the process's peak RSS, which the activations set; the allocator reuses
+    memory freed by activations for later tensors, so the state (parameters + gradients + optimizer
+    state, counted exactly) says what a pathway adds that stays.
+    """
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    step = step_fn(build(name, variant, device), variant, device, batch)
+    model = build(name, variant, device)
+    step = step_fn(model, variant, device, batch)
     step()
     step()
     sync(device)
-    if device == "cuda":
-        return float(torch.cuda.max_memory_allocated())
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+    state = sum(p.numel() * p.element_size() * (2 if p.grad is not None else 1) for p in model.parameters())
+    state += sum(t.numel() * t.element_size() for s in step.optimizer.state.values() for t in s.values()
+                 if torch.is_tensor(t))
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"peak": float(peak), "state": float(state)}
 
 
-def memory_table(name: str, device: str, batch: int) -> dict[str, float]:
+def memory_table(name: str, device: str, batch: int) -> dict[str, dict[str, float]]:
     out = {}
     for v in VARIANTS:
         cmd = [sys.executable, "-P", __file__, "--memory-of", v, "--models", name, "--batch", str(batch),
                "--device", device]
-        out[v] = float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip())
+        out[v] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip())
     return out
 
 
@@ -171,7 +180,7 @@ def main() -> None:
     parser.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_of:
-        print(peak_memory(args.models[0], args.memory_of, args.device, args.batch))
+        print(json.dumps(peak_memory(args.models[0], args.memory_of, args.device, args.batch)))
         return
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {device_name}; torch {torch.__version__}; batch {args.batch}; median of {args.rounds} rounds"
@@ -184,10 +193,12 @@ def main() -> None:
         cf = connect_fold_time(name, args.device)
         results[name] = {"step_s": steps, "peak_bytes": memory, "inference_s": infer, "connect_fold_s": cf}
         print(f"\n{name}")
-        print(f"  {'variant':<10} {'step (s)':>9} {'vs plain':>9} {'peak mem (MiB)':>15} {'vs plain':>9}")
+        print(f"  {'variant':<10} {'step (s)':>9} {'vs plain':>9} {'peak (MiB)':>11} {'vs plain':>9} "
+              f"{'state (MiB)':>12} {'vs plain':>9}")
         for v in VARIANTS:
-            print(f"  {v:<10} {steps[v]:9.3f} {steps[v] / steps['plain']:9.3f} "
-                  f"{memory[v] / 2**20:15.0f} {memory[v] / memory['plain']:9.3f}")
+            m, p = memory[v], memory["plain"]
+            print(f"  {v:<10} {steps[v]:9.3f} {steps[v] / steps['plain']:9.3f} {m['peak'] / 2**20:11.0f} "
+                  f"{m['peak'] / p['peak']:9.3f} {m['state'] / 2**20:12.0f} {m['state'] / p['state']:9.3f}")
         print(f"  connected vs reference step: {steps['connected'] / steps['reference']:.3f}")
         print(f"  inference: folded {infer['folded']:.3f}s vs plain {infer['plain']:.3f}s "
               f"(ratio {infer['folded'] / infer['plain']:.3f})")
