@@ -61,7 +61,10 @@ def load_and_step_seconds(adapter, batch_size: int) -> tuple[float, float]:
         start = time.perf_counter()
         with pathway.cached():
             logits = net(x)
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, -2), y.flatten().long())
+            if adapter.task == "multilabel":
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y.float())
+            else:  # classification, or per-point segmentation (logits [B, N, C])
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, -2), y.flatten().long())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
