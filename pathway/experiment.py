@@ -211,7 +211,7 @@ def summarise(runs: list[Run], out: Path, pretrained: dict[str, Any], timings: d
             f"{max(folds):.1e}" if folds else "-",
             ", ".join(map(str, params)) + (" (= baseline)" if set(params) == base_params else "") + " |"]))
     words = verdict(runs)
-    plots = _plots(runs, out)
+    plot = _plot(runs, out)
     seeds = sorted({r.seed for r in runs})
     reports = sorted(str(p.relative_to(out)) for p in (out / "runs").glob("*/report.txt"))
     lambdas = {f"{r.condition}-seed{r.seed}": r.lambdas for r in runs if r.lambdas}
@@ -235,7 +235,7 @@ def summarise(runs: list[Run], out: Path, pretrained: dict[str, Any], timings: d
         f"(MAE loss {pretrained['first_loss']:.4f} -> {pretrained['last_loss']:.4f} in {pretrained['steps']} steps)",
         "- learned lambdas per layer, last step of each run: `lambdas.json`",
         *[f"- connect report: `{p}`" for p in reports],
-        *[f"- plot: `{p.name}`" for p in plots],
+        f"- plot: `{plot.name}`",
         "- every run (metrics.jsonl, CSVs, per-run plots, connect report, folded model): "
         "`runs/<condition>-seed<k>/`; training checkpoints are removed once a run has finished",
         "",
@@ -248,18 +248,18 @@ def summarise(runs: list[Run], out: Path, pretrained: dict[str, Any], timings: d
     summary.write_text(text)
     print("\n" + "\n".join(table) + "\n\nVerdict:\n" + "\n".join(f"  {w}" for w in words))
     print(f"\nResults in {out}: README.md (table, verdict), lambdas.json, "
-          f"{', '.join(p.name for p in plots)}, runs/ (per-run logs, reports, folded models). "
+          f"{plot.name}, runs/ (per-run logs, reports, folded models). "
           f"Total {timings['total'] / 60:.1f} min.")
     return summary
 
 
-def _plots(runs: list[Run], out: Path) -> list[Path]:
+def _plot(runs: list[Run], out: Path) -> Path:
+    """One PNG: accuracy per condition, accuracy curves, learned lambda per layer."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
     fig, (ax_acc, ax_curve, ax_lam) = plt.subplots(1, 3, figsize=(16, 4.5))
     means = [_mean_std([r.accuracy for r in runs if r.condition == c]) for c in CONDITIONS]
     colors = ["#888888", "#1f77b4", "#d62728", "#9467bd"]
@@ -297,5 +297,4 @@ def _plots(runs: list[Run], out: Path) -> list[Path]:
     path = out / "experiment.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    paths.append(path)
-    return paths
+    return path
