@@ -1,6 +1,6 @@
 """``fold``: merge ``W + sum(lambda_i * W_aux_i)`` into ``W`` and remove every pathway tensor.
 
-The merge runs in fp32 and is cast back (PEFT saw merge drift in bf16), and it is written into the
+The merge runs in fp32 (fp64 for fp64 weights) and is cast back (PEFT saw merge drift in bf16), and it is written into the
 original ``nn.Parameter`` object, so the model is the user's own class again with the original
 ``state_dict`` keys, optimizers holding that parameter stay valid, and ``requires_grad`` is what it
 was before ``connect``.
@@ -17,6 +17,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .errors import NotConnectedError, PathwayError
+from .layer import PathwayWeight
 from .modules import pathway_sites
 
 
@@ -32,17 +33,20 @@ def fold(model: nn.Module) -> nn.Module:
     if not sites:
         raise NotConnectedError(f"{type(model).__name__} is not connected (pathway.is_connected(model) is False): "
                                 f"there is nothing to fold")
-    for name, module, tensor_name, pathways in sites:
-        for other_name, plist in module.parametrizations.items():
-            if any(p not in pathways for p in plist) and (other_name != tensor_name or len(plist) != len(pathways)):
-                raise PathwayError(f"'{name}': its module also carries parametrizations that are not pathways on "
-                                   f"'{other_name}'; remove them before fold")
+    for name, module, _, _ in sites:
+        others = [type(p).__name__ for plist in module.parametrizations.values() for p in plist
+                  if not isinstance(p, PathwayWeight)]
+        if others:
+            raise PathwayError(f"'{name}': its module also carries parametrizations that are not pathways "
+                               f"({', '.join(others)}); remove them before fold")
     merged: dict[int, tuple[nn.Parameter, torch.Tensor, bool]] = {}
     with torch.no_grad():
         for _, module, tensor_name, pathways in sites:
             original = module.parametrizations[tensor_name].original
             if id(original) not in merged:
-                total = original.float() + sum(p.delta() for p in pathways)
+                # at least fp32: bf16/fp16 weights merge without drift, fp64 ones keep their precision
+                dtype = torch.promote_types(original.dtype, torch.float32)
+                total = original.to(dtype) + sum(p.delta(dtype) for p in pathways)
                 merged[id(original)] = (original, total.to(original.dtype), pathways[0].target_requires_grad)
         for module in {id(m): m for _, m, _, _ in sites}.values():
             originals = {n: plist.original for n, plist in module.parametrizations.items()}

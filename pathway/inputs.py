@@ -4,7 +4,7 @@ torch.fx needs no inputs; the runtime recorder runs one forward, so it needs a b
 the model accepts. Users may pass their own (a tensor, a tuple of args or a dict of kwargs);
 otherwise this module derives them, and the report says which ones were used.
 
-Sources, in order: timm's ``pretrained_cfg['input_size']``; a Hugging Face config
+Sources, in order: timm's ``patch_embed`` (its built image size) or ``pretrained_cfg['input_size']``; a Hugging Face config
 (``main_input_name`` with ``image_size``/``num_channels``, ``num_frames``, ``max_length`` x
 ``num_mel_bins``, or token ids); torchvision's ``image_size`` attribute; finally the first weight
 layer of the model (a Conv2d's ``in_channels``, a Linear's ``in_features``, an Embedding).
@@ -39,6 +39,9 @@ def derive_inputs(model: nn.Module) -> tuple[Any, str]:
     def image(*shape: int) -> torch.Tensor:
         return torch.randn(1, *shape, device=device, dtype=dtype)
 
+    patch_embed = getattr(model, "patch_embed", None)   # timm: the built size, which img_size= may change
+    if isinstance(getattr(patch_embed, "img_size", None), tuple) and hasattr(getattr(patch_embed, "proj", None), "in_channels"):
+        return image(patch_embed.proj.in_channels, *patch_embed.img_size), "timm patch_embed (in_chans, img_size)"
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict) and cfg.get("input_size"):
         return image(*cfg["input_size"]), "timm pretrained_cfg['input_size']"

@@ -41,6 +41,7 @@ def _spec(model: nn.Module) -> list[dict]:
 
 def save(model: nn.Module, path: str | Path) -> None:
     """Write a connected model (weights, aux weights, lambdas, pairing) to a safetensors file."""
+    model = getattr(model, "_orig_mod", model)   # torch.compile wrapper: store the user's own keys
     if not is_connected(model):
         raise NotConnectedError(f"{type(model).__name__} is not connected; save a plain model with "
                                 f"safetensors.torch.save_model instead")

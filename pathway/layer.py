@@ -47,9 +47,9 @@ class PathwayWeight(nn.Module):
         # one fused op: weight + scale * aux_weight
         return torch.addcmul(weight, self.scale.to(weight.dtype), self.aux_weight)
 
-    def delta(self) -> torch.Tensor:
-        """``lambda * W_aux`` in fp32, what fold adds to the target weight."""
-        return self.scale.float() * self.aux_weight.float()
+    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``lambda * W_aux`` in ``dtype``, what fold adds to the target weight."""
+        return self.scale.to(dtype) * self.aux_weight.to(dtype)
 
     def extra_repr(self) -> str:
         shape = "scalar" if self.scale.dim() == 0 else f"per-channel {tuple(self.scale.shape)}"

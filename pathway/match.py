@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 from .errors import CompetingPairsError, DepthMismatchError, GroupSizeError, NoPairsError, ShapeMismatchError
 from .report import Pair
@@ -162,9 +163,14 @@ def _counterpart_by_name(m: WeightUse, target: ModelView, aux: ModelView, i: int
 
 
 def match(target: ModelView, aux: ModelView, *, match: str, depth: str, segments: tuple[str, ...],
-          overrides: dict[str, str | list[str]], on_shape_mismatch: str
+          overrides: dict[str, str | list[str]], on_shape_mismatch: str, keeps: Callable[[str], bool] = lambda n: True,
           ) -> tuple[list[Pair], dict[str, str], list[int | None], str]:
-    """Pair target units with aux units; returns (pairs, unpaired target weights, block map, strategy)."""
+    """Pair target units with aux units; returns (pairs, unpaired target weights, block map, strategy).
+
+    ``keeps`` says which target weights include/exclude keep; shape problems on weights left out, or
+    on weights that ``overrides`` pair by hand, are not errors.
+    """
+    overrides = {_resolve(name, target, "target"): aux_names for name, aux_names in (overrides or {}).items()}
     block_map = map_blocks(target.depth, aux.depth, depth) if target.depth and aux.depth else [None] * target.depth
     strategy = match
     if match == "auto":
@@ -208,8 +214,9 @@ def match(target: ModelView, aux: ModelView, *, match: str, depth: str, segments
     for t, a, j in candidates:
         built, problem = unit_pairs(t, a, j)
         if problem:
-            problems.append(problem)
             unpaired.update({n: problem for n in t.names})
+            if any(keeps(n) and n not in overrides for n in t.names):
+                problems.append(problem)
         pairs += built
     if problems and on_shape_mismatch == "error":
         error = GroupSizeError if any(p.endswith("[group]") for p in problems) else ShapeMismatchError
@@ -218,8 +225,13 @@ def match(target: ModelView, aux: ModelView, *, match: str, depth: str, segments
                     f"Fix: on_shape_mismatch='skip' leaves them unpaired; pairs={{...}} sets a pair by hand; "
                     f"exclude=[...] leaves a target weight out.")
 
-    pairs = _apply_overrides(pairs, overrides, target, aux, unpaired)
-    _check_competition(pairs)
+    replaced = {}
+    for p in pairs:
+        if p.target in overrides:
+            replaced.setdefault(p.target, p)
+    pairs = [p for p in pairs if p.target not in overrides]
+    _check_competition(pairs)     # before overrides: setting one pair by hand must not hide another clash
+    pairs = _apply_overrides(pairs, overrides, replaced, target, aux, unpaired)
     for p in pairs:
         unpaired.pop(p.target, None)
     if not pairs:
@@ -243,13 +255,13 @@ def _resolve(name: str, view: ModelView, side: str) -> str:
     raise ShapeMismatchError(f"pairs: the {side} model has no weight '{name}'" + (f"; similar: {close}" if close else ""))
 
 
-def _apply_overrides(pairs: list[Pair], overrides: dict, target: ModelView, aux: ModelView,
-                     unpaired: dict[str, str]) -> list[Pair]:
+def _apply_overrides(pairs: list[Pair], overrides: dict, replaced: dict[str, Pair], target: ModelView,
+                     aux: ModelView, unpaired: dict[str, str]) -> list[Pair]:
+    """Add the hand-set pairs; ``replaced`` holds the automatic pairs they replace (for role and blocks)."""
     if not overrides:
         return pairs
     by_target = {p.target: p for p in pairs}
     for t_name, a_names in overrides.items():
-        t_name = _resolve(t_name, target, "target")
         a_list = [a_names] if isinstance(a_names, str) else list(a_names)
         a_list = [_resolve(n, aux, "aux") for n in a_list]
         t_use = target.use(t_name)
@@ -263,14 +275,14 @@ def _apply_overrides(pairs: list[Pair], overrides: dict, target: ModelView, aux:
         if any(c[1:] != t_canon[1:] for c in canon) or rows != t_canon[0]:
             raise ShapeMismatchError(f"pairs: target '{t_name}' {list(t_canon)} cannot take aux {a_list} "
                                      f"{[list(c) for c in canon]} (stacked along the output dimension).")
-        old = by_target.get(t_name)
+        old = replaced.get(t_name)
         by_target[t_name] = Pair(
             target=t_name, aux=tuple(a_list), transform="override" + (f" concat_out[{len(a_list)}]" if len(a_list) > 1 else ""),
             role=old.role if old else None, segment=old.segment if old else "body",
             target_block=old.target_block if old else None, aux_block=old.aux_block if old else None,
             aux_transposed=a_transposed, out_slice=(0, rows), target_transposed=t_transposed, flags=("override",))
         unpaired.pop(t_name, None)
-    order = {p.target: i for i, p in enumerate(pairs)}
+    order = {p.target: i for i, p in enumerate([*pairs, *replaced.values()])}
     return sorted(by_target.values(), key=lambda p: order.get(p.target, len(order)))
 
 

@@ -55,6 +55,7 @@ def named_plain_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter
 
 def pathway_sites(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, list[PathwayWeight]]]:
     """Every parametrized tensor carrying pathways: (plain name, owner module, tensor name, pathways)."""
+    model = getattr(model, "_orig_mod", model)   # torch.compile wrapper: names as in the user's model
     for path, module in model.named_modules():
         if not parametrize.is_parametrized(module):
             continue

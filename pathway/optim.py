@@ -35,6 +35,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, *, lambda_lr:
         Groups with ``params``, ``lr``, ``weight_decay``, ``lr_scale`` (a scheduler sets
         ``lr = base_lr_now * lr_scale``) and ``name``.
     """
+    model = getattr(model, "_orig_mod", model)   # torch.compile wrapper
     scales = {id(p.scale) for *_, pathways in pathway_sites(model) for p in pathways}
     blocks = find_blocks(model)
     n_layers = len(blocks) + 1

@@ -164,20 +164,26 @@ def plan_with(target: nn.Module, aux: nn.Module, opts: Options) -> Report:
     a_view = read_model(aux, opts.aux_inputs, opts.tracer, opts.kinds, "aux")
     pairs, unpaired, block_map, strategy = match(
         t_view, a_view, match=opts.match, depth=opts.depth, segments=opts.segments, overrides=opts.pairs,
-        on_shape_mismatch=opts.on_shape_mismatch)
-    excluded = sorted({n for n in [*unpaired, *(p.target for p in pairs)] if not opts.keeps(n)})
-    pairs = [p for p in pairs if opts.keeps(p.target) or p.target in opts.pairs]
-    unpaired = {n: why for n, why in unpaired.items() if opts.keeps(n)}
+        on_shape_mismatch=opts.on_shape_mismatch, keeps=opts.keeps)
+    overridden = {p.target for p in pairs if "override" in p.flags}
+    excluded = sorted({n for n in [*unpaired, *(p.target for p in pairs)] if not opts.keeps(n) and n not in overridden})
+    pairs = [p for p in pairs if opts.keeps(p.target) or p.target in overridden]
+    body = {n for u in t_view.units if u.segment == "body" for n in u.names}
+    unpaired_body = {n: why for n, why in unpaired.items() if opts.keeps(n) and n in body}
+    unpaired_other = {n: why for n, why in unpaired.items() if opts.keeps(n) and n not in body}
     if not pairs:
         raise NoPairsError(f"include/exclude left no pair: patterns include={list(opts.include)}, "
                            f"exclude={list(opts.exclude)} removed all {len(excluded)} matched target weights")
     used_aux = {n for p in pairs for n in p.aux}
     unused_aux = [n for u in a_view.units if u.segment == "body" for n in u.names if n not in used_aux]
     flags = sorted({f for p in pairs for f in p.flags})
+    flags += [f"{u.name} is used as {u.kind} first and later as {', '.join(sorted(u.later_kinds))} (tied weights): "
+              f"it is matched by its first use only" for u in t_view.trace.uses if u.later_kinds]
     return Report(
         target=t_view.name, aux=a_view.name, target_reader=t_view.reader, aux_reader=a_view.reader,
         strategy=strategy, depth_policy=opts.depth, depth=(t_view.depth, a_view.depth), block_map=block_map,
-        pairs=pairs, unpaired=unpaired, excluded=excluded, unused_aux=list(dict.fromkeys(unused_aux)),
+        pairs=pairs, unpaired=unpaired_body, unpaired_outside_body=unpaired_other, excluded=excluded,
+        unused_aux=list(dict.fromkeys(unused_aux)),
         never_used_target=_never_used(target, t_view), never_used_aux=_never_used(aux, a_view),
         flags=flags)
 

@@ -52,7 +52,8 @@ class Report:
     depth: tuple[int, int]                          # (target blocks, aux blocks)
     block_map: list[int | None]                     # target block i <- aux block block_map[i]
     pairs: list[Pair] = field(default_factory=list)
-    unpaired: dict[str, str] = field(default_factory=dict)      # target weight -> why
+    unpaired: dict[str, str] = field(default_factory=dict)      # target body weight -> why
+    unpaired_outside_body: dict[str, str] = field(default_factory=dict)  # pre/mid/post weights asked for, unpaired
     excluded: list[str] = field(default_factory=list)           # target weights left out by include/exclude
     unused_aux: list[str] = field(default_factory=list)         # aux body weights no pair uses
     never_used_target: list[str] = field(default_factory=list)  # parameters the traced forward never read
@@ -86,7 +87,9 @@ class Report:
         lines.append(f"  pairs ({len(self.pairs)}):")
         lines += [f"    {p.target:<{width}} <- {p.source}  [{p.transform}]"
                   + (f"  {', '.join(p.flags)}" if p.flags else "") for p in self.pairs]
-        for title, items in (("unpaired target weights", [f"{n}: {why}" for n, why in self.unpaired.items()]),
+        for title, items in (("unpaired target body weights", [f"{n}: {why}" for n, why in self.unpaired.items()]),
+                             ("unpaired target weights outside the body",
+                              [f"{n}: {why}" for n, why in self.unpaired_outside_body.items()]),
                              ("excluded by include/exclude", self.excluded),
                              ("aux body weights unused", self.unused_aux),
                              ("target parameters never read by the traced forward", self.never_used_target),

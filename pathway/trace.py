@@ -88,6 +88,7 @@ class WeightUse:
     call: int                      # index of the op; one MHA call holds two uses
     roles: set[str] = field(default_factory=set)
     input_tags: frozenset[int] = frozenset()
+    later_kinds: set[str] = field(default_factory=set)   # other kinds of later uses (a tied lm_head is linear)
 
     @property
     def role(self) -> str | None:
@@ -366,6 +367,8 @@ def analyse(ops: list[Op], consts: set[int], shapes: dict[str, tuple[int, ...]],
             shape = shape[::-1]
         sequence.append(name)
         if name in first:
+            if kind != uses[first[name]].kind:
+                uses[first[name]].later_kinds.add(kind)
             return first[name]
         use = WeightUse(len(uses), name, kind, tuple(shape), transposed, x if is_activation(x) else None, call,
                         input_tags=tags.get(x, frozenset()) if isinstance(x, int) else frozenset())

@@ -249,3 +249,37 @@ def test_param_groups():
 def test_fold_refuses_a_plain_model():
     with pytest.raises(pathway.NotConnectedError):
         pathway.fold(nn.Linear(2, 2))
+
+
+def test_fold_keeps_float64_exact_and_folds_modules_with_several_weights():
+    target = toys.timm_vit().double()
+    before = target.blocks[0].attn.qkv.weight.detach().clone()
+    pathway.connect(target, toys.timm_vit().double())
+    pathway.fold(target)
+    assert torch.equal(target.blocks[0].attn.qkv.weight, before)       # lambda 0: no rounding through fp32
+
+    for make in (toys.BareNet, lambda: nn.MultiheadAttention(16, 2, vdim=8, batch_first=True)):
+        target, aux = make(), make()
+        if make is toys.BareNet:
+            options = {"target_inputs": toys.tokens(1, 5, 8)}
+        else:   # one attention module, no repeated blocks: its weights are all "pre"; separate q/k/v weights
+            qkv = (torch.randn(1, 5, 16), torch.randn(1, 5, 16), torch.randn(1, 5, 8))
+            options = {"target_inputs": qkv, "aux_inputs": qkv, "segments": ("pre",)}
+        report = pathway.connect(target, aux, **options)
+        set_lambdas(target, 0.2)
+        assert len(report.pairs) == 4
+        pathway.fold(target)
+        assert not pathway.is_connected(target)
+
+
+def test_compiled_model_keeps_the_users_names(tmp_path):
+    target = toys.timm_vit()
+    compiled = torch.compile(target, backend="eager")
+    pathway.connect(compiled, toys.timm_vit())
+    assert all(not name.startswith("_orig_mod") for name in pathway.lambdas(compiled))
+    groups = {g["name"]: g for g in pathway.param_groups(compiled, 1e-3, 0.05)}
+    decayed = {id(p) for p in groups["decay"]["params"]}
+    assert id(target.pos_embed) not in decayed and len(groups["lambda"]["params"]) == 8
+    pathway.save(compiled, tmp_path / "c.safetensors")
+    restored = pathway.load(toys.timm_vit(), tmp_path / "c.safetensors")
+    assert set(pathway.lambdas(restored)) == set(pathway.lambdas(compiled))

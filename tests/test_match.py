@@ -192,3 +192,40 @@ def test_report_reads_well_and_is_plain_data():
     assert "blocks.0.attn.qkv.weight" in text and "attention.self.{query,key,value}.weight" in text
     data = json.loads(json.dumps(report.to_dict()))
     assert data["coverage"] == [8, 8] and len(data["pairs"]) == 8
+
+
+def test_overrides_survive_exclude_and_replace_shape_mismatches():
+    report = pathway.plan(toys.timm_vit(), toys.timm_vit(), exclude=[r"blocks\.0\."],
+                          pairs={"blocks.0.attn.qkv": "blocks.1.attn.qkv.weight"})   # a module name
+    assert pair_map(report)["blocks.0.attn.qkv.weight"] == (("blocks.1.attn.qkv.weight",), "override")
+    assert "blocks.0.attn.qkv.weight" not in report.excluded
+    # the fixes a ShapeMismatchError suggests work: leave the layers out, or pair them by hand
+    target, narrow = toys.timm_vit(), toys.timm_vit(mlp_ratio=1.0)
+    assert {p.target.split(".")[-2] for p in pathway.plan(target, narrow, exclude=[r"\.mlp\."]).pairs} == {"qkv", "proj"}
+    by_hand = {f"blocks.{i}.mlp.fc1.weight": [f"blocks.{i}.mlp.fc1.weight"] * 4 for i in range(2)}
+    report = pathway.plan(target, narrow, pairs=by_hand, exclude=[r"\.fc2\."])
+    assert pair_map(report)["blocks.1.mlp.fc1.weight"][1] == "override concat_out[4]"
+
+
+def test_an_override_does_not_hide_competition_elsewhere():
+    with pytest.raises(pathway.CompetingPairsError, match="block.qkv.weight"):
+        pathway.plan(toys.SharedNet(times=2), toys.FunctionalNet(depth=2),
+                     pairs={"block.fc1.weight": "blocks.0.fc1.weight"})
+
+
+def test_unpaired_weights_outside_the_body_do_not_block_connect():
+    target = toys.timm_vit(classes=10)
+    report = pathway.connect(target, toys.timm_vit(classes=0), segments=("body", "post"))
+    assert report.coverage == (8, 8) and "head.weight" in report.unpaired_outside_body
+
+
+def test_derived_inputs_follow_timm_img_size():
+    from pathway.inputs import derive_inputs
+
+    inputs, source = derive_inputs(toys.timm_vit())
+    assert inputs.shape == (1, 3, 32, 32) and "patch_embed" in source
+
+
+def test_a_tied_lm_head_is_reported():
+    report = pathway.plan(toys.hf_gpt2(lm_head=True), toys.hf_gpt2(), segments=("body", "post"))
+    assert any(f.startswith("transformer.wte.weight is used as embedding first and later as linear") for f in report.flags)

@@ -191,3 +191,28 @@ class GQANet(nn.Module):
         for block in self.blocks:
             x = block(x)
         return x.mean(1)
+
+
+class BareBlock(nn.Module):
+    """Two weights held as bare Parameters on one module, used through F.linear."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(2 * dim, dim) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(dim, 2 * dim) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.linear(torch.relu(F.linear(x, self.w1)), self.w2)
+
+
+class BareNet(nn.Module):
+    def __init__(self, dim: int = 16, depth: int = 2):
+        super().__init__()
+        self.embed = nn.Linear(8, dim)
+        self.blocks = nn.ModuleList(BareBlock(dim) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return x.mean(1)
