@@ -48,8 +48,12 @@ class PathwayWeight(nn.Module):
         return torch.addcmul(weight, self.scale.to(weight.dtype), self.aux_weight)
 
     def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``lambda * W_aux`` in ``dtype``, what fold adds to the target weight."""
-        return self.scale.to(dtype) * self.aux_weight.to(dtype)
+        """``lambda * W_aux`` in ``dtype``, what fold adds to the target weight.
+
+        lambda is first rounded to the weights' dtype, as the forward rounds it, so that a bf16 model
+        folds to exactly what it computed in training.
+        """
+        return self.scale.to(self.aux_weight.dtype).to(dtype) * self.aux_weight.to(dtype)
 
     def extra_repr(self) -> str:
         shape = "scalar" if self.scale.dim() == 0 else f"per-channel {tuple(self.scale.shape)}"

@@ -283,3 +283,14 @@ def test_compiled_model_keeps_the_users_names(tmp_path):
     pathway.save(compiled, tmp_path / "c.safetensors")
     restored = pathway.load(toys.timm_vit(), tmp_path / "c.safetensors")
     assert set(pathway.lambdas(restored)) == set(pathway.lambdas(compiled))
+
+
+def test_bf16_model_folds_to_exactly_what_it_computed():
+    target = toys.timm_vit().to(torch.bfloat16).eval()
+    pathway.connect(target, toys.timm_vit().to(torch.bfloat16))
+    set_lambdas(target, 0.1234567)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        connected = target(x)
+        pathway.fold(target)
+        assert torch.equal(target(x), connected)
