@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 
 from .errors import CoverageError
 from .layer import PathwayWeight
-from .modules import owners, pathway_sites, plain_name
+from .modules import owners, pathway_sites, plain_parameters
 from .plan import Options, coverage_problem, plan_with
 from .report import Pair, Report
 
@@ -39,19 +39,9 @@ def _scale_shape(weight: torch.Tensor, pair: Pair, per_channel: bool) -> tuple[i
     return (weight.shape[0],) + (1,) * (weight.dim() - 1)
 
 
-def _aux_parameters(aux: nn.Module) -> dict[str, torch.Tensor]:
-    aux = getattr(aux, "_orig_mod", aux)
-    params: dict[str, torch.Tensor] = {}
-    for raw, p in aux.named_parameters(remove_duplicate=False):
-        name = plain_name(raw)
-        if name is not None:
-            params.setdefault(name, p)
-    return params
-
-
 def inject(target: nn.Module, aux: nn.Module, report: Report, opts: Options) -> None:
     """Register the pathways of ``report`` on ``target``; all tensors are built before any change."""
-    aux_params = _aux_parameters(aux)
+    aux_params = plain_parameters(getattr(aux, "_orig_mod", aux))
     model = getattr(target, "_orig_mod", target)
     staged = []
     for pair in report.pairs:

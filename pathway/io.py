@@ -77,5 +77,5 @@ def load(target: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
             for owner, name in sites:
                 parametrize.register_parametrization(owner, name, pathway)
         module.parametrizations[tensor_name].original.requires_grad_(not site["pathways"][-1]["target_frozen"])
-    missing, unexpected = load_model(target, str(path), strict=strict)
+    load_model(target, str(path), strict=strict)
     return target

@@ -32,7 +32,10 @@ class ModelView:
     depth: int
     blocks: list[str]                      # module paths; empty when blocks were unrolled
     shapes: dict[str, tuple[int, ...]]     # plain parameter name -> shape
-    reader: str
+
+    @property
+    def reader(self) -> str:
+        return self.trace.reader
 
     def use(self, name: str) -> WeightUse | None:
         return next((u for u in self.trace.uses if u.name == name), None)

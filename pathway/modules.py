@@ -45,6 +45,16 @@ def plain_names(model: nn.Module) -> dict[str, str | None]:
     return table
 
 
+def plain_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every plain name, tied aliases included, -> its parameter; pathway tensors left out."""
+    table: dict[str, nn.Parameter] = {}
+    for raw, p in model.named_parameters(remove_duplicate=False):
+        name = plain_name(raw)
+        if name is not None:
+            table.setdefault(name, p)
+    return table
+
+
 def named_plain_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """The model's own parameters under their plain names, each once, pathway tensors left out."""
     for raw, p in model.named_parameters():

@@ -15,7 +15,7 @@ import torch.nn as nn
 from .errors import DeviceMismatchError, NoPairsError, OptionError, SelfConnectionError, TraceError
 from .inputs import derive_inputs, describe
 from .match import DEPTH_POLICIES, ModelView, match
-from .modules import find_blocks, named_plain_parameters, plain_names
+from .modules import find_blocks, named_plain_parameters, plain_names, plain_parameters
 from .report import Report
 from .trace import Trace, analyse, read_fx, read_runtime
 from .units import build_units
@@ -97,12 +97,8 @@ def read_model(model: nn.Module, inputs: Any, tracer: str, kinds: tuple[str, ...
     """Trace ``model`` (torch.fx first, the runtime recorder where fx fails) and build its units."""
     model = getattr(model, "_orig_mod", model)   # torch.compile wrapper
     names = plain_names(model)
-    shapes = {raw: tuple(p.shape) for raw, p in model.named_parameters(remove_duplicate=False)}
-    plain_shapes = {n: tuple(p.shape) for n, p in named_plain_parameters(model)}
-    shapes.update(plain_shapes)
-    for alias, canonical in names.items():
-        if canonical is not None and alias not in plain_shapes and alias in shapes:
-            plain_shapes[alias] = shapes[alias]
+    plain_shapes = {n: tuple(p.shape) for n, p in plain_parameters(model).items()}
+    shapes = {raw: tuple(p.shape) for raw, p in model.named_parameters(remove_duplicate=False)} | plain_shapes
     ops = None
     fx_error: Exception | None = None
     if tracer in ("auto", "fx"):
@@ -132,11 +128,10 @@ def read_model(model: nn.Module, inputs: Any, tracer: str, kinds: tuple[str, ...
                 f"{side}_inputs=...) as a tensor, a tuple of positional args or a dict of keyword args.") from e
         reader = f"runtime recorder on {describe(inputs)} ({source})"
     uses, sequence, touched = analyse(ops, consts, shapes, names)
-    trace = Trace(reader, describe(inputs) if inputs is not None else "none", uses, sequence, touched)
+    trace = Trace(reader, uses, sequence, touched)
     blocks = find_blocks(model)
     units, depth = build_units(trace, blocks, kinds)
-    return ModelView(type(model).__name__, trace, units, depth, blocks if len(blocks) == depth else [],
-                     plain_shapes, reader)
+    return ModelView(type(model).__name__, trace, units, depth, blocks if len(blocks) == depth else [], plain_shapes)
 
 
 def _check_models(target: nn.Module, aux: nn.Module) -> None:

@@ -105,8 +105,7 @@ class WeightUse:
 class Trace:
     """What one reader saw of one model's forward."""
 
-    method: str                    # "torch.fx" or "runtime recorder"
-    inputs: str                    # which example inputs were used, in words
+    reader: str                    # how it was read, with the example inputs used, in words
     uses: list[WeightUse]          # first use of each weight, in order
     sequence: list[str]            # every matrix use in order, repeats included (shared blocks)
     touched: set[str]              # plain names of every parameter the forward read
@@ -415,7 +414,7 @@ def analyse(ops: list[Op], consts: set[int], shapes: dict[str, tuple[int, ...]],
             for out in op.outputs:
                 tags[out] = merged
         else:
-            srcs = [sources(r) for r in op.touched if sources(r) is not None]
+            srcs = [src for src in map(sources, op.touched) if src is not None]
             if srcs:
                 names = frozenset().union(*(s[0] for s in srcs))
                 transposes = max(s[1] for s in srcs) + (1 if op.kind == "transpose" else 0)

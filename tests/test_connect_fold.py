@@ -13,7 +13,8 @@ import torch.nn as nn
 
 import pathway
 import toy_models as toys
-from pathway.inject import _aux_parameters, materialise
+from pathway.inject import materialise
+from pathway.modules import plain_parameters
 from pathway.modules import owners
 
 CASES = [  # (name, make target, make aux, example input)
@@ -40,7 +41,7 @@ def by_hand(target, aux, report):
     """A plain copy of the target whose weights were set to W + lambda * W_aux by hand."""
     plain = copy.deepcopy(target)
     pathway.fold(plain)            # only to get plain modules back; weights reset below
-    params = _aux_parameters(aux)
+    params = plain_parameters(aux)
     lambdas = pathway.lambdas(target)
     with torch.no_grad():
         for pair in report.pairs:

@@ -9,7 +9,8 @@ import torch
 
 import pathway
 import toy_models as toys
-from pathway.inject import _aux_parameters, materialise
+from pathway.inject import materialise
+from pathway.modules import plain_parameters
 from pathway.match import map_blocks
 
 
@@ -18,7 +19,7 @@ def pair_map(report) -> dict[str, tuple[tuple[str, ...], str]]:
 
 
 def built(report, aux) -> dict[str, torch.Tensor]:
-    params = _aux_parameters(aux)
+    params = plain_parameters(aux)
     return {p.target: materialise(p, params) for p in report.pairs}
 
 
