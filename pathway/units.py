@@ -109,6 +109,8 @@ def _unroll(units: list[Unit], sequence: list[str]) -> tuple[list[Unit], int]:
             if name in shared and unit is not None and id(unit) not in seen:
                 seen.add(id(unit))
                 virtual.append(replace(unit, block=k, segment="body", flags=[*unit.flags, "shared_block"]))
-    pre = [u for u in units if not any(m.name in shared for m in u.members) and u.members[0].index < by_name[anchor].members[0].index]
-    post = [u for u in units if not any(m.name in shared for m in u.members) and u not in pre]
+    first_shared = by_name[anchor].members[0].index
+    rest = [u for u in units if not any(m.name in shared for m in u.members)]
+    pre = [u for u in rest if u.members[0].index < first_shared]
+    post = [u for u in rest if u.members[0].index >= first_shared]
     return pre + virtual + post, times
