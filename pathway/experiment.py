@@ -104,15 +104,11 @@ def _parameters(path: str) -> int:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 def run_experiment(out: str | Path = "results", quick: bool = False, seeds: tuple[int, ...] | None = None) -> Path:
     """Run every condition over every seed and write the summary; returns the summary file."""
     from .train.config import load_recipe
     from .train.demo_data import make_demo_data
-    from .train.engine import train
+    from .train.engine import JsonlLog, train
     from .train.pretrain import pretrain
 
     sizes = QUICK if quick else FULL
@@ -154,12 +150,12 @@ def run_experiment(out: str | Path = "results", quick: bool = False, seeds: tupl
             # per run here) nor the second copy of its folded model in timm keys, already checked.
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
             Path(result.get("timm_model", run_dir / "model_timm.safetensors")).unlink(missing_ok=True)
-            lambda_rows = _read_jsonl(run_dir / "lambdas.jsonl")
+            lambda_rows = JsonlLog(run_dir / "lambdas.jsonl", main=False).rows()
             runs.append(Run(
                 condition, seed, float(result["metrics"]["top1"]) / 100.0, result.get("fold_max_abs_diff"),
                 _parameters(result["model"]),
                 {k: v for k, v in lambda_rows[-1].items() if k not in ("step", "time")} if lambda_rows else {},
-                [(r["step"], r["top1"] / 100.0) for r in _read_jsonl(run_dir / "metrics.jsonl") if r.get("kind") == "eval"],
+                [(r["step"], r["top1"] / 100.0) for r in JsonlLog(run_dir / "metrics.jsonl", main=False).rows() if r.get("kind") == "eval"],
                 time.perf_counter() - t))
             timings[condition] = timings.get(condition, 0.0) + runs[-1].seconds
     timings["total"] = time.perf_counter() - started

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 from .errors import CompetingPairsError, DepthMismatchError, GroupSizeError, NoPairsError, ShapeMismatchError
@@ -37,8 +38,12 @@ class ModelView:
     def reader(self) -> str:
         return self.trace.reader
 
+    @cached_property
+    def _uses_by_name(self) -> dict[str, WeightUse]:
+        return {u.name: u for u in self.trace.uses}
+
     def use(self, name: str) -> WeightUse | None:
-        return next((u for u in self.trace.uses if u.name == name), None)
+        return self._uses_by_name.get(name)
 
     def block_units(self, block: int) -> list[Unit]:
         return [u for u in self.units if u.block == block]
