@@ -28,7 +28,6 @@ from torch.utils.data import Dataset
 from pathway.tokenizers import AudioSpectrogramTokenizer, Tokenizer
 
 from .base import Adapter, FileDataset, OptionError, UnreadableFileError
-from .layout import folder_classes, label_indices, read_manifest, scan_class_folders, split_dir
 from .registry import register
 
 AUDIO_EXTENSIONS = ("wav", "flac", "mp3", "ogg")
@@ -108,8 +107,6 @@ class AudioAdapter(Adapter):
         "norm_std": AUDIOSET_STD,
         "freqm": 48,  # SpecAugment widths, training only
         "timem": 192,
-        "classes": None,
-        "train_split": "train",
         "extensions": AUDIO_EXTENSIONS,
     }
 
@@ -119,31 +116,25 @@ class AudioAdapter(Adapter):
             if o[key] % o["patch_size"]:
                 raise OptionError(f"AudioAdapter: {key}={o[key]} must be a multiple of patch_size={o['patch_size']}")
 
-    def _manifest(self, split: str) -> Path:
-        return self.root / f"{split}.csv"
-
     def find_classes(self) -> list[str]:
         o = self.options
-        if o["classes"]:
-            return list(o["classes"])
         index = self.root / "class_labels_indices.csv"
+        rows = self.manifest_rows(o["train_split"])
+        if o["classes"] or (not index.is_file() and rows is None):
+            return super().find_classes()
         if index.is_file():
             with index.open(newline="") as f:
                 return [row["mid"] for row in csv.DictReader(f)]
-        train = self._manifest(o["train_split"])
-        if train.is_file():
-            return sorted({lab for _, labels in read_manifest(train) for lab in labels})
-        return folder_classes(self.root, None, o["train_split"], o["extensions"])
+        return sorted({lab for _, labels in rows for lab in labels})
 
     def build_dataset(self, split: str, train: bool) -> Dataset:
         o = self.options
-        manifest = self._manifest(split)
-        if manifest.is_file():
-            samples = [
-                (path, label_indices(labels, self.classes, f"{manifest}: {path.name}")) for path, labels in read_manifest(manifest)
-            ]
+        rows = self.manifest_rows(split)
+        if rows is not None:
+            where = self.manifest_path(split)
+            samples = [(path, self.label_index(labels, f"{where}: {path.name}")) for path, labels in rows]
         else:
-            samples = [(p, [c]) for p, c in scan_class_folders(split_dir(self.root, split), o["extensions"], self.classes)]
+            samples = [(p, [c]) for p, c in self.folder_samples(split)]
 
         def load(path: Path, labels: list[int], index: int) -> tuple[Tensor, Tensor]:
             y = torch.zeros(self.num_classes)

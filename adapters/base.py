@@ -53,7 +53,11 @@ class Adapter:
     name: ClassVar[str]
     task: ClassVar[str]  # "classification" | "multilabel" | "segmentation"
     metric: ClassVar[str]  # "top1" | "map" | "miou"
-    defaults: ClassVar[dict[str, Any]] = {"strict": False}
+    defaults: ClassVar[dict[str, Any]] = {
+        "strict": False,  # raise on an unreadable file instead of skipping it
+        "classes": None,  # explicit class list; None: found from the data (class folders or the manifest)
+        "train_split": "train",  # the split whose folders or manifest define the classes
+    }
     num_classes: int
     classes: list[str]
 
@@ -88,6 +92,8 @@ class Adapter:
         self.check_options()
         # Shared memory so that skips inside DataLoader worker processes are counted here too.
         self._skipped = multiprocessing.Value("i", 0)
+        self._manifests: dict[tuple[str, int, int], list[tuple[Path, list[str]]]] = {}
+        self._class_index: dict[str, int] | None = None
 
     @property
     def skipped(self) -> int:
@@ -106,6 +112,35 @@ class Adapter:
 
         o = self.options
         return folder_classes(self.root, o["classes"], o["train_split"], o["extensions"])
+
+    def manifest_path(self, split: str) -> Path:
+        """``root/<split>.csv``: the manifest of a split, for adapters that read manifests."""
+        return self.root / f"{split}.csv"
+
+    def manifest_rows(self, split: str) -> list[tuple[Path, list[str]]] | None:
+        """``(file, labels)`` rows of the split's manifest, or None without one.
+
+        Read and checked once while the file is unchanged (finding the classes and building the
+        training set both need it); an edited manifest is read again.
+        """
+        from .layout import read_manifest
+
+        path = self.manifest_path(split)
+        if not path.is_file():
+            return None
+        stat = path.stat()
+        key = (str(path), stat.st_mtime_ns, stat.st_size)
+        if key not in self._manifests:
+            self._manifests[key] = read_manifest(path)
+        return self._manifests[key]
+
+    def label_index(self, labels: list[str], where: str) -> list[int]:
+        """Class indices of ``labels``; a label outside the class list is an error naming ``where``."""
+        from .layout import label_indices
+
+        if self._class_index is None:   # the class list is final once the adapter is built
+            self._class_index = {c: i for i, c in enumerate(self.classes)}
+        return label_indices(labels, self._class_index, where)
 
     def folder_samples(self, split: str) -> list[tuple[Path, int]]:
         """``(file, label)`` for every file of ``root/split/<class>/``, in the folder-per-class layout."""

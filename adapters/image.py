@@ -40,8 +40,6 @@ class ImageAdapter(Adapter):
         "crop_pct": 0.875,  # evaluation: resize to img_size / crop_pct, centre crop
         "mean": None,  # None: ImageNet's (RGB) or 0.5 (grey)
         "std": None,
-        "classes": None,  # explicit class list; None: class folders of the training split
-        "train_split": "train",
         "extensions": IMAGE_EXTENSIONS,
     }
 

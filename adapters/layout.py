@@ -88,12 +88,12 @@ def read_manifest(path: Path) -> list[tuple[Path, list[str]]]:
     return rows
 
 
-def label_indices(labels: Sequence[str], classes: Sequence[str], where: str) -> list[int]:
-    index = {c: i for i, c in enumerate(classes)}
+def label_indices(labels: Sequence[str], index: dict[str, int], where: str) -> list[int]:
+    """Indices of ``labels`` in the class index (class name -> position), built once per adapter."""
     missing = [lab for lab in labels if lab not in index]
     if missing:
         raise LayoutError(
-            f"{where}: label(s) {missing} not in the class list ({len(classes)} classes, e.g. {list(classes)[:5]}); "
+            f"{where}: label(s) {missing} not in the class list ({len(index)} classes, e.g. {list(index)[:5]}); "
             f"add them to the `classes` option or fix the row"
         )
     return [index[lab] for lab in labels]

@@ -173,8 +173,6 @@ class _PointAdapterBase(Adapter):
         "up_axis": 1,  # ShapeNet / ModelNet are y-up
         "jitter": 0.01,
         "mesh_points": 8192,  # points sampled from each mesh before num_points are drawn
-        "classes": None,
-        "train_split": "train",
         "extensions": POINT_EXTENSIONS,
     }
 
@@ -319,14 +317,25 @@ class PointPartAdapter(_PointAdapterBase):
             return list(o["classes"])
         n = o["num_classes"] or (50 if o["layout"] == "shapenetpart" else None)
         if n is None:  # read every training file once: set num_classes to skip this on big data sets
-            n = 1 + max(int(self.read(p, lab)[1].max()) for p, lab in self.samples(o["train_split"]))
+            n = 0
+            for points_file, labels_file in self.samples(o["train_split"]):
+                try:
+                    n = max(n, 1 + int(self.read(points_file, labels_file)[1].max()))
+                except (OSError, ValueError) as e:
+                    raise UnreadableFileError(
+                        f"{labels_file or points_file}: cannot read it to count the part classes ({e}); fix or remove "
+                        f"the file, or pass num_classes=... (or classes=[...]) so no file is read for that") from e
         return [str(i) for i in range(n)]
 
     def read(self, points_file: Path, labels_file: Path | None) -> tuple[np.ndarray, np.ndarray]:
         o = self.options
         if labels_file is None:
             return read_part_txt(points_file, o["in_chans"])
-        points = read_array(points_file)[:, : o["in_chans"]]
+        points = read_array(points_file)
+        if points.shape[1] < o["in_chans"]:
+            raise LayoutError(f"{points_file} has {points.shape[1]} values per point but in_chans={o['in_chans']}; "
+                              f"lower in_chans")
+        points = points[:, : o["in_chans"]]
         labels = np.loadtxt(labels_file, dtype=np.int64, ndmin=1)
         if len(labels) != len(points):
             raise UnreadableFileError(f"{labels_file}: {len(labels)} labels for {len(points)} points in {points_file}")

@@ -54,8 +54,6 @@ class TimeSeriesAdapter(Adapter):
         "length": 128,  # steps after crop / pad; a multiple of patch_size
         "patch_size": 16,
         "pos_embed": "sincos",
-        "classes": None,
-        "train_split": "train",
         "extensions": ("npy", "csv"),
     }
 

@@ -29,7 +29,6 @@ from pathway.tokenizers import Tokenizer, VideoTubeletTokenizer
 
 from .base import Adapter, FileDataset, OptionError, UnreadableFileError
 from .image import IMAGENET_MEAN, IMAGENET_STD
-from .layout import folder_classes, label_indices, read_manifest, scan_class_folders, split_dir
 from .registry import register
 
 VIDEO_EXTENSIONS = ("mp4", "avi", "webm", "mkv", "mov")
@@ -95,8 +94,6 @@ class VideoAdapter(Adapter):
         "test_crops": 3,
         "mean": IMAGENET_MEAN,
         "std": IMAGENET_STD,
-        "classes": None,
-        "train_split": "train",
         "extensions": VIDEO_EXTENSIONS,
     }
 
@@ -107,28 +104,25 @@ class VideoAdapter(Adapter):
         if o["num_frames"] % o["tubelet_size"]:
             raise OptionError(f"VideoAdapter: num_frames={o['num_frames']} must be a multiple of tubelet_size={o['tubelet_size']}")
 
-    def _manifest(self, split: str) -> Path:
-        return self.root / f"{split}.csv"
-
     def find_classes(self) -> list[str]:
         o = self.options
-        train = self._manifest(o["train_split"])
-        if not o["classes"] and train.is_file():
-            labels = {lab for _, labs in read_manifest(train) for lab in labs}
-            return sorted(labels, key=lambda s: (0, int(s)) if s.isdigit() else (1, s))  # Kinetics CSVs use numbers
-        return folder_classes(self.root, o["classes"], o["train_split"], o["extensions"])
+        rows = self.manifest_rows(o["train_split"])
+        if o["classes"] or rows is None:
+            return super().find_classes()
+        labels = {lab for _, labs in rows for lab in labs}
+        return sorted(labels, key=lambda s: (0, int(s)) if s.isdigit() else (1, s))  # Kinetics CSVs use numbers
 
     def build_dataset(self, split: str, train: bool) -> Dataset:
-        o = self.options
-        manifest = self._manifest(split)
-        if manifest.is_file():
+        rows = self.manifest_rows(split)
+        if rows is not None:
+            where = self.manifest_path(split)
             samples = []
-            for path, labels in read_manifest(manifest):
+            for path, labels in rows:
                 if len(labels) != 1:
-                    raise OptionError(f"{manifest}: {path} has labels {labels}; video classification needs exactly one")
-                samples.append((path, label_indices(labels, self.classes, f"{manifest}: {path.name}")[0]))
+                    raise OptionError(f"{where}: {path} has labels {labels}; video classification needs exactly one")
+                samples.append((path, self.label_index(labels, f"{where}: {path.name}")[0]))
         else:
-            samples = scan_class_folders(split_dir(self.root, split), o["extensions"], self.classes)
+            samples = self.folder_samples(split)
 
         def load(path: Path, label: int, index: int) -> tuple[Tensor, int]:
             return (self.train_clip(path) if train else self.eval_views(path)), label

@@ -500,3 +500,16 @@ def test_example_input_fits_the_tokenizer_without_data(name, options):
     adapter = get(name).spec(4, **options)
     tokens = adapter.tokenizer(32)(adapter.example_input()[None])
     assert tokens.shape[0] == 1 and tokens.shape[-1] == 32
+
+
+def test_part_segmentation_bad_files_are_named(tmp_path: Path):
+    for i in range(2):
+        mf.write_part_txt(tmp_path / "train" / "Chair" / f"{i}.txt", seed=i)
+    (tmp_path / "train" / "Chair" / "bad.txt").write_text("1 2 3 4 5 6 0\n1 2\n")   # a truncated row
+    with pytest.raises(UnreadableFileError, match=r"bad\.txt.*num_classes="):
+        adapters.get("point_part")(tmp_path)
+    points, labels = tmp_path / "p.txt", tmp_path / "l.txt"
+    np.savetxt(points, np.random.rand(40, 3))       # xyz only, as PartNet ships them
+    np.savetxt(labels, np.zeros(40, dtype=int), fmt="%d")
+    with pytest.raises(LayoutError, match=r"p\.txt has 3 values per point but in_chans=6"):
+        adapters.get("point_part").spec(4, in_chans=6).read(points, labels)

@@ -12,6 +12,7 @@ is recomputed for the new grid, a learned one is interpolated (:func:`resample_p
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -34,7 +35,7 @@ def patchify(x: Tensor, patch_size: Sequence[int]) -> Tensor:
         shape += [g, p]
     x = x.reshape(shape)  # [B, C, g0, p0, g1, p1, ...]
     order = [0] + [2 + 2 * i for i in range(nd)] + [3 + 2 * i for i in range(nd)] + [1]
-    return x.permute(order).reshape(b, _prod(grid), -1)  # [B, g0*g1*..., p0*p1*...*C]
+    return x.permute(order).reshape(b, math.prod(grid), -1)  # [B, g0*g1*..., p0*p1*...*C]
 
 
 class PatchTokenizer(Tokenizer):
@@ -83,7 +84,7 @@ class PatchTokenizer(Tokenizer):
         self.proj = _CONVS[nd](in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias, **dd)
         self.norm = norm_layer(embed_dim) if norm_layer is not None else nn.Identity()
         learn = pos_embed == "learn"
-        table = torch.zeros(1, _prod(self.grid), embed_dim, **dd) if learn else self.fixed_table(self.grid).to(**dd)
+        table = torch.zeros(1, math.prod(self.grid), embed_dim, **dd) if learn else self.fixed_table(self.grid).to(**dd)
         # A Parameter even when fixed (requires_grad=False), as MAE: checkpoints carry `pos_embed` either way.
         self.pos_embed = nn.Parameter(table, requires_grad=learn)
         self._init_weights()
@@ -133,10 +134,3 @@ class PatchTokenizer(Tokenizer):
         t = self.norm(t.flatten(2).transpose(1, 2))  # [B, D, *grid] -> [B, N, D]
         pos = self.pos_for(grid).to(t.dtype)
         return TokenizerOutput(tokens=t + pos, pos=pos, targets=patchify(x, self.patch_size), extras={"grid": grid})
-
-
-def _prod(values: Sequence[int]) -> int:
-    out = 1
-    for v in values:
-        out *= int(v)
-    return out

@@ -12,6 +12,7 @@ Tables are computed in float64 (as MAE's numpy code) and returned as float32 ``[
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -63,8 +64,8 @@ def resample_pos_embed(pos: Tensor, old_grid: Sequence[int], new_grid: Sequence[
     checkpoint loaders whose stored grid differs from the model's.
     """
     old_grid, new_grid = tuple(old_grid), tuple(new_grid)
-    if pos.shape[1] != _prod(old_grid):
-        raise ValueError(f"position embedding has {pos.shape[1]} tokens, but the grid {old_grid} has {_prod(old_grid)}")
+    if pos.shape[1] != math.prod(old_grid):
+        raise ValueError(f"position embedding has {pos.shape[1]} tokens, but the grid {old_grid} has {math.prod(old_grid)}")
     if old_grid == new_grid:
         return pos
     dim = pos.shape[-1]
@@ -72,10 +73,3 @@ def resample_pos_embed(pos: Tensor, old_grid: Sequence[int], new_grid: Sequence[
     mode = _MODES[len(old_grid)]
     out = F.interpolate(grid, size=new_grid, mode=mode, antialias=mode == "bicubic", align_corners=False)
     return out.movedim(1, -1).reshape(1, -1, dim).to(pos.dtype)
-
-
-def _prod(values: Sequence[int]) -> int:
-    out = 1
-    for v in values:
-        out *= int(v)
-    return out

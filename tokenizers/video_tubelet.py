@@ -7,6 +7,7 @@ flattened token index (``get_sinusoid_encoding_table``), recomputed when the cli
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -37,7 +38,4 @@ class VideoTubeletTokenizer(PatchTokenizer):
         )
 
     def fixed_table(self, grid: Sequence[int]) -> Tensor:
-        n = 1
-        for g in grid:
-            n *= int(g)
-        return sinusoid_table(n, self.embed_dim)
+        return sinusoid_table(math.prod(grid), self.embed_dim)
