@@ -21,12 +21,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from pathway.errors import PathwayError
 from pathway.tokenizers import Tokenizer
 
 from .heads import ClassificationHead
 
 
-class AdapterError(ValueError):
+class AdapterError(PathwayError):
     """Base of the adapters' errors."""
 
 

@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .errors import PathwayError
+
 __all__ = [
     "FORMATS",
     "CheckpointError",
@@ -106,7 +108,7 @@ _HF_QKV = {  # per-block q/k/v names of the two HF layouts -> slot in the fused 
 DEFAULT_ALLOW_MISSING = ("head.",)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PathwayError):
     """A checkpoint cannot be read, recognised or fitted to the model; the message names the keys."""
 
 
@@ -180,13 +182,14 @@ def _torch_load(path: Path) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError (a RuntimeError subclass varies by version)
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+        if "Unsupported global" in str(err):
             raise CheckpointError(
                 f"{path}: the file pickles Python objects beyond tensors and argparse.Namespace, and pathway does "
                 f"not unpickle freely. Re-save its state dict (torch.save(ckpt['model'], ...)) or convert it to "
                 f"safetensors.\nTorch said: {str(err).splitlines()[0]}"
             ) from err
-        raise
+        raise CheckpointError(f"{path}: cannot read it as a torch checkpoint (corrupt, truncated or not a "
+                              f"checkpoint): {type(err).__name__}: {str(err).splitlines()[0][:200]}") from err
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
@@ -201,7 +204,11 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return _strip_prefixes(load_file(str(path), device="cpu")), None
+        try:
+            tensors = load_file(str(path), device="cpu")
+        except Exception as err:  # safetensors raises its own SafetensorError, or OSError
+            raise CheckpointError(f"{path}: cannot read it as safetensors (corrupt or truncated): {err}") from err
+        return _strip_prefixes(tensors), None
     return _unwrap(_torch_load(path), str(path))
 
 
@@ -539,6 +546,7 @@ def load_checkpoint(
     allow_missing: Sequence[str] = DEFAULT_ALLOW_MISSING,
     source_grid: Sequence[int] | None = None,
     target_grid: Sequence[int] | None = None,
+    args: Mapping[str, Any] | None = None,
 ) -> LoadReport:
     """Load an official checkpoint into an engine model (contracts.md section 4), in place.
 
@@ -553,6 +561,8 @@ def load_checkpoint(
         source_grid: patch grid of the checkpoint's position embedding when it cannot be inferred
             (e.g. `(64, 8)` for AudioMAE 1024 frames x 128 mel bins, `(8, 14, 14)` for VideoMAE).
         target_grid: the model's grid, when its tokenizer exposes none (`grid_size`).
+        args: the file's stored `args` when `source` is a state dict already read with `read_checkpoint`
+            (format detection uses them); ignored for a file, whose own `args` are read.
 
     Returns:
         A `LoadReport`; `strict=True` guarantees `report.ok`.
@@ -562,7 +572,7 @@ def load_checkpoint(
         sd, args = read_checkpoint(source)
         where = str(source)
     else:
-        sd, args, where = _strip_prefixes(source), None, "<state_dict>"
+        sd, where = _strip_prefixes(source), "<state_dict>"
     model_sd, alias = _model_keys(model)
     model_pos = model_sd.get("tokenizer.pos_embed")
     model_n = model_pos.shape[1] if model_pos is not None and model_pos.ndim == 3 else None

@@ -36,6 +36,7 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .train.demo_data import MAKERS  # numpy only: the parser stays light
     parser = argparse.ArgumentParser(
         prog="pathway",
         description="Multimodal Pathway: train a transformer with the weights of another modality's transformer "
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo-data", help="write the embedded demo data of one modality",
                        description="Generate the small on-disk data set the demo recipes use.")
-    p.add_argument("adapter", help="image | point | audio | video | timeseries")
+    p.add_argument("adapter", choices=sorted(MAKERS), help="modality")
     p.add_argument("root", type=Path, help="output folder")
     return parser
 
@@ -189,17 +190,11 @@ COMMANDS = {"experiment": _cmd_experiment, "train": _cmd_train, "pretrain": _cmd
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import pathway
-    from pathway.adapters.base import AdapterError
 
-    from .train.checkpoint import CheckpointError
-    from .train.config import RecipeError
-    from .train.engine import NonFiniteLossError
-
-    user_errors = (RecipeError, CheckpointError, AdapterError, pathway.PathwayError, NonFiniteLossError,
-                   FileNotFoundError, FileExistsError)
+    # recipe, adapter, checkpoint and loss errors are all PathwayErrors that name what to fix
     try:
         return COMMANDS[args.command](args)
-    except user_errors as err:
+    except (pathway.PathwayError, FileNotFoundError, FileExistsError) as err:
         print(f"pathway {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -402,3 +402,29 @@ def test_load_state_dict_gives_engine_names_for_the_engine(tmp_path):
     tensors = load_state_dict(save_mae_pth(tmp_path / "v.pth", sd, num_frames=4, tubelet_size=2), modality="video")
     assert "blocks.0.attn.qkv.bias" in tensors and "tokenizer.proj.weight" in tensors
     assert not any(k.startswith(("encoder", "decoder", "mask_token")) or k.endswith("q_bias") for k in tensors)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("bad.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json", "cannot read it as safetensors"),
+    ("bad.pth", b"not a zip at all", "cannot read it as a torch checkpoint"),
+])
+def test_unreadable_checkpoint_files_are_named(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message) as err:
+        read_checkpoint(path)
+    assert str(path) in str(err.value)
+
+
+def test_engine_loads_an_official_pth_with_args_under_format_auto(tmp_path):
+    from pathway.train.model import init_from_checkpoint
+
+    sd = mae_pretrain_sd()
+    path = save_mae_pth(tmp_path / "mae.pth", sd, input_size=32)
+    model = image_model()
+    account = init_from_checkpoint(model, path, "auto")
+    assert "format mae" in account
+    assert_blocks_equal(model, sd)
+    aux = image_model()
+    assert "format mae" in init_from_checkpoint(aux, path, "auto", body_only=True)
+    assert_blocks_equal(aux, sd)

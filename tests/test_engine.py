@@ -214,3 +214,18 @@ def test_chamfer_is_zero_on_identical_sets_and_symmetric():
     a, b = torch.randn(4, 16, 3), torch.randn(4, 16, 3)
     assert chamfer_l2(a, a[:, torch.randperm(16)]).item() == pytest.approx(0.0, abs=1e-6)
     assert chamfer_l2(a, b).item() == pytest.approx(chamfer_l2(b, a).item(), rel=1e-5)
+
+
+def test_pruning_never_keeps_an_unreadable_later_checkpoint_in_place_of_good_ones(tmp_path):
+    from pathway.train.checkpoint import load_latest, save_checkpoint
+
+    base = {"model": {"w": torch.ones(3)}, "optimizer": {}, "epoch": 0, "position": 0, "rng": [], "recipe": {}}
+    for step in (2, 3):
+        save_checkpoint(tmp_path, {**base, "step": step}, step, keep_last=2)
+    (tmp_path / "ckpt-00000009.pt").write_bytes(b"junk")            # a later, unreadable checkpoint
+    path, state = load_latest(tmp_path, log=lambda _: None)          # resume falls back to step 3
+    assert state["step"] == 3
+    for step in (4, 5):                                               # the resumed run goes on, keep_last=1
+        save_checkpoint(tmp_path, {**base, "step": step}, step, keep_last=1)
+    assert load_latest(tmp_path, log=lambda _: None)[1]["step"] == 5
+    assert "ckpt-00000005.pt" in {p.name for p in tmp_path.iterdir()}

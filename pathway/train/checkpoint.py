@@ -19,13 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "rng_state", "set_rng_state", "save_checkpoint", "list_checkpoints", "load_latest"]
+from pathway.checkpoints import CheckpointError
+
+__all__ = ["CheckpointError", "rng_state", "set_rng_state", "save_checkpoint", "list_checkpoints", "read_state",
+           "load_latest"]
 
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
-
-
-class CheckpointError(RuntimeError):
-    """No usable checkpoint (each unreadable file is named in the message)."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -79,11 +78,17 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 
 def save_checkpoint(folder: Path, state: dict[str, Any], step: int, keep_last: int) -> Path:
-    """Write ``ckpt-{step}.pt`` atomically, then delete all but the newest ``keep_last``."""
+    """Write ``ckpt-{step}.pt`` atomically, then delete all but the newest ``keep_last`` up to ``step``.
+
+    Files of later steps are left alone: they belong to a run that was resumed from an earlier checkpoint
+    because they were unreadable, and counting them would prune the good checkpoints in their place. The
+    resumed run overwrites each of them when it reaches its step.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"ckpt-{step:08d}.pt"
     atomic_save(state, path)
-    for old in list_checkpoints(folder)[:-max(1, keep_last)]:
+    upto = [p for p in list_checkpoints(folder) if int(_NAME.match(p.name).group(1)) <= step]
+    for old in upto[:-max(1, keep_last)]:
         old.unlink(missing_ok=True)
     for stale in folder.glob(".ckpt-*.tmp-*"):  # temp files of a process killed while writing
         if not stale.name.endswith(f"-{os.getpid()}"):
@@ -94,20 +99,27 @@ def save_checkpoint(folder: Path, state: dict[str, Any], step: int, keep_last: i
 _REQUIRED = ("model", "optimizer", "step", "epoch", "position", "rng", "recipe")
 
 
+def read_state(path: Path, required: tuple[str, ...] = ("model",)) -> dict[str, Any]:
+    """A training checkpoint's contents; an unreadable or foreign file is a CheckpointError naming it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: any load error means 'not usable'
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:200]})") from err
+    missing = [k for k in required if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is not a training checkpoint (missing entries {missing})")
+    return state
+
+
 def load_latest(folder: Path, log=print) -> tuple[Path, dict[str, Any]]:
     """The newest readable checkpoint. Unreadable ones are named and skipped, falling back to older ones."""
     failures = []
     for path in reversed(list_checkpoints(folder)):
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            missing = [k for k in _REQUIRED if k not in state]
-            if missing:
-                raise ValueError(f"missing entries {missing}")
-        except Exception as err:  # a truncated or foreign file: any load error means 'not usable'
-            msg = f"checkpoint {path} is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
-            failures.append(msg)
-            log(msg + "; trying the previous one")
-            continue
-        return path, state
+            return path, read_state(path, _REQUIRED)
+        except CheckpointError as err:
+            failures.append(str(err))
+            log(f"{err}; trying the previous one")
     detail = "; ".join(failures) if failures else "none found"
     raise CheckpointError(f"no usable checkpoint in {folder}: {detail}")

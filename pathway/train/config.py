@@ -31,6 +31,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from pathway.errors import PathwayError
+
 __all__ = [
     "RecipeError",
     "DataConfig",
@@ -50,7 +52,7 @@ __all__ = [
 ]
 
 
-class RecipeError(ValueError):
+class RecipeError(PathwayError):
     """A recipe that cannot be used; the message names the file, the key and the allowed values."""
 
 

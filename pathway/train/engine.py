@@ -42,7 +42,7 @@ from .schedule import apply_lr, lr_at
 __all__ = ["NonFiniteLossError", "Context", "setup", "train", "evaluate", "fold_and_check", "mean_abs_lambda"]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(pathway.PathwayError):
     """The loss became NaN or infinite; the last safe state was saved before stopping."""
 
 

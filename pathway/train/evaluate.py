@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import torch
 
-from .checkpoint import CheckpointError
+from pathway.checkpoints import read_checkpoint
+
+from .checkpoint import CheckpointError, read_state
 from .config import Recipe, recipe_from_dict
-from .model import TransformerModel, build_adapter, build_model, build_transformer, read_weights
+from .model import TransformerModel, build_adapter, build_model, build_transformer
 
 __all__ = ["load_run_model", "evaluate_weights", "fold_checkpoint"]
 
@@ -25,17 +26,21 @@ def _without_init(recipe: Recipe) -> Recipe:
                                aux=dataclasses.replace(recipe.aux, checkpoint=""))
 
 
-def load_run_model(recipe: Recipe, weights: Path, adapter) -> TransformerModel:
-    """A model holding ``weights``: connected for a training checkpoint, plain for a folded file."""
+def load_run_model(recipe: Recipe, weights: Path, adapter, state: dict | None = None) -> TransformerModel:
+    """A model holding ``weights``: connected for a training checkpoint (``state``, if already read), plain
+    for a folded file."""
     if weights.suffix == ".pt" and weights.name.startswith("ckpt-"):
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        if "model" not in state:
-            raise CheckpointError(f"{weights}: not a training checkpoint (no 'model' entry)")
+        state = state or read_state(weights)
         model, _ = build_model(_without_init(recipe), adapter, log=lambda _: None)
-        model.load_state_dict(state["model"], strict=True)
-        return model
-    model = build_transformer(recipe, adapter)
-    model.load_state_dict(read_weights(weights), strict=True)
+        tensors = state["model"]
+    else:
+        model = build_transformer(recipe, adapter)
+        tensors = read_checkpoint(weights)[0]
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:  # missing, unexpected or wrongly shaped tensors
+        raise CheckpointError(f"{weights} does not fit the recipe's model: {str(err).splitlines()[0]}; "
+                              f"evaluate it with the recipe it was trained with") from err
     return model
 
 
@@ -50,7 +55,7 @@ def evaluate_weights(recipe: Recipe, weights: Path, split: str | None = None) ->
     dataset = adapter.dataset(split or recipe.data.val_split, train=False)
     loader, _ = make_loader(dataset, batch_size=recipe.data.batch_size, num_workers=recipe.data.num_workers,
                             seed=recipe.train.seed, shuffle=False)
-    item_dims = adapter.dataset(recipe.data.train_split, train=True)[0][0].dim()
+    item_dims = adapter.example_input().dim()
     return evaluate(model, loader, ctx, adapter.metric, adapter.task, item_dims)
 
 
@@ -59,12 +64,10 @@ def fold_checkpoint(checkpoint: Path, output: Path) -> str:
     import pathway
     from safetensors.torch import save_file
 
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if "recipe" not in state or "model" not in state:
-        raise CheckpointError(f"{checkpoint}: not a training checkpoint (needs 'model' and 'recipe' entries)")
+    state = read_state(checkpoint, ("model", "recipe"))
     recipe = _without_init(recipe_from_dict(state["recipe"], f"{checkpoint} (embedded recipe)"))
     adapter = build_adapter(recipe, need_data=False)
-    model = load_run_model(recipe, checkpoint, adapter)
+    model = load_run_model(recipe, checkpoint, adapter, state)
     if pathway.is_connected(model):
         pathway.fold(model)
     output.parent.mkdir(parents=True, exist_ok=True)

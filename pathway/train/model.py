@@ -24,7 +24,7 @@ from .config import Recipe, RecipeError
 if TYPE_CHECKING:
     from pathway.adapters import Adapter
 
-__all__ = ["TransformerModel", "build_adapter", "build_transformer", "build_model", "read_weights", "init_from_checkpoint",
+__all__ = ["TransformerModel", "build_adapter", "build_transformer", "build_model", "init_from_checkpoint",
            "load_transformers_model"]
 
 
@@ -137,22 +137,6 @@ def _is_engine_layout(keys: list[str]) -> bool:
     return any(k.startswith(("blocks.", "tokenizer.")) for k in keys) and not any(k.startswith("patch_embed.") for k in keys)
 
 
-def read_weights(path: str | Path) -> dict[str, Tensor]:
-    """Tensors of a weights file: safetensors, or ``torch.load(weights_only=True)`` (never arbitrary unpickling)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict", "module"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items() if isinstance(v, Tensor)}
-
-
 # Everything but the blocks: an aux model of another modality contributes its body only.
 _NOT_BODY = r"^(tokenizer\.|head\.|norm\.|fc_norm\.|cls_token|pos_embed|patch_embed\.)"
 
@@ -165,10 +149,13 @@ def init_from_checkpoint(model: nn.Module, path: str | Path, fmt: str = "auto", 
     (official MAE-family and timm layouts, exact key checks). ``body_only`` (the aux model) keeps only
     ``blocks.*`` and requires every body tensor: a half-loaded aux body would silently weaken the pathway.
     """
+    from pathway.checkpoints import load_checkpoint, read_checkpoint
+
     path = Path(path)
-    state = read_weights(path) if fmt in ("auto", "pathway") and path.is_file() else None
-    if fmt == "pathway" or (fmt == "auto" and state is not None and _is_engine_layout(list(state))):
-        if state is None or not _is_engine_layout(list(state)):
+    state, args = read_checkpoint(path)  # read once; MAE-family files keep their `args` for format detection
+    engine_layout = _is_engine_layout(list(state))
+    if fmt == "pathway" or (fmt == "auto" and engine_layout):
+        if not engine_layout:
             raise RecipeError(f"{path}: not in TransformerModel keys (no 'blocks.*'); set checkpoint_format")
         if body_only:
             state = {k: v for k, v in state.items() if k.startswith("blocks.")}
@@ -177,13 +164,8 @@ def init_from_checkpoint(model: nn.Module, path: str | Path, fmt: str = "auto", 
         if body_only and missing:
             raise RecipeError(f"{path}: aux checkpoint lacks {len(missing)} body tensors, e.g. {missing[:4]}")
         return f"{path.name} (pathway layout): missing {missing or 'none'}, unexpected {list(result.unexpected_keys) or 'none'}"
-    from pathway.checkpoints import load_checkpoint
-
-    if body_only:
-        report = load_checkpoint(model, path, format=fmt, ignore=[_NOT_BODY],
-                                 allow_missing=("tokenizer.", "head.", "norm.", "cls_token"))
-    else:
-        report = load_checkpoint(model, path, format=fmt)
+    body = {"ignore": [_NOT_BODY], "allow_missing": ("tokenizer.", "head.", "norm.", "cls_token")} if body_only else {}
+    report = load_checkpoint(model, state, format=fmt, args=args, **body)
     return f"{path.name} (format {report.format}): {len(report.loaded)} tensors loaded, left at init {report.left_at_init or 'none'}"
 
 
