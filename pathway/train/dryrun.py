@@ -17,6 +17,7 @@ import torch
 from .config import Recipe, RecipeError, check_adapter
 from .model import build_adapter, build_transformer, load_transformers_model
 from .optim import base_lr
+from .schedule import step_plan
 
 __all__ = ["dry_run"]
 
@@ -93,9 +94,9 @@ def dry_run(recipe: Recipe, *, world: int = 1, pretrain: bool = False) -> str:
     if has_data:
         n_train = len(adapter.dataset(recipe.data.train_split, train=True))
         steps = n_train // world // recipe.data.batch_size // o.accum_steps
-        total = t.epochs * steps if t.max_steps is None else min(t.max_steps, t.epochs * steps)
+        total, warmup = step_plan(steps, t.epochs, t.max_steps, o.warmup_epochs)
         lines.append(f"data: {n_train} training items -> {steps} steps per epoch, {total} steps in all, "
-                     f"warm-up {round(o.warmup_epochs * steps)} steps")
+                     f"warm-up {warmup} steps")
     else:
         lines.append(f"data: not present; {t.epochs} epochs, warm-up {o.warmup_epochs} epochs")
     lines.append(f"optim: AdamW lr {base_lr(recipe, batch):.3g} (effective batch {batch} = {recipe.data.batch_size} x "

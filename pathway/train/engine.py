@@ -37,7 +37,7 @@ from .data import make_loader, set_epoch
 from .metrics import MetricAccumulator, average_views
 from .model import TransformerModel, build_adapter, build_model
 from .optim import base_lr, build_mixup, build_optimizer, compute_loss
-from .schedule import apply_lr, lr_at
+from .schedule import apply_lr, lr_at, step_plan
 
 __all__ = ["NonFiniteLossError", "Context", "setup", "train", "evaluate", "fold_and_check", "mean_abs_lambda"]
 
@@ -269,8 +269,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
     if steps_per_epoch == 0:
         raise ValueError(f"{recipe.source}: {len(train_set)} training items make no full step of "
                          f"{recipe.data.batch_size} x {o.accum_steps} x {ctx.world} (batch x accum x processes)")
-    total_steps = t.epochs * steps_per_epoch if t.max_steps is None else min(t.max_steps, t.epochs * steps_per_epoch)
-    warmup_steps = round(o.warmup_epochs * steps_per_epoch)
+    total_steps, warmup_steps = step_plan(steps_per_epoch, t.epochs, t.max_steps, o.warmup_epochs)
     effective_batch = recipe.data.batch_size * o.accum_steps * ctx.world
 
     # -- model ----------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ the demo makes its own aux models.
 
 from __future__ import annotations
 
-import json
 import sys
 from functools import partial
 from typing import Any
@@ -30,7 +29,7 @@ from torch import Tensor, nn
 from .config import Recipe, check_adapter, check_data
 from .data import make_loader, set_epoch
 from .model import TransformerModel, build_adapter, build_transformer
-from .schedule import apply_lr, lr_at, scaled_lr
+from .schedule import apply_lr, lr_at, step_plan
 
 __all__ = ["MaskedAutoencoder", "chamfer_l2", "random_masking", "pretrain"]
 
@@ -75,6 +74,10 @@ class MaskedAutoencoder(nn.Module):
         self.decoder_pred = nn.Linear(decoder_dim, target_dim)
         nn.init.normal_(self.mask_token, std=0.02)
 
+    def no_weight_decay(self) -> set[str]:
+        """The encoder's (as in fine-tuning), under this wrapper's names."""
+        return {f"encoder.{name}" for name in self.encoder.no_weight_decay()}
+
     def forward(self, x: Tensor) -> Tensor:
         """The reconstruction loss of one batch."""
         enc = self.encoder
@@ -108,7 +111,10 @@ def pretrain(recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:
     """
     from safetensors.torch import save_file
 
-    from .engine import seed_everything, setup, to_device
+    import pathway
+
+    from .engine import JsonlLog, NonFiniteLossError, seed_everything, setup, to_device
+    from .optim import base_lr
 
     ctx = setup(recipe)
     t, o, p = recipe.train, recipe.optim, recipe.pretrain
@@ -124,24 +130,21 @@ def pretrain(recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:
                                   seed=t.seed, shuffle=True)
     seed_everything(t.seed)
     encoder = build_transformer(recipe, adapter)
-    with torch.no_grad():
-        probe = encoder.tokenizer.encode(to_device(next(iter(loader))[0], torch.device("cpu")))
+    with torch.no_grad():  # the reconstruction target's size per token
+        probe = encoder.tokenizer.encode(adapter.example_input()[None])
     mae = MaskedAutoencoder(encoder, probe.targets.shape[-1], decoder_dim=p.decoder_dim, decoder_depth=p.decoder_depth,
                             decoder_heads=p.decoder_heads, mask_ratio=p.mask_ratio, norm_targets=p.norm_targets)
     mae.to(ctx.device).train()
-    lr = o.lr if o.lr is not None else scaled_lr(o.blr, recipe.data.batch_size * o.accum_steps)
-    decay = [q for q in mae.parameters() if q.ndim >= 2]
-    no_decay = [q for q in mae.parameters() if q.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(o.betas), eps=o.eps)
+    lr = base_lr(recipe, recipe.data.batch_size * o.accum_steps)
+    # no decay on 1-D tensors, biases and the encoder's no_weight_decay() (learned position embedding, cls token)
+    optimizer = torch.optim.AdamW(pathway.param_groups(mae, lr, o.weight_decay), lr=lr, betas=tuple(o.betas), eps=o.eps)
     steps_per_epoch = len(loader) // o.accum_steps
-    total = t.epochs * steps_per_epoch if t.max_steps is None else min(t.max_steps, t.epochs * steps_per_epoch)
-    warmup = round(o.warmup_epochs * steps_per_epoch)
+    total, warmup = step_plan(steps_per_epoch, t.epochs, t.max_steps, o.warmup_epochs)
     run_dir = recipe.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
-    log_path = run_dir / "pretrain.jsonl"
-    log_path.unlink(missing_ok=True)
+    (run_dir / "pretrain.jsonl").unlink(missing_ok=True)
+    log = JsonlLog(run_dir / "pretrain.jsonl", main=True)
     ctx.log(f"MAE pretraining: {adapter.name} tokens, loss {mae.loss_kind}, mask {p.mask_ratio}, "
             f"{total} steps, lr {lr:.3g}, decoder {p.decoder_depth} x {p.decoder_dim}")
     bar = None
@@ -163,7 +166,7 @@ def pretrain(recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:
                 with ctx.autocast():
                     loss = mae(x)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"MAE loss is {loss.item()} at step {step}; lower optim.blr")
+                    raise NonFiniteLossError(f"MAE loss is {loss.item()} at step {step}; lower optim.blr")
                 (loss / o.accum_steps).backward()
                 loss_sum += loss.item() / o.accum_steps
             if o.clip_grad is not None:
@@ -173,8 +176,7 @@ def pretrain(recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:
             step += 1
             losses.append(loss_sum)
             if step % t.log_every == 0 or step == total:
-                with log_path.open("a") as f:
-                    f.write(json.dumps({"step": step, "epoch": epoch, "loss": loss_sum}) + "\n")
+                log.write(step=step, epoch=epoch, loss=loss_sum)
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_sum:.4f}")
                 bar.update(1)

@@ -32,6 +32,12 @@ def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int, min
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def step_plan(steps_per_epoch: int, epochs: int, max_steps: int | None, warmup_epochs: float) -> tuple[int, int]:
+    """(total optimizer steps, warm-up steps) of a run: ``epochs`` of ``steps_per_epoch``, capped by ``max_steps``."""
+    total = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
+    return total, round(warmup_epochs * steps_per_epoch)
+
+
 def apply_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set each group's lr to ``lr * group['lr_scale']``.
 
