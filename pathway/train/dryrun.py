@@ -54,26 +54,32 @@ def dry_run(recipe: Recipe, *, world: int = 1, pretrain: bool = False) -> str:
     has_data = bool(root) and Path(root).exists()
     if not has_data:
         problems.append(f"data.root {root or '(empty)'} does not exist")
+    hf_aux = recipe.aux.enabled and recipe.aux.checkpoint_format == "transformers"
+    missing = {}
     for key, path in (("model.checkpoint", recipe.model.checkpoint), ("aux.checkpoint", recipe.aux.checkpoint)):
-        hf_directory = key == "aux.checkpoint" and recipe.aux.checkpoint_format == "transformers"
+        hf_directory = key == "aux.checkpoint" and hf_aux
         if path and not (Path(path) / "config.json" if hf_directory else Path(path)).is_file():
-            problems.append(f"{key} {path} does not exist" + (" (a Hugging Face model directory)" if hf_directory else ""))
+            missing[key] = f"{key} {path} does not exist" + (" (a Hugging Face model directory)" if hf_directory else "")
+    problems += missing.values()
+    if hf_aux and "aux.checkpoint" in missing:  # that directory is the whole aux model: nothing to plan without it
+        raise RecipeError(f"{recipe.source}: {missing['aux.checkpoint']}")
     adapter = build_adapter(recipe, need_data=False)
     lines.append(f"adapter {adapter.name}: task {adapter.task}, metric {adapter.metric}, {adapter.num_classes} classes"
                  + ("" if has_data else " (data-less spec)"))
 
     example = adapter.example_input()[None]  # from the options alone: no data needed
-    # a Hugging Face aux loads its weights on the CPU, so the target is built there too
-    device = "cpu" if recipe.aux.enabled and recipe.aux.checkpoint_format == "transformers" else "meta"
-    if device == "cpu" and problems and "aux.checkpoint" in problems[-1]:
-        raise RecipeError(f"{recipe.source}: {problems[-1]}")
-    try:
+
+    def build(device: str):
         target, aux = _build_pair(recipe, adapter, device)
-        report = _plan(target, aux, recipe, example, device) if aux is not None and not pretrain else None
+        return target, aux, (_plan(target, aux, recipe, example, device) if aux is not None and not pretrain else None)
+
+    # a Hugging Face aux loads its weights on the CPU, so the target is built there too
+    device = "cpu" if hf_aux else "meta"
+    try:
+        target, aux, report = build(device)
     except (NotImplementedError, RuntimeError):  # an op without a meta kernel: build for real on the CPU
         device = "cpu"
-        target, aux = _build_pair(recipe, adapter, device)
-        report = _plan(target, aux, recipe, example, device) if aux is not None and not pretrain else None
+        target, aux, report = build(device)
     n_params = sum(p.numel() for p in target.parameters())
     lines.append(f"target: TransformerModel D={recipe.model.embed_dim} depth={recipe.model.depth} "
                  f"heads={recipe.model.num_heads}, {n_params / 1e6:.2f}M parameters (built on {device})"
