@@ -47,8 +47,7 @@ class Sizes:
     seeds: tuple[int, ...]
 
 
-FULL = Sizes(image_per_class=180, point_per_class=60,
-             pretrain=("train.epochs=8",), train=("train.epochs=5",), seeds=(0, 1, 2))
+FULL = Sizes(image_per_class=180, point_per_class=60, pretrain=(), train=(), seeds=(0, 1, 2))  # the recipes as written
 QUICK = Sizes(image_per_class=6, point_per_class=4,
               pretrain=("train.max_steps=2", "data.batch_size=8"),
               train=("train.max_steps=2", "data.batch_size=16", "output.plots=false"), seeds=(0, 1))
