@@ -81,13 +81,14 @@ def check_ply_complete(path: Path) -> None:
                 break
         else:
             raise UnreadableFileError(f"{path}: PLY header has no end_header")
-        body = f.read()
+        data_bytes = path.stat().st_size - f.tell()
+        body = f.read() if fmt == "ascii" else b""  # binary: the size says it, no need to read the points twice
     if fmt == "ascii":
         rows = sum(1 for line in body.splitlines() if line.strip())
         if rows < sum(count for count, _ in elements):
             raise UnreadableFileError(f"{path}: truncated PLY ({rows} data lines, header promises more)")
-    elif all(size is not None for _, size in elements) and len(body) < sum(c * s for c, s in elements):
-        raise UnreadableFileError(f"{path}: truncated PLY ({len(body)} data bytes, header promises more)")
+    elif all(size is not None for _, size in elements) and data_bytes < sum(c * s for c, s in elements):
+        raise UnreadableFileError(f"{path}: truncated PLY ({data_bytes} data bytes, header promises more)")
 
 
 def read_points(path: Path, in_chans: int = 3, mesh_points: int = 8192) -> np.ndarray:

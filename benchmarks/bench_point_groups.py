@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from pathway.tokenizers import farthest_point_sample, knn
+from pathway.tokenizers.point_group import gather_points
 
 
 def best_of(fn, repeat: int = 3) -> float:
@@ -42,7 +43,7 @@ def main() -> None:
             t_fps = best_of(lambda: farthest_point_sample(xyz, groups))
 
             def fps_knn(x=xyz):
-                centres = x.gather(1, farthest_point_sample(x, groups).unsqueeze(-1).expand(-1, -1, 3))
+                centres = gather_points(x, farthest_point_sample(x, groups))
                 knn(centres, x, 32)
 
             t_all = best_of(fps_knn)

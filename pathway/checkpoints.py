@@ -68,20 +68,17 @@ _PRETRAIN_ONLY = {
     "hf_vit": ("decoder.", "pooler.", "embeddings.mask_token"),
 }
 
-# Source-key prefix swaps, first match wins (timm `checkpoint_filter_fn` style). Blocks keep timm names.
+# Source-key prefix swaps, first match wins (timm `checkpoint_filter_fn` style). Keys no swap matches keep
+# their names: `blocks.*`, `norm.*`, `head.*` (and MAE global-pool fine-tunes' `fc_norm.*`, which has no
+# engine counterpart and is reported unexpected).
 _VIT_SWAPS = (
     ("patch_embed.proj.", "tokenizer.proj."),
-    ("blocks.", "blocks."),
-    ("norm.", "norm."),
-    ("head.", "head."),
-    ("fc_norm.", "fc_norm."),  # MAE/AudioMAE global-pool fine-tunes: no engine counterpart (reported unexpected)
 )
 _POINT_SWAPS = (
     ("encoder.first_conv.", "tokenizer.first_conv."),
     ("encoder.second_conv.", "tokenizer.second_conv."),
     ("pos_embed.", "tokenizer.pos_embed."),
     ("blocks.blocks.", "blocks."),
-    ("norm.", "norm."),
     ("cls_head_finetune.", "head."),
 )
 _HF_SWAPS = (  # Hugging Face ViT, both the file layout (<= 4.x) and the transformers 5 module layout
@@ -455,12 +452,9 @@ def _is_square(n: int) -> bool:
 
 
 def _tokenizer_grid(model: nn.Module) -> tuple[int, ...] | None:
-    tok = getattr(model, "tokenizer", None)
-    for name in ("grid", "grid_size", "patch_grid"):
-        grid = getattr(tok, name, None)
-        if grid is not None:
-            return tuple(int(g) for g in grid)
-    return None
+    """The patch grid of the model's tokenizer (patch tokenizers have one; point groups have none)."""
+    grid = getattr(getattr(model, "tokenizer", None), "grid", None)
+    return tuple(int(g) for g in grid) if grid is not None else None
 
 
 def _default_grid(n: int, fmt: str, args: Mapping[str, Any] | None, frames: int | None) -> tuple[int, ...] | None:
@@ -498,9 +492,9 @@ def _model_keys(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
     return sd, alias
 
 
-# Official heads -> the adapters' heads: MAE global-pool fine-tunes keep `fc_norm` + `head`, which is the
-# engine ClassificationHead's `head.norm` + `head.fc` (adapters/heads.py).
-_HEAD_ALIASES = (("head.", "head.fc."), ("fc_norm.", "head.norm."))
+# Official heads -> the adapters' ClassificationHead (adapters/heads.py), a Linear `head.fc` after the model's
+# own `norm`. MAE global-pool fine-tunes also keep an `fc_norm`, which has no counterpart there.
+_HEAD_ALIASES = (("head.", "head.fc."),)
 
 
 def _place(key: str, model_sd: Mapping[str, Tensor], alias: Mapping[str, str]) -> str | None:
@@ -560,7 +554,7 @@ def load_checkpoint(
         allow_missing: engine-key prefixes that may be absent (default: the task head).
         source_grid: patch grid of the checkpoint's position embedding when it cannot be inferred
             (e.g. `(64, 8)` for AudioMAE 1024 frames x 128 mel bins, `(8, 14, 14)` for VideoMAE).
-        target_grid: the model's grid, when its tokenizer exposes none (`grid_size`).
+        target_grid: the model's grid, when its tokenizer exposes none (`grid`).
         args: the file's stored `args` when `source` is a state dict already read with `read_checkpoint`
             (format detection uses them); ignored for a file, whose own `args` are read.
 
