@@ -124,17 +124,14 @@ def unwrap(model: nn.Module) -> TransformerModel:
 
 def mean_abs_lambda(model: nn.Module) -> float:
     """Mean |lambda| over every pathway (the quantity the paper's Fig. 3 tracks); 0 when none."""
-    lams = pathway.lambdas(unwrap(model)) if pathway.is_connected(unwrap(model)) else {}
+    lams = pathway.lambdas(unwrap(model))
     if not lams:
         return 0.0
     return float(torch.stack([p.detach().abs().mean().float().cpu() for p in lams.values()]).mean())
 
 
 def lambda_values(model: nn.Module) -> dict[str, float]:
-    m = unwrap(model)
-    if not pathway.is_connected(m):
-        return {}
-    return {name: float(p.detach().float().mean().cpu()) for name, p in pathway.lambdas(m).items()}
+    return {name: float(p.detach().float().mean().cpu()) for name, p in pathway.lambdas(unwrap(model)).items()}
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -367,19 +364,22 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
                 with (nullcontext() if sync else net.no_sync()), pathway.cached(), ctx.autocast():
                     logits = net(x)
                     loss = compute_loss(logits, y, adapter.task, t.label_smoothing if mixup is None else 0.0)
-                finite = torch.isfinite(loss.detach()).float()
-                if ctx.world > 1:
-                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                if finite.item() < 1:
+                value = loss.item()  # the one host sync of a micro-step
+                finite = math.isfinite(value)
+                if ctx.world > 1:  # every rank stops together
+                    flag = torch.tensor([float(finite)], device=ctx.device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                    finite = flag.item() == 1.0
+                if not finite:
                     # The weights are still those of the last completed step: save them, then stop.
                     saved = save(step, epoch, position - position % o.accum_steps)
                     raise NonFiniteLossError(
-                        f"loss is {loss.item()} at step {step} (epoch {epoch}); the last finite state is saved"
+                        f"loss is {value} at step {step} (epoch {epoch}); the last finite state is saved"
                         f"{f' in {saved}' if saved else ''}. Lower the lr (optim.blr/lr), set optim.clip_grad, "
                         f"or use train.amp=bf16/fp32"
                     )
                 scaler.scale(loss / o.accum_steps).backward()
-                loss_sum += loss.item() / o.accum_steps
+                loss_sum += value / o.accum_steps
                 position += 1
                 seen += y.shape[0] * ctx.world
             if o.clip_grad is not None:
