@@ -145,17 +145,16 @@ def run_experiment(out: str | Path = "results", quick: bool = False, seeds: tupl
                 f"output.name={condition}-seed{seed}", "train.keep_last=1", *aux[condition], *sizes.train])
             result = train(recipe)
             run_dir = Path(result["run_dir"])
-            # A finished run needs no resume state (three checkpoints with optimizer state are ~0.7 GB
-            # per run here) nor the second copy of its folded model in timm keys, already checked.
+            # A finished run needs no resume state (its checkpoint holds weights, aux weights and AdamW
+            # state, ~0.25 GB here) nor the second copy of its folded model in timm keys, already checked.
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
             Path(result.get("timm_model", run_dir / "model_timm.safetensors")).unlink(missing_ok=True)
             lambda_rows = JsonlLog(run_dir / "lambdas.jsonl", main=False).rows()
-            runs.append(Run(
-                condition, seed, float(result["metrics"]["top1"]) / 100.0, result.get("fold_max_abs_diff"),
-                _parameters(result["model"]),
-                {k: v for k, v in lambda_rows[-1].items() if k not in ("step", "time")} if lambda_rows else {},
-                [(r["step"], r["top1"] / 100.0) for r in JsonlLog(run_dir / "metrics.jsonl", main=False).rows() if r.get("kind") == "eval"],
-                time.perf_counter() - t))
+            last_lambdas = {k: v for k, v in lambda_rows[-1].items() if k not in ("step", "time")} if lambda_rows else {}
+            curve = [(r["step"], r["top1"] / 100.0)
+                     for r in JsonlLog(run_dir / "metrics.jsonl", main=False).rows() if r.get("kind") == "eval"]
+            runs.append(Run(condition, seed, float(result["metrics"]["top1"]) / 100.0, result.get("fold_max_abs_diff"),
+                            _parameters(result["model"]), last_lambdas, curve, time.perf_counter() - t))
             timings[condition] = timings.get(condition, 0.0) + runs[-1].seconds
     timings["total"] = time.perf_counter() - started
     return summarise(runs, out, pretrained, timings)

