@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from pathway.tokenizers import AudioSpectrogramTokenizer, Tokenizer
+from pathway.tokenizers.audio_spectrogram import AudioSpectrogramTokenizer
+from pathway.tokenizers.base import Tokenizer
 
 from .base import Adapter, FileDataset, OptionError, UnreadableFileError
 from .registry import register

@@ -21,18 +21,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from pathway.errors import PathwayError
-from pathway.tokenizers import Tokenizer
+from pathway.errors import OptionError, PathwayError
+from pathway.tokenizers.base import Tokenizer
 
 from .heads import ClassificationHead
 
 
 class AdapterError(PathwayError):
     """Base of the adapters' errors."""
-
-
-class OptionError(AdapterError):
-    """An option the adapter does not know, or a value it cannot use."""
 
 
 class LayoutError(AdapterError):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pathway.tokenizers import TokenizerOutput
+from pathway.tokenizers.base import TokenizerOutput
 from pathway.tokenizers.point_group import interpolate_to_points
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from pathway.tokenizers import ImagePatchTokenizer, Tokenizer
+from pathway.tokenizers.image_patch import ImagePatchTokenizer
+from pathway.tokenizers.base import Tokenizer
 
 from .base import Adapter, FileDataset, OptionError
 from .registry import register

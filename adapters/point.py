@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from pathway.tokenizers import PointGroupTokenizer, Tokenizer
+from pathway.tokenizers.point_group import PointGroupTokenizer
+from pathway.tokenizers.base import Tokenizer
 
 from .base import Adapter, FileDataset, LayoutError, OptionError, UnreadableFileError
 from .heads import SegmentationHead

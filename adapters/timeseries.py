@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from pathway.tokenizers import PatchTokenizer, Tokenizer
+from pathway.tokenizers.patch import PatchTokenizer
+from pathway.tokenizers.base import Tokenizer
 
 from .base import Adapter, FileDataset, LayoutError, OptionError, UnreadableFileError
 from .registry import register

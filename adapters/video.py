@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from pathway.tokenizers import Tokenizer, VideoTubeletTokenizer
+from pathway.tokenizers.base import Tokenizer
+from pathway.tokenizers.video_tubelet import VideoTubeletTokenizer
 
 from .base import Adapter, FileDataset, OptionError, UnreadableFileError
 from .image import IMAGENET_MEAN, IMAGENET_STD

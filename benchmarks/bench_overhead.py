@@ -9,7 +9,7 @@ Variants, measured side by side (interleaved rounds in one process, so drift hit
 A step is forward + backward + AdamW. Peak memory is measured per variant in a fresh subprocess
 (CPU: peak RSS; CUDA: torch.cuda.max_memory_allocated). Prints ratios to plain; asserts nothing.
 
-    python -P benchmarks/bench_overhead.py [--models vit_small_patch16_224 vit_base_patch16_224] [--batch 16]
+    python benchmarks/bench_overhead.py [--models vit_small_patch16_224 vit_base_patch16_224] [--batch 16]
 """
 
 from __future__ import annotations

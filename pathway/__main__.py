@@ -2,6 +2,6 @@
 
 import sys
 
-from pathway.cli import main
+from pathway.train.cli import main
 
 sys.exit(main())

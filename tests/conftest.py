@@ -1,20 +1,19 @@
-"""Test set-up shared by every test file: the tests folder on sys.path, one thread pair, fixed seeds."""
+"""Test set-up shared by every test file: one thread pair, fixed seeds, no hub access.
+
+pytest puts this folder on sys.path (rootdir-relative imports of `make_files`, `toy_models`); the repo root
+needs no special handling: `adapters/` and `tokenizers/` have no `__init__.py`, so they never shadow the
+installed packages of those names (tests/test_layers.py checks it).
+"""
 
 from __future__ import annotations
 
 import os
 import random
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-# `python -m pytest` from the repo root puts the root on sys.path, where the `tokenizers/` folder
-# (installed as `pathway.tokenizers`) would shadow Hugging Face's `tokenizers` package.
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT]
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 

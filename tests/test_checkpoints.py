@@ -2,7 +2,7 @@
 
 Each test writes a synthetic checkpoint with exactly the official keys and shapes (small widths: D=64,
 depth 2, 2 heads) in the official file format (`.pth` with `model` + `args` Namespace, Point-MAE's
-`base_model`, safetensors), loads it through `pathway.checkpoints` into a real `TransformerModel` built
+`base_model`, safetensors), loads it through `pathway.train.layouts` into a real `TransformerModel` built
 from the real tokenizers and heads, and compares values. The MAE and timm cases also compare the whole
 forward with timm's own `VisionTransformer` carrying the same weights. Nothing is downloaded.
 """
@@ -17,8 +17,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from pathway.checkpoints import CheckpointError, detect_format, load_checkpoint, load_state_dict, read_checkpoint
-from pathway.tokenizers import ImagePatchTokenizer, PatchTokenizer
+from pathway.train.layouts import CheckpointError, detect_format, load_checkpoint, load_state_dict, read_checkpoint
+from pathway.tokenizers.image_patch import ImagePatchTokenizer
+from pathway.tokenizers.patch import PatchTokenizer
 from pathway.tokenizers.point_group import PointGroupTokenizer
 from pathway.tokenizers.pos_embed import resample_pos_embed, sinusoid_table
 from pathway.train.model import TransformerModel

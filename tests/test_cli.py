@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pathway.cli import main
+from pathway.train.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))

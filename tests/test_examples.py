@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ])
 def test_example_runs(script, expect):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    result = subprocess.run([sys.executable, "-P", os.path.join(ROOT, "examples", script), "--steps", "2"],
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "examples", script), "--steps", "2"],
                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     found = re.search(expect, result.stdout)

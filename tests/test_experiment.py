@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pathway.experiment import CONDITIONS, make_control, minilm_dir, run_experiment
+from pathway.train.experiment import CONDITIONS, make_control, minilm_dir, run_experiment
 
 
 @pytest.mark.slow

@@ -33,7 +33,7 @@ def command(recipe: str, data: Path, out: Path, name: str, extra_sets: list[str]
             "model.num_heads=2", "data.batch_size=4", "train.epochs=2", f"train.max_steps={STEPS}",
             "train.checkpoint_every=1", "train.keep_last=2", "train.log_every=1", "optim.warmup_epochs=0.2",
             "pathway.lambda_init=0.1", *extra_sets]
-    args = [sys.executable, "-P", "-m", "pathway", "train", str(ROOT / f"recipes/demo/{recipe}.yaml"), "--no-progress"]
+    args = [sys.executable, "-m", "pathway", "train", str(ROOT / f"recipes/demo/{recipe}.yaml"), "--no-progress"]
     for s in sets:
         args += ["--set", s]
     return args + list(extra)

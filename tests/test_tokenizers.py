@@ -8,19 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from pathway.tokenizers import (
-    ImagePatchTokenizer,
-    PatchTokenizer,
-    PointGroupTokenizer,
-    Tokenizer,
-    TokenizerOutput,
-    farthest_point_sample,
-    knn,
-    patchify,
-    resample_pos_embed,
-    sincos_pos_embed,
-    sinusoid_table,
-)
+from pathway.tokenizers.image_patch import ImagePatchTokenizer
+from pathway.tokenizers.patch import PatchTokenizer, patchify
+from pathway.tokenizers.point_group import PointGroupTokenizer, farthest_point_sample, knn
+from pathway.tokenizers.base import Tokenizer, TokenizerOutput
+from pathway.tokenizers.pos_embed import resample_pos_embed, sincos_pos_embed, sinusoid_table
 
 
 def mae_2d_sincos(dim: int, gh: int, gw: int) -> np.ndarray:
@@ -210,7 +202,7 @@ def test_point_groups_same_on_cuda():
 
 
 def test_video_tubelets_match_videomae_layout():
-    from pathway.tokenizers import VideoTubeletTokenizer
+    from pathway.tokenizers.video_tubelet import VideoTubeletTokenizer
 
     tok = VideoTubeletTokenizer(num_frames=4, img_size=32, tubelet_size=2, patch_size=16, embed_dim=24)
     assert tok.proj.weight.shape == (24, 3, 2, 16, 16)  # VideoMAE's Conv3d
@@ -224,7 +216,7 @@ def test_video_tubelets_match_videomae_layout():
 
 
 def test_audio_patches_match_audiomae_layout():
-    from pathway.tokenizers import AudioSpectrogramTokenizer
+    from pathway.tokenizers.audio_spectrogram import AudioSpectrogramTokenizer
 
     tok = AudioSpectrogramTokenizer(num_frames=64, num_mel_bins=32, patch_size=16, embed_dim=16)
     assert tok.proj.weight.shape == (16, 1, 16, 16)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pathway.checkpoints import CheckpointError
+from pathway.train.layouts import CheckpointError
 
 __all__ = ["CheckpointError", "rng_state", "set_rng_state", "save_checkpoint", "list_checkpoints", "read_state",
            "load_latest"]

@@ -88,7 +88,7 @@ class ModelConfig:
     drop_path: float = 0.1  # stochastic depth rate of the last block (linear from 0 over the depth)
     cls_token: bool = False  # prepend a learned class token (official checkpoints fold their cls pos-embed into it)
     checkpoint: str = ""  # initial weights of the target ("" = random init, i.e. from scratch)
-    checkpoint_format: str = "auto"  # "auto" | "pathway" | a format known to pathway.checkpoints (e.g. "mae")
+    checkpoint_format: str = "auto"  # "auto" | "pathway" | a format known to pathway.train.layouts (e.g. "mae")
 
 
 @dataclass
@@ -449,7 +449,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def check_adapter(recipe: Recipe) -> None:
     """The adapter named by the recipe must be registered; the error lists the registered ones."""
-    from pathway import adapters
+    from pathway.adapters import registry as adapters
 
     names = list(adapters.available())
     for key, name in (("data.adapter", recipe.data.adapter), ("aux.adapter", recipe.aux.adapter)):

@@ -10,19 +10,24 @@ so the demo exercises the same readers as a real data set:
 * video: 16-frame 32x32 mp4 (PyAV, H.264) of a square moving right, left, up or down (4 classes);
 * timeseries: 2-channel sequences of length 128 (sine, square, sawtooth, noise) as ``.npy`` (4 classes).
 
-``make_demo_data(adapter, root)`` is idempotent: a finished folder has a ``.complete`` marker.
+``make_demo_data(adapter, root)`` is idempotent: a finished folder has a ``.complete`` marker. It writes only
+into a folder it owns (``pathway/train/owned.py``): a new or empty one, or one it marked earlier; a folder of
+anything else (say a user's own data set named as ``data.root``) is refused, never cleared.
 Heavy libraries (scikit-learn, open3d, PyAV, soundfile) are imported inside the maker that needs them.
 """
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["MAKERS", "make_demo_data"]
+from pathway.errors import OptionError
+
+from .owned import check_claimable, claim, clear, owner
+
+__all__ = ["MAKERS", "make_demo_data", "check_demo_root"]
 
 SPLITS = {"train": 0.8, "val": 0.2}
 
@@ -142,15 +147,40 @@ MAKERS: dict[str, tuple[Callable[..., None], int]] = {
 }
 
 
-def make_demo_data(adapter: str, root: str | Path, per_class: int | None = None, seed: int = 0) -> Path:
-    """Write the demo data of ``adapter`` under ``root`` unless it is already complete there."""
-    if adapter not in MAKERS:
-        raise ValueError(f"no demo data for adapter {adapter!r}; available: {', '.join(MAKERS)}")
+def _kind(adapter: str) -> str:
+    return f"demo-data:{adapter}"
+
+
+def _complete(root: Path, adapter: str) -> bool:
+    """Finished demo data of ``adapter``; folders made before ownership markers have only ``.complete``."""
+    done = root / ".complete"
+    return done.is_file() and owner(root) in (_kind(adapter), None) and done.read_text().startswith(f"{adapter} ")
+
+
+_FIX = ("to train on your own files there, pass --set data.demo=false; to make the demo data, name a new or empty "
+        "folder as data.root")
+
+
+def check_demo_root(adapter: str, root: str | Path) -> None:
+    """Raise unless ``make_demo_data(adapter, root)`` could write there; writes nothing (dry runs)."""
     root = Path(root)
-    if (root / ".complete").exists():
+    if not _complete(root, adapter):
+        check_claimable(root, _kind(adapter), fix=_FIX)
+
+
+def make_demo_data(adapter: str, root: str | Path, per_class: int | None = None, seed: int = 0) -> Path:
+    """Write the demo data of ``adapter`` under ``root`` unless it is already complete there.
+
+    ``root`` must be new, empty, or a folder this function marked: a half-written one (an interrupted run)
+    is cleared and written again; any other folder is a ``FolderNotOwnedError`` and is left untouched.
+    """
+    if adapter not in MAKERS:
+        raise OptionError(f"no demo data for adapter {adapter!r}; available: {', '.join(MAKERS)}")
+    root = Path(root)
+    if _complete(root, adapter):
         return root
-    if root.exists():
-        shutil.rmtree(root)  # a half-written folder from an interrupted run
+    claim(root, _kind(adapter), fix=_FIX)
+    clear(root, _kind(adapter))  # only the marker is left of an interrupted run
     maker, default = MAKERS[adapter]
     maker(root, per_class or default, np.random.default_rng(seed))
     (root / ".complete").write_text(f"{adapter} per_class={per_class or default} seed={seed}\n")

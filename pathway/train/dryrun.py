@@ -4,8 +4,9 @@ Validates the schema and the adapter, builds target and aux on the meta device (
 weights; on the CPU if some part cannot run on meta), prints ``pathway.plan``'s report (the
 pairs ``connect`` would make, changing nothing) and the run plan: data sizes when the data is
 there, steps, warm-up, effective batch, lr. Missing data or checkpoint files are listed as
-problems a real run would stop on, not errors here, so paper recipes can be checked anywhere. The
-embedded demo data (`data.demo: true`) is made if missing: it takes a second.
+problems a real run would stop on, not errors here, so paper recipes can be checked anywhere. A dry run
+writes nothing: where the demo data (`data.demo: true`) is missing it checks only that the real run may make
+it there (a folder pathway owns or a new one; never a user's).
 """
 
 from __future__ import annotations
@@ -47,12 +48,15 @@ def dry_run(recipe: Recipe, *, world: int = 1, pretrain: bool = False) -> str:
     lines = [f"recipe {recipe.source}" + (f": {recipe.description}" if recipe.description else "")]
     problems = []
     root = recipe.data.root
-    if recipe.data.demo and root:  # the demo data is small and made in a second: make it, then check for real
-        from .demo_data import make_demo_data
+    if recipe.data.demo and root:  # a dry run writes nothing: check that the real run could make the data there
+        from .demo_data import check_demo_root
 
-        make_demo_data(recipe.data.adapter, root)
-    has_data = bool(root) and Path(root).exists()
-    if not has_data:
+        check_demo_root(recipe.data.adapter, root)
+    demo_pending = recipe.data.demo and bool(root) and not (Path(root) / ".complete").exists()
+    has_data = bool(root) and Path(root).exists() and not demo_pending
+    if demo_pending:
+        lines.append(f"data.root {root}: the demo data is made there on the first real run (data.demo: true)")
+    elif not has_data:
         problems.append(f"data.root {root or '(empty)'} does not exist")
     hf_aux = recipe.aux.enabled and recipe.aux.checkpoint_format == "transformers"
     missing = {}

@@ -36,6 +36,7 @@ from .config import Recipe, check_adapter, check_data
 from .data import make_loader, set_epoch
 from .metrics import MetricAccumulator, average_views
 from .model import TransformerModel, build_adapter, build_model
+from .owned import RunExistsError, claim_run_dir
 from .optim import base_lr, build_mixup, build_optimizer, compute_loss
 from .schedule import apply_lr, lr_at, step_plan
 
@@ -272,8 +273,10 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
     # -- model ----------------------------------------------------------------------------------
     seed_everything(t.seed)
     if ctx.main and not resume and ckpt.list_checkpoints(ckpt_dir):
-        raise FileExistsError(f"{run_dir} already holds checkpoints; pass --resume to continue it, "
-                              f"or choose another output.name / output.dir")
+        raise RunExistsError(f"{run_dir} already holds checkpoints; pass --resume to continue it, "
+                             f"or choose another output.name / output.dir")
+    if ctx.main:
+        claim_run_dir(run_dir)
     example = train_set[0][0][None]  # the core reads both graphs on a real input
     item_dims = example.dim() - 1
     model, report = build_model(recipe, adapter, example=example, log=ctx.log)

@@ -11,10 +11,11 @@ import dataclasses
 from pathlib import Path
 
 
-from pathway.checkpoints import read_checkpoint
+from pathway.train.layouts import read_checkpoint
 
 from .checkpoint import CheckpointError, read_state
 from .config import Recipe, recipe_from_dict
+from .owned import check_new_file
 from .model import TransformerModel, build_adapter, build_model, build_transformer
 
 __all__ = ["load_run_model", "evaluate_weights", "fold_checkpoint"]
@@ -64,6 +65,7 @@ def fold_checkpoint(checkpoint: Path, output: Path) -> str:
     import pathway
     from safetensors.torch import save_file
 
+    check_new_file(output, "fold output")
     state = read_state(checkpoint, ("model", "recipe"))
     recipe = _without_init(recipe_from_dict(state["recipe"], f"{checkpoint} (embedded recipe)"))
     adapter = build_adapter(recipe, need_data=False)

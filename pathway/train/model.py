@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .config import Recipe, RecipeError
 
 if TYPE_CHECKING:
-    from pathway.adapters import Adapter
+    from pathway.adapters.base import Adapter
 
 __all__ = ["TransformerModel", "build_adapter", "build_transformer", "build_model", "init_from_checkpoint",
            "load_transformers_model"]
@@ -100,7 +100,8 @@ def build_adapter(recipe: Recipe, *, need_data: bool = True) -> Adapter:
     ``Adapter.spec`` that still makes the tokenizer and head, with ``data.num_classes`` classes (or the
     length of ``data.options.classes``; 1000 when neither says).
     """
-    from pathway import adapters
+    from pathway.adapters import registry as adapters
+    from pathway.adapters.base import OptionError
 
     name = recipe.data.adapter
     try:
@@ -112,7 +113,7 @@ def build_adapter(recipe: Recipe, *, need_data: bool = True) -> Adapter:
             classes = recipe.data.options.get("classes")
             return cls.spec(recipe.data.num_classes or (len(classes) if classes else 1000), **recipe.data.options)
         return cls(recipe.data.root, **recipe.data.options)
-    except adapters.OptionError as err:
+    except OptionError as err:
         raise RecipeError(f"{recipe.source}: 'data.options' for adapter {name!r}: {err}") from None
 
 
@@ -145,11 +146,11 @@ def init_from_checkpoint(model: nn.Module, path: str | Path, fmt: str = "auto", 
     """Load ``path`` into ``model`` and return a one-line account of what was loaded.
 
     ``fmt="pathway"`` (or ``"auto"`` on a file in TransformerModel keys, e.g. ``pathway pretrain``'s
-    encoder) loads our own layout; anything else goes through ``pathway.checkpoints.load_checkpoint``
+    encoder) loads our own layout; anything else goes through ``pathway.train.layouts.load_checkpoint``
     (official MAE-family and timm layouts, exact key checks). ``body_only`` (the aux model) keeps only
     ``blocks.*`` and requires every body tensor: a half-loaded aux body would silently weaken the pathway.
     """
-    from pathway.checkpoints import load_checkpoint, read_checkpoint
+    from pathway.train.layouts import load_checkpoint, read_checkpoint
 
     path = Path(path)
     state, args = read_checkpoint(path)  # read once; MAE-family files keep their `args` for format detection

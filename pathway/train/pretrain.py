@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from .config import Recipe, check_adapter, check_data
 from .data import make_loader, set_epoch
 from .model import TransformerModel, build_adapter, build_transformer
+from .owned import claim_run_dir
 from .schedule import apply_lr, lr_at, step_plan
 
 __all__ = ["MaskedAutoencoder", "chamfer_l2", "random_masking", "pretrain"]
@@ -140,8 +141,7 @@ def pretrain(recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(pathway.param_groups(mae, lr, o.weight_decay), lr=lr, betas=tuple(o.betas), eps=o.eps)
     steps_per_epoch = len(loader) // o.accum_steps
     total, warmup = step_plan(steps_per_epoch, t.epochs, t.max_steps, o.warmup_epochs)
-    run_dir = recipe.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = claim_run_dir(recipe.run_dir)
     (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
     (run_dir / "pretrain.jsonl").unlink(missing_ok=True)
     log = JsonlLog(run_dir / "pretrain.jsonl", main=True)

@@ -32,7 +32,9 @@ from typing import Any
 
 import torch
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "demo"
+from .owned import claim
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "demo"
 CONDITIONS = ("baseline", "point-mae", "minilm", "control")
 
 
@@ -103,16 +105,23 @@ def _parameters(path: str) -> int:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
+def _legacy_results(folder: Path) -> bool:
+    """Results written before ownership markers: the summary this module writes, beside its runs."""
+    summary = folder / "README.md"
+    return summary.is_file() and summary.read_text().startswith("# Embedded experiment") and (folder / "runs").is_dir()
+
+
 def run_experiment(out: str | Path = "results", quick: bool = False, seeds: tuple[int, ...] | None = None) -> Path:
     """Run every condition over every seed and write the summary; returns the summary file."""
-    from .train.config import load_recipe
-    from .train.demo_data import make_demo_data
-    from .train.engine import JsonlLog, train
-    from .train.pretrain import pretrain
+    from .config import load_recipe
+    from .demo_data import make_demo_data
+    from .engine import JsonlLog, train
+    from .pretrain import pretrain
 
     sizes = QUICK if quick else FULL
     seeds = tuple(seeds) if seeds else sizes.seeds
-    out = Path(out).resolve()
+    out = claim(Path(out).resolve(), "experiment", legacy=_legacy_results,
+                fix="pass --out with a new or empty folder (or one an earlier experiment wrote)")
     started = time.perf_counter()
     timings: dict[str, float] = {}
 

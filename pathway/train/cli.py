@@ -36,7 +36,7 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train.demo_data import MAKERS  # numpy only: the parser stays light
+    from .demo_data import MAKERS  # numpy only: the parser stays light
     parser = argparse.ArgumentParser(
         prog="pathway",
         description="Multimodal Pathway: train a transformer with the weights of another modality's transformer "
@@ -94,17 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args) -> int:
-    from .train.config import load_recipe
+    from .config import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.dry_run:
         import os
 
-        from .train.dryrun import dry_run
+        from .dryrun import dry_run
 
         print(dry_run(recipe, world=int(os.environ.get("WORLD_SIZE", "1"))))
         return 0
-    from .train.engine import train
+    from .engine import train
 
     result = train(recipe, resume=args.resume, progress=not args.no_progress)
     if result.get("metrics"):
@@ -113,23 +113,23 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_pretrain(args) -> int:
-    from .train.config import load_recipe
+    from .config import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.dry_run:
-        from .train.dryrun import dry_run
+        from .dryrun import dry_run
 
         print(dry_run(recipe, pretrain=True))
         return 0
-    from .train.pretrain import pretrain
+    from .pretrain import pretrain
 
     pretrain(recipe, progress=not args.no_progress)
     return 0
 
 
 def _cmd_eval(args) -> int:
-    from .train.config import check_data, load_recipe
-    from .train.evaluate import evaluate_weights
+    from .config import check_data, load_recipe
+    from .evaluate import evaluate_weights
 
     recipe = load_recipe(args.recipe, args.overrides)
     check_data(recipe)
@@ -139,7 +139,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_fold(args) -> int:
-    from .train.evaluate import fold_checkpoint
+    from .evaluate import fold_checkpoint
 
     print(fold_checkpoint(args.checkpoint, args.output))
     return 0
@@ -148,10 +148,10 @@ def _cmd_fold(args) -> int:
 def _cmd_inspect(args) -> int:
     import pathway
 
-    from .train.config import load_recipe
+    from .config import load_recipe
 
     if len(args.models) == 1:
-        from .train.dryrun import dry_run
+        from .dryrun import dry_run
 
         print(dry_run(load_recipe(Path(args.models[0]), args.overrides)))
         return 0
@@ -160,7 +160,7 @@ def _cmd_inspect(args) -> int:
     import timm
     import torch
 
-    from .train.config import parse_overrides, recipe_from_dict
+    from .config import parse_overrides, recipe_from_dict
 
     opts = recipe_from_dict(parse_overrides(args.overrides), "--set").connect_options()
     with torch.device("meta"):
@@ -170,7 +170,7 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_demo_data(args) -> int:
-    from .train.demo_data import make_demo_data
+    from .demo_data import make_demo_data
 
     print(make_demo_data(args.adapter, args.root))
     return 0

@@ -4,6 +4,17 @@ File libraries (PIL, decord, PyAV, librosa, soundfile, open3d) and timm's transf
 functions that read files, so ``import pathway.adapters`` stays light.
 """
 
+# The modules live in the repository's top-level `adapters/` folder. It has no __init__.py, so it never shadows
+# AdapterHub's adapters for code started in the repo root: a plain folder yields to an installed package of the same
+# name (PEP 420). A wheel installs the modules beside this file; in a source checkout (editable install,
+# or the repo root on sys.path) this package reads them from that folder.
+from pathlib import Path as _Path
+
+_here = _Path(__file__).resolve().parent
+if not (_here / "base.py").exists():
+    __path__.append(str(_here.parents[1] / "adapters"))
+del _Path, _here
+
 from .base import Adapter as Adapter
 from .base import LayoutError as LayoutError
 from .base import OptionError as OptionError
@@ -11,10 +22,3 @@ from .base import UnreadableFileError as UnreadableFileError
 from .registry import available as available
 from .registry import get as get
 from .registry import register as register
-
-# Importing the built-in modules registers their adapters.
-from . import audio as audio  # noqa: E402
-from . import image as image  # noqa: E402
-from . import point as point  # noqa: E402
-from . import timeseries as timeseries  # noqa: E402
-from . import video as video  # noqa: E402

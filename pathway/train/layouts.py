@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import PathwayError
+from pathway.errors import PathwayError
 
 __all__ = [
     "FORMATS",

@@ -1,5 +1,16 @@
 """Tokenizers: modality tensors to tokens ``[B, N, D]`` (imported as ``pathway.tokenizers``; torch only)."""
 
+# The modules live in the repository's top-level `tokenizers/` folder. It has no __init__.py, so it never shadows
+# Hugging Face's tokenizers for code started in the repo root: a plain folder yields to an installed package of the same
+# name (PEP 420). A wheel installs the modules beside this file; in a source checkout (editable install,
+# or the repo root on sys.path) this package reads them from that folder.
+from pathlib import Path as _Path
+
+_here = _Path(__file__).resolve().parent
+if not (_here / "base.py").exists():
+    __path__.append(str(_here.parents[1] / "tokenizers"))
+del _Path, _here
+
 from .base import Tokenizer as Tokenizer
 from .base import TokenizerOutput as TokenizerOutput
 from .image_patch import ImagePatchTokenizer as ImagePatchTokenizer
