@@ -1,8 +1,11 @@
 """Recipes: typed schema, extends, --set overrides, and errors that name the file, key and allowed values."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+
+import pathway
 
 from pathway.train.config import (RecipeError, check_adapter, check_data, load_recipe, parse_overrides,
                                   recipe_from_dict)
@@ -16,20 +19,21 @@ def write(path: Path, text: str) -> Path:
 def test_defaults_extends_and_overrides(tmp_path):
     (tmp_path / "data").mkdir()
     write(tmp_path / "base.yaml", "data: {adapter: image, root: data, options: {img_size: 32}}\n"
-                                  "model: {embed_dim: 64, depth: 4}\noptim: {blr: 1.0e-3}\n")
+                                  "model: {embed_dim: 64, depth: 4, num_heads: 4}\noptim: {blr: 1.0e-3}\n")
     child = write(tmp_path / "ablation.yaml", "extends: base.yaml\nmodel: {depth: 2}\n"
                                               "data: {options: {patch_size: 4}}\npathway: {exclude: ['mlp']}\n")
     r = load_recipe(child, ["optim.blr=2e-3", "train.epochs=3", "pathway.lambda_init=0.1"])
-    assert (r.model.embed_dim, r.model.depth, r.model.num_heads) == (64, 2, 12)  # base, child, default
+    assert (r.model.embed_dim, r.model.depth, r.model.num_heads) == (64, 2, 4)  # base, child, base
     assert r.data.options == {"img_size": 32, "patch_size": 4}  # adapter options merge key by key
     assert r.data.root == str((tmp_path / "data").resolve())  # relative to the file that names it
     assert r.optim.blr == pytest.approx(2e-3) and isinstance(r.optim.blr, float)  # '2e-3' is text in YAML 1.1
-    assert r.train.epochs == 3 and r.pathway.exclude == ["mlp"] and r.pathway.lambda_init == 0.1
+    assert r.train.epochs == 3 and r.pathway["exclude"] == ["mlp"] and r.pathway["lambda_init"] == 0.1
     assert r.run_name == "ablation"
     # the resolved recipe round-trips through its dict (what checkpoints and recipe.yaml hold)
     again = recipe_from_dict(r.to_dict())
     assert again.to_dict() == r.to_dict()
-    assert r.connect_options()["exclude"] == ("mlp",)
+    assert r.connect_options()["exclude"] == ["mlp"]
+    assert set(r.pathway) == {f.name for f in dataclasses.fields(pathway.Options)} - {"target_inputs", "aux_inputs"}
 
 
 @pytest.mark.parametrize("text, override, expected", [
@@ -37,7 +41,13 @@ def test_defaults_extends_and_overrides(tmp_path):
     ("trian: {epochs: 3}\n", None, "unknown key 'trian' (did you mean 'train'?)"),
     ("train: {epochs: three}\n", None, "'train.epochs' = 'three' (str); expected int"),
     ("train: {amp: off}\n", None, "'train.amp' = False (bool); expected 'auto' | 'bf16' | 'fp16' | 'fp32'"),
-    ("pathway: {depth: backwards}\n", None, "expected 'equal' | 'uniform' | 'first' | 'last' | 'every_k' | 'reversed'"),
+    ("pathway: {depth: backwards}\n", None, "'pathway': depth='backwards' is not one of ['equal'"),
+    ("pathway: {dpeth: uniform}\n", None, "'pathway': unknown option(s) ['dpeth']"),
+    ("pathway: {pairs: {a: b}, train_aux: maybe}\n", None, "'pathway.train_aux' = 'maybe' (str); expected bool"),
+    ("pathway: {target_inputs: 3}\n", None, "'pathway.target_inputs' is set by the engine"),
+    ("optim: {blr: -1}\n", None, "'optim.blr' = -1.0; it must be > 0"),
+    ("model: {embed_dim: 65}\n", None, "'model.embed_dim' = 65 is not divisible by 'model.num_heads' = 12"),
+    ("train: {label_smoothing: 1.5}\n", None, "'train.label_smoothing' = 1.5; it must be in [0, 1)"),
     ("model: [1, 2]\n", None, "'model' must be a mapping"),
     ("", "optim.betas=0.9", "'optim.betas' = 0.9 (float); expected list[float]"),
 ])

@@ -21,6 +21,7 @@ re-created from either.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import types
@@ -38,7 +39,6 @@ __all__ = [
     "DataConfig",
     "ModelConfig",
     "AuxConfig",
-    "PathwayConfig",
     "OptimConfig",
     "TrainConfig",
     "PretrainConfig",
@@ -49,6 +49,7 @@ __all__ = [
     "parse_overrides",
     "check_adapter",
     "check_data",
+    "pathway_section",
 ]
 
 
@@ -109,29 +110,10 @@ class AuxConfig:
     mlp_ratio: float | None = None
 
 
-@dataclass
-class PathwayConfig:
-    """Options passed to ``pathway.connect(target, aux, **options)`` (contracts.md section 1).
-
-    ``segments`` defaults to the body (the repeated blocks): tokenizers and heads of two modalities
-    have nothing to pair, which is also what the paper does.
-    """
-
-    match: Literal["auto", "name", "graph"] = "auto"  # how target and aux layers are paired
-    depth: Literal["equal", "uniform", "first", "last", "every_k", "reversed"] = "equal"  # block depth policy
-    segments: list[str] = field(default_factory=lambda: ["body"])  # parts paired: "body" (blocks), "pre", "mid", "post"
-    include: list[str] = field(default_factory=list)  # regexes on target weight names (empty = all of the segments)
-    exclude: list[str] = field(default_factory=list)  # regexes on target weight names (e.g. '\.mlp\.' = attn-only)
-    pairs: dict[str, str] = field(default_factory=dict)  # explicit target-name -> aux-name overrides
-    kinds: list[str] = field(default_factory=lambda: ["linear"])  # layer kinds: "linear", "conv"
-    lambda_init: float = 0.0  # initial lambda (the paper: 0 is best)
-    lambda_shape: Literal["scalar", "channel"] = "scalar"  # one lambda per layer or per output channel
-    train_lambda: bool = True  # False: fixed lambda (paper ablation, worse)
-    train_aux: bool = True  # the official code trains the aux weights too
-    freeze_target: bool = False  # True: the paper's "fixed target" setting (only pathway trains)
-    on_shape_mismatch: Literal["error", "skip"] = "error"  # what to do with pairs of different shapes
-    allow_partial: bool = False  # accept target body layers left without a partner
-    tracer: Literal["auto", "fx", "runtime"] = "auto"  # how the core reads each model's graph
+# The ``pathway`` section holds the options of ``pathway.connect`` and is checked by the core's own
+# ``pathway.plan.Options`` (one definition of the options, their defaults and allowed values). The engine
+# supplies the example inputs itself (the adapter's ``example_input()``), so a recipe does not set them.
+ENGINE_SUPPLIED_OPTIONS = ("target_inputs", "aux_inputs")
 
 
 @dataclass
@@ -171,7 +153,6 @@ class TrainConfig:
     log_every: int = 10  # optimizer steps between log lines / JSONL rows
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0 = at the end of each epoch only)
     keep_last: int = 3  # checkpoints kept on disk
-    fold_check_batches: int = 1  # batches used to compare folded and connected outputs at the end
     compile: bool = False  # torch.compile the model (GPU runs)
 
 
@@ -200,7 +181,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     aux: AuxConfig = field(default_factory=AuxConfig)
-    pathway: PathwayConfig = field(default_factory=PathwayConfig)
+    pathway: dict[str, Any] = field(default_factory=lambda: pathway_section({}, "defaults"))
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -226,11 +207,8 @@ class Recipe:
         return Path(self.output.dir) / self.run_name
 
     def connect_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``pathway.connect`` / ``pathway.plan``."""
-        opts = dataclasses.asdict(self.pathway)
-        for key in ("segments", "include", "exclude", "kinds"):
-            opts[key] = tuple(opts[key])
-        return opts
+        """Keyword arguments for ``pathway.connect`` / ``pathway.plan`` (checked by ``pathway.plan.Options``)."""
+        return dict(self.pathway)
 
 
 _SECTION_TYPES = typing.get_type_hints(Recipe)
@@ -249,6 +227,10 @@ def _describe(tp: Any) -> str:
         return " | ".join(_describe(a) for a in typing.get_args(tp))
     if origin in (list, dict):
         return f"{origin.__name__}[{', '.join(_describe(a) for a in typing.get_args(tp))}]"
+    if origin is tuple:
+        return f"list[{_describe(typing.get_args(tp)[0])}]"
+    if origin is collections.abc.Callable:
+        return "callable (Python API only)"
     if tp is type(None):
         return "null"
     if tp is Any:
@@ -286,6 +268,11 @@ def _coerce(value: Any, tp: Any) -> Any:
             raise _Mismatch
         (item_tp,) = typing.get_args(tp)
         return [_coerce(v, item_tp) for v in value]
+    if origin is tuple:  # tuple[X, ...] in the core's Options: a list, or one value
+        item_tp = typing.get_args(tp)[0]
+        return tuple(_coerce(v, item_tp) for v in (value if isinstance(value, (list, tuple)) else [value]))
+    if origin is collections.abc.Callable:  # YAML has no callables
+        raise _Mismatch
     if origin is dict:
         if not isinstance(value, dict):
             raise _Mismatch
@@ -341,6 +328,40 @@ def _build_section(cls: type, values: Any, where: str, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _plain(value: Any) -> Any:
+    """Tuples as lists, so the resolved recipe is plain YAML."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def pathway_section(values: Any, where: str) -> dict[str, Any]:
+    """The ``pathway`` section resolved against ``pathway.plan.Options``: every option, with its default."""
+    from pathway.errors import OptionError
+    from pathway.plan import Options
+
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise RecipeError(f"{where}: 'pathway' must be a mapping of connect options, got {type(values).__name__}")
+    hints = typing.get_type_hints(Options)
+    checked = dict(values)
+    for key, value in values.items():
+        if key in ENGINE_SUPPLIED_OPTIONS:
+            raise RecipeError(f"{where}: 'pathway.{key}' is set by the engine (the adapter's example input); "
+                              f"remove it from the recipe")
+        if key in hints:
+            try:
+                checked[key] = _coerce(value, hints[key])
+            except _Mismatch:
+                raise RecipeError(f"{where}: 'pathway.{key}' = {value!r} ({type(value).__name__}); "
+                                  f"expected {_describe(hints[key])}") from None
+    try:
+        options = Options.parse(checked)
+    except OptionError as err:
+        raise RecipeError(f"{where}: 'pathway': {err}") from None
+    return {f.name: _plain(getattr(options, f.name)) for f in dataclasses.fields(Options)
+            if f.name not in ENGINE_SUPPLIED_OPTIONS}
+
+
 def recipe_from_dict(values: dict[str, Any], where: str = "<recipe>") -> Recipe:
     """Check a resolved mapping (no ``extends``) against the schema and build the Recipe."""
     if not isinstance(values, dict):
@@ -351,14 +372,68 @@ def recipe_from_dict(values: dict[str, Any], where: str = "<recipe>") -> Recipe:
         if key not in top:
             raise _unknown_key(where, key, top)
         tp = _SECTION_TYPES[key]
-        if dataclasses.is_dataclass(tp):
+        if key == "pathway":
+            kwargs[key] = pathway_section(value, where)
+        elif dataclasses.is_dataclass(tp):
             kwargs[key] = _build_section(tp, value, where, key)
         else:
             try:
                 kwargs[key] = _coerce(value, tp)
             except _Mismatch:
                 raise RecipeError(f"{where}: '{key}' = {value!r}; expected {_describe(tp)}") from None
-    return Recipe(**kwargs)
+    recipe = Recipe(**kwargs)
+    check_values(recipe, where)
+    return recipe
+
+
+# --------------------------------------------------------------------------------------------
+# Values: ranges and relations, checked when the recipe is read, before anything runs.
+# --------------------------------------------------------------------------------------------
+
+_POSITIVE, _NON_NEGATIVE, _AT_LEAST_1 = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1")
+_FRACTION = (lambda v: 0 <= v <= 1, "between 0 and 1")
+_BELOW_1 = (lambda v: 0 <= v < 1, "in [0, 1)")
+_OPEN_UNIT = (lambda v: 0 < v < 1, "strictly between 0 and 1")
+_RULES: dict[str, tuple[Any, str]] = {  # key -> (predicate, what is allowed); None values are not checked
+    "data.batch_size": _AT_LEAST_1, "data.num_workers": _NON_NEGATIVE, "data.num_classes": _AT_LEAST_1,
+    "model.embed_dim": _AT_LEAST_1, "model.depth": _AT_LEAST_1, "model.num_heads": _AT_LEAST_1,
+    "model.mlp_ratio": _POSITIVE, "model.drop_path": _BELOW_1,
+    "aux.embed_dim": _AT_LEAST_1, "aux.depth": _AT_LEAST_1, "aux.num_heads": _AT_LEAST_1, "aux.mlp_ratio": _POSITIVE,
+    "optim.blr": _POSITIVE, "optim.lr": _POSITIVE, "optim.lambda_lr": _NON_NEGATIVE, "optim.min_lr": _NON_NEGATIVE,
+    "optim.weight_decay": _NON_NEGATIVE, "optim.layer_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "optim.betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two values in [0, 1)"),
+    "optim.eps": _POSITIVE, "optim.warmup_epochs": _NON_NEGATIVE, "optim.clip_grad": _POSITIVE,
+    "optim.accum_steps": _AT_LEAST_1,
+    "train.epochs": _AT_LEAST_1, "train.max_steps": _AT_LEAST_1, "train.mixup": _NON_NEGATIVE,
+    "train.cutmix": _NON_NEGATIVE, "train.mixup_prob": _FRACTION, "train.mixup_switch_prob": _FRACTION,
+    "train.label_smoothing": _BELOW_1, "train.ema_decay": _OPEN_UNIT, "train.eval_every": _AT_LEAST_1,
+    "train.log_every": _AT_LEAST_1, "train.checkpoint_every": _NON_NEGATIVE, "train.keep_last": _AT_LEAST_1,
+    "pretrain.mask_ratio": _OPEN_UNIT, "pretrain.decoder_dim": _AT_LEAST_1, "pretrain.decoder_depth": _AT_LEAST_1,
+    "pretrain.decoder_heads": _AT_LEAST_1,
+}
+
+
+def _divisible(where: str, width_key: str, width: int, heads_key: str, heads: int) -> None:
+    if width % heads:
+        fits = [h for h in range(1, min(width, 64) + 1) if width % h == 0]
+        raise RecipeError(f"{where}: '{width_key}' = {width} is not divisible by '{heads_key}' = {heads} (each head gets "
+                          f"an equal share of the width); choose {heads_key} from {fits} or a width divisible by {heads}")
+
+
+def check_values(recipe: Recipe, where: str) -> None:
+    """Ranges of single values and the relations between them (widths divisible by heads)."""
+    for key, (ok, allowed) in _RULES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(recipe, section), name)
+        if value is not None and not ok(value):
+            raise RecipeError(f"{where}: '{key}' = {value!r}; it must be {allowed}")
+    m, a, p = recipe.model, recipe.aux, recipe.pretrain
+    _divisible(where, "model.embed_dim", m.embed_dim, "model.num_heads", m.num_heads)
+    if recipe.aux.checkpoint_format != "transformers":  # a Hugging Face aux brings its own sizes
+        aux_width, aux_heads = a.embed_dim or m.embed_dim, a.num_heads or m.num_heads
+        _divisible(where, "aux.embed_dim" if a.embed_dim else "model.embed_dim", aux_width,
+                   "aux.num_heads" if a.num_heads else "model.num_heads", aux_heads)
+    _divisible(where, "pretrain.decoder_dim", p.decoder_dim, "pretrain.decoder_heads", p.decoder_heads)
 
 
 # --------------------------------------------------------------------------------------------

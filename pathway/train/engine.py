@@ -32,7 +32,7 @@ from torch import Tensor, nn
 import pathway
 
 from . import checkpoint as ckpt
-from .config import Recipe, check_adapter, check_data
+from .config import Recipe, RecipeError, check_adapter, check_data
 from .data import make_loader, set_epoch
 from .metrics import MetricAccumulator, average_views
 from .model import TransformerModel, build_adapter, build_model
@@ -82,7 +82,8 @@ def setup(recipe: Recipe) -> Context:
     want = recipe.train.device
     cuda = torch.cuda.is_available() and want != "cpu"
     if want == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible")
+        raise RecipeError(f"{recipe.source}: 'train.device' = 'cuda' but no CUDA device is visible; "
+                          f"use --set train.device=auto (or cpu)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if cuda:
@@ -237,6 +238,69 @@ def fold_and_check(model: TransformerModel, x: Tensor, ctx: Context) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
+# Pieces shared by fine-tuning (train) and MAE pretraining (pretrain.py): one data set-up, one step.
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare_data(recipe: Recipe, ctx: Context):
+    """The recipe's adapter, after checking it and its data (the demo data is made first where asked)."""
+    check_adapter(recipe)
+    if recipe.data.demo and ctx.main:
+        from .demo_data import make_demo_data
+
+        make_demo_data(recipe.data.adapter, recipe.data.root)
+    ctx.barrier()
+    check_data(recipe)
+    return build_adapter(recipe)
+
+
+def steps_in_epoch(recipe: Recipe, loader, items: int, ctx: Context) -> int:
+    """Optimizer steps per epoch; a data set too small for one step is a recipe error."""
+    steps = len(loader) // recipe.optim.accum_steps
+    if steps == 0:
+        b, accum = recipe.data.batch_size, recipe.optim.accum_steps
+        raise RecipeError(f"{recipe.source}: 'data.batch_size' = {b}: the {items} training items make no full step "
+                          f"of {b} x {accum} x {ctx.world} (batch x optim.accum_steps x processes); lower "
+                          f"data.batch_size or optim.accum_steps")
+    return steps
+
+
+def optimizer_step(net: nn.Module, batches, loss_of: Callable[[Any], tuple[Tensor, int]], optimizer, scaler,
+                   ctx: Context, accum_steps: int, clip_grad: float | None,
+                   on_nonfinite: Callable[[float], None]) -> tuple[float, int]:
+    """One optimizer step over ``accum_steps`` micro-batches; returns (mean loss, samples seen on all ranks).
+
+    ``loss_of(batch)`` gives a micro-batch's loss and size. Every rank agrees on whether the loss is finite;
+    if not, ``on_nonfinite(value)`` runs (it saves and raises) before any gradient of this step is applied.
+    Under fp16 the grad scaler scales the loss and unscales before clipping.
+    """
+    loss_sum, seen = 0.0, 0
+    for micro in range(accum_steps):
+        batch = to_device(next(batches), ctx.device)
+        sync = micro == accum_steps - 1 or ctx.world == 1
+        with (nullcontext() if sync else net.no_sync()), pathway.cached(), ctx.autocast():
+            loss, size = loss_of(batch)
+        value = loss.item()  # the one host sync of a micro-step
+        finite = math.isfinite(value)
+        if ctx.world > 1:  # every rank stops together
+            flag = torch.tensor([float(finite)], device=ctx.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = flag.item() == 1.0
+        if not finite:
+            on_nonfinite(value)
+        scaler.scale(loss / accum_steps).backward()
+        loss_sum += value / accum_steps
+        seen += size * ctx.world
+    if clip_grad is not None:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, seen
+
+
+# ---------------------------------------------------------------------------------------------
 # The loop.
 # ---------------------------------------------------------------------------------------------
 
@@ -249,24 +313,14 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
     ckpt_dir = run_dir / "checkpoints"
 
     # -- data ---------------------------------------------------------------------------------
-    check_adapter(recipe)
-    if recipe.data.demo and ctx.main:
-        from .demo_data import make_demo_data
-
-        make_demo_data(recipe.data.adapter, recipe.data.root)
-    ctx.barrier()
-    check_data(recipe)
-    adapter = build_adapter(recipe)
+    adapter = prepare_data(recipe, ctx)
     train_set = adapter.dataset(recipe.data.train_split, train=True)
     val_set = adapter.dataset(recipe.data.val_split, train=False) if recipe.data.val_split else None
     loader_args = dict(batch_size=recipe.data.batch_size, num_workers=recipe.data.num_workers, seed=t.seed,
                        rank=ctx.rank, world=ctx.world)
     train_loader, train_sampler = make_loader(train_set, shuffle=True, **loader_args)
     val_loader = make_loader(val_set, shuffle=False, **loader_args)[0] if val_set is not None else None
-    steps_per_epoch = len(train_loader) // o.accum_steps
-    if steps_per_epoch == 0:
-        raise ValueError(f"{recipe.source}: {len(train_set)} training items make no full step of "
-                         f"{recipe.data.batch_size} x {o.accum_steps} x {ctx.world} (batch x accum x processes)")
+    steps_per_epoch = steps_in_epoch(recipe, train_loader, len(train_set), ctx)
     total_steps, warmup_steps = step_plan(steps_per_epoch, t.epochs, t.max_steps, o.warmup_epochs)
     effective_batch = recipe.data.batch_size * o.accum_steps * ctx.world
 
@@ -350,6 +404,23 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
         from tqdm import tqdm
 
         bar = tqdm(total=total_steps, initial=step, desc=recipe.run_name, dynamic_ncols=True, file=sys.stderr)
+
+    def loss_of(batch: Any) -> tuple[Tensor, int]:
+        x, y = batch
+        if mixup is not None:
+            x, y = mixup(x, y)
+        logits = net(x)
+        return compute_loss(logits, y, adapter.task, t.label_smoothing if mixup is None else 0.0), y.shape[0]
+
+    def stop(value: float) -> None:
+        # The weights are still those of the last completed step: save them, then stop.
+        saved = save(step, epoch, position)
+        raise NonFiniteLossError(
+            f"loss is {value} at step {step} (epoch {epoch}); the last finite state is saved"
+            f"{f' in {saved}' if saved else ''}. Lower the lr (optim.blr/lr), set optim.clip_grad, "
+            f"or use train.amp=bf16/fp32"
+        )
+
     last_eval: dict[str, float] = {}
     tick, seen = time.perf_counter(), 0
     while step < total_steps and epoch < t.epochs:
@@ -358,39 +429,10 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
         while position < steps_per_epoch * o.accum_steps and step < total_steps:
             apply_lr(optimizer, lr_at(step, base_lr=lr, total_steps=total_steps, warmup_steps=warmup_steps,
                                       min_lr=o.min_lr))
-            loss_sum = 0.0
-            for micro in range(o.accum_steps):
-                x, y = to_device(next(batches), ctx.device)
-                if mixup is not None:
-                    x, y = mixup(x, y)
-                sync = micro == o.accum_steps - 1 or ctx.world == 1
-                with (nullcontext() if sync else net.no_sync()), pathway.cached(), ctx.autocast():
-                    logits = net(x)
-                    loss = compute_loss(logits, y, adapter.task, t.label_smoothing if mixup is None else 0.0)
-                value = loss.item()  # the one host sync of a micro-step
-                finite = math.isfinite(value)
-                if ctx.world > 1:  # every rank stops together
-                    flag = torch.tensor([float(finite)], device=ctx.device)
-                    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-                    finite = flag.item() == 1.0
-                if not finite:
-                    # The weights are still those of the last completed step: save them, then stop.
-                    saved = save(step, epoch, position - position % o.accum_steps)
-                    raise NonFiniteLossError(
-                        f"loss is {value} at step {step} (epoch {epoch}); the last finite state is saved"
-                        f"{f' in {saved}' if saved else ''}. Lower the lr (optim.blr/lr), set optim.clip_grad, "
-                        f"or use train.amp=bf16/fp32"
-                    )
-                scaler.scale(loss / o.accum_steps).backward()
-                loss_sum += value / o.accum_steps
-                position += 1
-                seen += y.shape[0] * ctx.world
-            if o.clip_grad is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            loss_sum, samples = optimizer_step(net, batches, loss_of, optimizer, scaler, ctx, o.accum_steps,
+                                               o.clip_grad, stop)
+            position += o.accum_steps
+            seen += samples
             if ema is not None:
                 ema.update(model, step=step)
             step += 1

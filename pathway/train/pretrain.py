@@ -26,9 +26,13 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from .config import Recipe, check_adapter, check_data
+from pathway.errors import OptionError
+
+from .config import Recipe
 from .data import make_loader, set_epoch
-from .model import TransformerModel, build_adapter, build_transformer
+from .engine import JsonlLog, NonFiniteLossError, optimizer_step, prepare_data, seed_everything, setup, steps_in_epoch
+from .model import TransformerModel, build_transformer
+from .optim import base_lr
 from .owned import claim_run_dir
 from .schedule import apply_lr, lr_at, step_plan
 
@@ -58,11 +62,11 @@ class MaskedAutoencoder(nn.Module):
                  decoder_heads: int, mask_ratio: float, norm_targets: bool = False) -> None:
         super().__init__()
         if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"pretrain.mask_ratio = {mask_ratio}; it must lie strictly between 0 and 1")
+            raise OptionError(f"pretrain.mask_ratio = {mask_ratio}; it must lie strictly between 0 and 1")
         self.encoder, self.mask_ratio, self.norm_targets = encoder, mask_ratio, norm_targets
         self.loss_kind = encoder.tokenizer.reconstruction_loss
         if self.loss_kind not in ("mse", "chamfer"):
-            raise ValueError(f"tokenizer reconstruction_loss {self.loss_kind!r}; allowed: 'mse', 'chamfer'")
+            raise OptionError(f"tokenizer reconstruction_loss {self.loss_kind!r}; allowed: 'mse', 'chamfer'")
         d = encoder.embed_dim
         self.decoder_embed = nn.Linear(d, decoder_dim)
         self.decoder_pos = nn.Linear(d, decoder_dim)  # the tokenizer's position embedding, projected
@@ -114,18 +118,9 @@ def pretrain(recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:
 
     import pathway
 
-    from .engine import JsonlLog, NonFiniteLossError, seed_everything, setup, to_device
-    from .optim import base_lr
-
     ctx = setup(recipe)
     t, o, p = recipe.train, recipe.optim, recipe.pretrain
-    check_adapter(recipe)
-    if recipe.data.demo:
-        from .demo_data import make_demo_data
-
-        make_demo_data(recipe.data.adapter, recipe.data.root)
-    check_data(recipe)
-    adapter = build_adapter(recipe)
+    adapter = prepare_data(recipe, ctx)
     dataset = adapter.dataset(recipe.data.train_split, train=True)
     loader, sampler = make_loader(dataset, batch_size=recipe.data.batch_size, num_workers=recipe.data.num_workers,
                                   seed=t.seed, shuffle=True)
@@ -139,7 +134,8 @@ def pretrain(recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:
     lr = base_lr(recipe, recipe.data.batch_size * o.accum_steps)
     # no decay on 1-D tensors, biases and the encoder's no_weight_decay() (learned position embedding, cls token)
     optimizer = torch.optim.AdamW(pathway.param_groups(mae, lr, o.weight_decay), lr=lr, betas=tuple(o.betas), eps=o.eps)
-    steps_per_epoch = len(loader) // o.accum_steps
+    steps_per_epoch = steps_in_epoch(recipe, loader, len(dataset), ctx)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp_dtype == torch.float16)
     total, warmup = step_plan(steps_per_epoch, t.epochs, t.max_steps, o.warmup_epochs)
     run_dir = claim_run_dir(recipe.run_dir)
     (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
@@ -152,6 +148,14 @@ def pretrain(recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:
         from tqdm import tqdm
 
         bar = tqdm(total=total, desc=f"mae {recipe.run_name}", dynamic_ncols=True, file=sys.stderr)
+
+    def loss_of(batch: Any) -> tuple[Tensor, int]:
+        x = batch[0]
+        return mae(x), x.shape[0]
+
+    def stop(value: float) -> None:
+        raise NonFiniteLossError(f"MAE loss is {value} at step {step}; lower optim.blr or set optim.clip_grad")
+
     step, epoch, losses = 0, 0, []
     while step < total:
         set_epoch(loader, sampler, epoch)
@@ -160,19 +164,7 @@ def pretrain(recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:
             if step >= total:
                 break
             apply_lr(optimizer, lr_at(step, base_lr=lr, total_steps=total, warmup_steps=warmup, min_lr=o.min_lr))
-            loss_sum = 0.0
-            for _ in range(o.accum_steps):
-                x = to_device(next(batches)[0], ctx.device)
-                with ctx.autocast():
-                    loss = mae(x)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(f"MAE loss is {loss.item()} at step {step}; lower optim.blr")
-                (loss / o.accum_steps).backward()
-                loss_sum += loss.item() / o.accum_steps
-            if o.clip_grad is not None:
-                nn.utils.clip_grad_norm_(mae.parameters(), o.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss_sum, _ = optimizer_step(mae, batches, loss_of, optimizer, scaler, ctx, o.accum_steps, o.clip_grad, stop)
             step += 1
             losses.append(loss_sum)
             if step % t.log_every == 0 or step == total:
