@@ -19,18 +19,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["timm_vit_kwargs", "to_timm_vit", "save_folded"]
+from .layouts import engine_to_timm
 
-# TransformerModel key prefix -> timm VisionTransformer key prefix (first match wins).
-_TIMM_RENAMES = (
-    ("tokenizer.proj.", "patch_embed.proj."),
-    ("tokenizer.pos_embed", "pos_embed"),
-    ("cls_token", "cls_token"),
-    ("blocks.", "blocks."),
-    ("norm.", "norm."),
-    ("head.fc.", "head."),
-)
-
+__all__ = ["timm_vit_kwargs", "save_folded"]
 
 def timm_vit_kwargs(model: nn.Module, adapter: Any) -> dict[str, Any]:
     """``timm.create_model`` kwargs that rebuild ``model`` (image adapter) as a VisionTransformer.
@@ -47,19 +38,6 @@ def timm_vit_kwargs(model: nn.Module, adapter: Any) -> dict[str, Any]:
         global_pool="token" if cls else "avg", fc_norm=False, class_token=cls, no_embed_class=True,
         pos_embed=o.get("pos_embed", "learn"),
     )
-
-
-def to_timm_vit(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """TransformerModel keys -> timm VisionTransformer keys; an unmapped key is an error."""
-    out = {}
-    for key, value in state.items():
-        for ours, theirs in _TIMM_RENAMES:
-            if key.startswith(ours):
-                out[theirs + key[len(ours):]] = value
-                break
-        else:
-            raise KeyError(f"{key}: no timm VisionTransformer counterpart")
-    return out
 
 
 def _contiguous(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -79,7 +57,7 @@ def save_folded(model: nn.Module, adapter: Any, run_dir: Path, log: Callable[[st
         return out
     kwargs = timm_vit_kwargs(model, adapter)
     timm_path = run_dir / "model_timm.safetensors"
-    save_file(_contiguous(to_timm_vit(model.state_dict())), str(timm_path), metadata={"format": "timm"})
+    save_file(_contiguous(engine_to_timm(model.state_dict())), str(timm_path), metadata={"format": "timm"})
     (run_dir / "model_timm.json").write_text(json.dumps({"model": "vit_base_patch16_224", "kwargs": kwargs}, indent=2))
     out["timm_model"] = str(timm_path)
     out["timm_max_abs_diff"] = check_timm_export(model, timm_path, kwargs)

@@ -46,9 +46,12 @@ __all__ = [
     "LoadReport",
     "read_checkpoint",
     "detect_format",
-    "convert_state_dict",
     "load_checkpoint",
     "load_state_dict",
+    "TIMM_VIT_KEYS",
+    "ENGINE_BODY",
+    "engine_to_timm",
+    "is_engine_layout",
 ]
 
 FORMATS = ("mae", "audio_mae", "video_mae", "point_mae", "timm", "hf_vit")
@@ -68,12 +71,20 @@ _PRETRAIN_ONLY = {
     "hf_vit": ("decoder.", "pooler.", "embeddings.mask_token"),
 }
 
-# Source-key prefix swaps, first match wins (timm `checkpoint_filter_fn` style). Keys no swap matches keep
-# their names: `blocks.*`, `norm.*`, `head.*` (and MAE global-pool fine-tunes' `fc_norm.*`, which has no
-# engine counterpart and is reported unexpected).
-_VIT_SWAPS = (
-    ("patch_embed.proj.", "tokenizer.proj."),
+# The engine's TransformerModel keys and timm VisionTransformer keys (MAE's and AudioMAE's are timm's), prefix
+# for prefix: the one table that loading reads right to left and the timm export (export.py) left to right. A
+# key's rest is kept. cls_token and pos_embed also differ in content: loading folds a cls position
+# (`_cls_and_pos`). MAE global-pool fine-tunes' `fc_norm.*` has no engine counterpart: reported unexpected.
+TIMM_VIT_KEYS = (
+    ("tokenizer.proj.", "patch_embed.proj."),
+    ("tokenizer.pos_embed", "pos_embed"),
+    ("cls_token", "cls_token"),
+    ("blocks.", "blocks."),
+    ("norm.", "norm."),
+    ("head.fc.", "head."),
 )
+ENGINE_BODY = "blocks."  # the repeated blocks: all that an aux model of another modality contributes
+_VIT_SWAPS = tuple((theirs, ours) for ours, theirs in TIMM_VIT_KEYS)
 _POINT_SWAPS = (
     ("encoder.first_conv.", "tokenizer.first_conv."),
     ("encoder.second_conv.", "tokenizer.second_conv."),
@@ -292,6 +303,25 @@ def _swap(key: str, swaps: Sequence[tuple[str, str]]) -> str | None:
     return None
 
 
+def engine_to_timm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """TransformerModel keys -> timm VisionTransformer keys (``TIMM_VIT_KEYS``); an unmapped key is an error."""
+    out = {}
+    for key, value in state.items():
+        theirs = _swap(key, TIMM_VIT_KEYS)
+        if theirs is None:
+            raise CheckpointError(f"{key}: no timm VisionTransformer counterpart in TIMM_VIT_KEYS")
+        out[theirs] = value
+    return out
+
+
+_ENGINE_KEY = re.compile(r"^(tokenizer\.|blocks\.\d+\.|norm\.|head\.|cls_token$)")
+
+
+def is_engine_layout(keys: Sequence[str]) -> bool:
+    """Keys of the engine's own TransformerModel (``pathway pretrain``'s encoder, a run's model.safetensors)."""
+    return any(k.startswith("tokenizer.") for k in keys) and all(_ENGINE_KEY.match(k) for k in keys)
+
+
 def _drop_pretrain_only(sd: dict[str, Tensor], fmt: str, out: _Converted) -> dict[str, Tensor]:
     keep = {}
     for key, value in sd.items():
@@ -416,19 +446,6 @@ def _convert_hf_vit(sd: dict[str, Tensor]) -> _Converted:
     return out
 
 
-def convert_state_dict(
-    sd: Mapping[str, Tensor], format: str = "auto", *, args: Mapping[str, Any] | None = None,
-    model_num_patches: int | None = None,
-) -> tuple[str, dict[str, Tensor], dict[str, str], list[str]]:
-    """Rename an official state dict to engine names, without a model (no resampling, no fitting).
-
-    Returns:
-        (format, tensors by engine name, dropped source keys -> reason, notes).
-    """
-    conv = _convert(_strip_prefixes(sd), format, args, model_num_patches)
-    return conv[0], conv[1].tensors, conv[1].dropped, conv[1].notes
-
-
 def _convert(sd: dict[str, Tensor], fmt: str, args: Mapping[str, Any] | None, model_n: int | None) -> tuple[str, _Converted]:
     if fmt == "auto":
         fmt = detect_format(sd, args)
@@ -538,6 +555,7 @@ def load_checkpoint(
     strict: bool = True,
     ignore: Sequence[str] = (),
     allow_missing: Sequence[str] = DEFAULT_ALLOW_MISSING,
+    only: str = "",
     source_grid: Sequence[int] | None = None,
     target_grid: Sequence[int] | None = None,
     args: Mapping[str, Any] | None = None,
@@ -552,6 +570,8 @@ def load_checkpoint(
             what fits and return the problems in the report.
         ignore: regexes on *source* keys to drop on purpose (e.g. `["^head\\."]` for a new class count).
         allow_missing: engine-key prefixes that may be absent (default: the task head).
+        only: an engine-key prefix: load and require only those tensors (``ENGINE_BODY`` for an aux model,
+            whose tokenizer, norm and head are never used); the rest of the file is reported as dropped.
         source_grid: patch grid of the checkpoint's position embedding when it cannot be inferred
             (e.g. `(64, 8)` for AudioMAE 1024 frames x 128 mel bins, `(8, 14, 14)` for VideoMAE).
         target_grid: the model's grid, when its tokenizer exposes none (`grid`).
@@ -579,6 +599,9 @@ def load_checkpoint(
         src = conv.origin[key]
         if any(p.search(src) or p.search(key) for p in patterns):
             report.dropped[src] = "ignored by request"
+            continue
+        if not key.startswith(only):
+            report.dropped[src] = f"outside {only}* (only those are loaded)"
             continue
         target = _place(key, model_sd, alias)
         if target is None and key == "cls_token":
@@ -614,7 +637,7 @@ def load_checkpoint(
     parametrization_internal = re.compile(r"\.parametrizations\.[^.]+\.\d+\.")
     allowed = tuple(allow_missing) + (("cls_token",) if fmt in ("video_mae", "point_mae") else ())
     for key in model_sd:
-        if key in final or key in report.mismatched or parametrization_internal.search(key):
+        if key in final or key in report.mismatched or parametrization_internal.search(key) or not key.startswith(only):
             continue
         (report.left_at_init if key.startswith(allowed) else report.missing).append(key)
     if not conv.pos_prefix_folded and "cls_token" in final and "tokenizer.pos_embed" in final:

@@ -134,14 +134,6 @@ def build_transformer(recipe: Recipe, adapter: Adapter, *, aux: bool = False) ->
     )
 
 
-def _is_engine_layout(keys: list[str]) -> bool:
-    return any(k.startswith(("blocks.", "tokenizer.")) for k in keys) and not any(k.startswith("patch_embed.") for k in keys)
-
-
-# Everything but the blocks: an aux model of another modality contributes its body only.
-_NOT_BODY = r"^(tokenizer\.|head\.|norm\.|fc_norm\.|cls_token|pos_embed|patch_embed\.)"
-
-
 def init_from_checkpoint(model: nn.Module, path: str | Path, fmt: str = "auto", *, body_only: bool = False) -> str:
     """Load ``path`` into ``model`` and return a one-line account of what was loaded.
 
@@ -150,23 +142,22 @@ def init_from_checkpoint(model: nn.Module, path: str | Path, fmt: str = "auto", 
     (official MAE-family and timm layouts, exact key checks). ``body_only`` (the aux model) keeps only
     ``blocks.*`` and requires every body tensor: a half-loaded aux body would silently weaken the pathway.
     """
-    from pathway.train.layouts import load_checkpoint, read_checkpoint
+    from .layouts import ENGINE_BODY, is_engine_layout, load_checkpoint, read_checkpoint
 
     path = Path(path)
     state, args = read_checkpoint(path)  # read once; MAE-family files keep their `args` for format detection
-    engine_layout = _is_engine_layout(list(state))
+    engine_layout = is_engine_layout(list(state))
     if fmt == "pathway" or (fmt == "auto" and engine_layout):
         if not engine_layout:
             raise RecipeError(f"{path}: not in TransformerModel keys (no 'blocks.*'); set checkpoint_format")
         if body_only:
-            state = {k: v for k, v in state.items() if k.startswith("blocks.")}
+            state = {k: v for k, v in state.items() if k.startswith(ENGINE_BODY)}
         result = model.load_state_dict(state, strict=False)
-        missing = [k for k in result.missing_keys if k.startswith("blocks.") or not body_only]
+        missing = [k for k in result.missing_keys if k.startswith(ENGINE_BODY) or not body_only]
         if body_only and missing:
             raise RecipeError(f"{path}: aux checkpoint lacks {len(missing)} body tensors, e.g. {missing[:4]}")
         return f"{path.name} (pathway layout): missing {missing or 'none'}, unexpected {list(result.unexpected_keys) or 'none'}"
-    body = {"ignore": [_NOT_BODY], "allow_missing": ("tokenizer.", "head.", "norm.", "cls_token")} if body_only else {}
-    report = load_checkpoint(model, state, format=fmt, args=args, **body)
+    report = load_checkpoint(model, state, format=fmt, args=args, only=ENGINE_BODY if body_only else "")
     return f"{path.name} (format {report.format}): {len(report.loaded)} tensors loaded, left at init {report.left_at_init or 'none'}"
 
 
