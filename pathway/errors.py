@@ -55,3 +55,7 @@ class NotConnectedError(PathwayError):
 
 class CoverageError(PathwayError):
     """Some target body weights were left without a counterpart and partial coverage was not allowed."""
+
+
+class LayoutError(PathwayError):
+    """The row layout of a fused attention projection (``[q | k | v]`` or per head) could not be read."""

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable
 
-from .errors import CompetingPairsError, DepthMismatchError, GroupSizeError, NoPairsError, ShapeMismatchError
+from .errors import (CompetingPairsError, DepthMismatchError, GroupSizeError, LayoutError, NoPairsError, OptionError,
+                     ShapeMismatchError)
 from .report import Pair
 from .trace import Trace, WeightUse
 from .units import Unit
@@ -116,14 +117,23 @@ def _label(part: WeightUse) -> str:
     return part.role if part.role in ("q", "k", "v") else part.name.rsplit(".", 2)[-2] if "." in part.name else part.name
 
 
-def unit_pairs(t: Unit, a: Unit, aux_block: int | None) -> tuple[list[Pair], str | None]:
-    """Pairs for every member of target unit ``t`` from aux unit ``a``, or a problem description."""
+def unit_pairs(t: Unit, a: Unit, aux_block: int | None, same_code: bool = False) -> tuple[list[Pair], str | None]:
+    """Pairs for every member of target unit ``t`` from aux unit ``a``, or a problem description.
+
+    A fused ``qkv`` whose row layout the dataflow did not show is refused (problem ending in
+    ``[layout]``) unless ``same_code``: both sides then use it through the same relative names.
+    """
+    unread = [m for m in (*t.members, *a.members) if m.role == "qkv" and m.layout is None]
+    if unread and not (same_code and all(m.role == "qkv" for m in (*t.members, *a.members))):
+        return [], "; ".join(f"{m.name} {list(m.shape)}" for m in unread) + (
+            ": a fused attention projection whose row layout ([q | k | v] or per head [head, (q, k, v), "
+            "head_dim]) its forward does not show (no view or split of its output into q, k and v) [layout]")
     t_rest, a_rest = t.shape[1:], a.shape[1:]
     if t_rest != a_rest or t.shape[0] != a.shape[0]:
         grouped = (len(t.members) > 1 or len(a.members) > 1) and t_rest == a_rest
         what = "group sizes do not add up" if grouped else "shapes differ"
         return [], (f"{what}: target {'+'.join(t.names)} {list(t.shape)} <- aux {'+'.join(a.names)} "
-                    f"{list(a.shape)}" + (" [group]" if grouped else ""))
+                    f"{list(a.shape)}{_attention_note(t, a)}" + (" [group]" if grouped else ""))
     ranges, start = [], 0
     for member in a.members:
         ranges.append((start, start + member.shape[0]))
@@ -143,13 +153,93 @@ def unit_pairs(t: Unit, a: Unit, aux_block: int | None) -> tuple[list[Pair], str
             transform = f"split_out[{member.role or _label(member)}] rows {start - base}:{stop - base}"
         if not whole and any(u.transposed != member.transposed for u in used):
             transform += "+transpose"
-        pairs.append(Pair(
-            target=member.name, aux=tuple(u.name for u in used), transform=transform,
-            role=member.role or t.role, segment=t.segment, target_block=t.block, aux_block=aux_block,
-            aux_transposed=tuple(u.transposed for u in used), out_slice=(start - base, stop - base),
-            target_transposed=member.transposed, flags=tuple(dict.fromkeys(t.flags + a.flags))))
+        regroup = _regrouping(member, used)
+        transform = regroup[1:] if regroup and transform == "identity" else transform + regroup
+        pairs.append(_pair(member, t, used, a, aux_block, transform, (start - base, stop - base)))
         start = stop
     return pairs, None
+
+
+def _regrouping(member: WeightUse, used: list[WeightUse]) -> str:
+    """``+heads[..]`` where per-head interleaved rows are regrouped; empty when both layouts agree."""
+    t_layout, a_layout = _layouts(member, used)
+    if t_layout == a_layout and member.heads == used[0].heads:
+        return ""
+    steps = [f"from_heads[{used[0].heads}]"] * (a_layout == "heads") + [f"to_heads[{member.heads}]"] * (t_layout == "heads")
+    return "+" + "+".join(steps) if steps else ""
+
+
+def _layouts(member: WeightUse, used: list[WeightUse]) -> tuple[str, str]:
+    aux_layout = used[0].layout or "" if len(used) == 1 else ""
+    return member.layout or "", aux_layout
+
+
+def _pair(member: WeightUse, t: Unit, used: list[WeightUse], a: Unit, aux_block: int | None, transform: str,
+          out_slice: tuple[int, int], flags: tuple[str, ...] = ()) -> Pair:
+    t_layout, a_layout = _layouts(member, used)
+    if t_layout == a_layout and member.heads == used[0].heads:
+        t_layout = a_layout = ""   # the same per-head layout on both sides: the rows map one to one
+    return Pair(
+        target=member.name, aux=tuple(u.name for u in used), transform=transform, role=member.role or t.role,
+        segment=t.segment, target_block=t.block, aux_block=aux_block, aux_transposed=tuple(u.transposed for u in used),
+        out_slice=out_slice, target_transposed=member.transposed, flags=tuple(dict.fromkeys(t.flags + a.flags + list(flags))),
+        layout=(t_layout, a_layout), heads=(t.heads, a.heads), kv_heads=(t.kv_heads, a.kv_heads))
+
+
+def select_pairs(t: Unit, a: Unit, aux_block: int | None) -> list[Pair]:
+    """``on_shape_mismatch='select'``: pairs of differing shapes, kept by role for a shape policy.
+
+    Each target member takes the aux rows of its own role (all of them for a fused ``qkv``), or the
+    whole aux weight when both units hold one weight; what cannot be told apart by role stays
+    unpaired (empty list).
+    """
+    if len(t.members) == 1 and len(a.members) == 1 and not (t.role == "qkv") ^ (a.role == "qkv"):
+        m, other = t.members[0], a.members[0]
+        return [_pair(m, t, [other], a, aux_block, "shape_mismatch", (0, other.shape[0]),
+                      ("shape_mismatch", *(("gqa",) if _narrow_kv(t) or _narrow_kv(a) else ())))]
+    t_rows, a_rows = t.role_rows(), a.role_rows()
+    if t_rows is None or a_rows is None:
+        return []
+    gqa = ("gqa",) if _narrow_kv(t) or _narrow_kv(a) else ()
+    pairs = []
+    for member in t.members:
+        roles = "qkv" if member.role == "qkv" else member.role
+        lo, hi = a_rows[roles[0]][0], a_rows[roles[-1]][1]
+        used = [u for u, (u_lo, u_hi) in zip(a.members, _member_rows(a)) if u_lo < hi and u_hi > lo]
+        base = _member_rows(a)[a.members.index(used[0])][0]
+        fits = hi - lo == member.shape[0]
+        flags = () if fits else ("shape_mismatch", *(gqa if roles != "q" else ()))
+        transform = f"split_out[{roles}] rows {lo - base}:{hi - base}" if fits else f"shape_mismatch[{roles}]"
+        pairs.append(_pair(member, t, used, a, aux_block, transform + _regrouping(member, used), (lo - base, hi - base),
+                           flags))
+    return pairs
+
+
+def _member_rows(unit: Unit) -> list[tuple[int, int]]:
+    bounds, start = [], 0
+    for m in unit.members:
+        bounds.append((start, start + m.shape[0]))
+        start += m.shape[0]
+    return bounds
+
+
+def _narrow_kv(unit: Unit) -> bool:
+    rows = unit.role_rows()
+    return bool(rows) and rows["k"][1] - rows["k"][0] < rows["q"][1] - rows["q"][0]
+
+
+def _attention_note(t: Unit, a: Unit) -> str:
+    """Names grouped-/multi-query attention when narrower key/value rows are what differs."""
+    notes = []
+    for side, unit in (("target", t), ("aux", a)):
+        if _narrow_kv(unit):
+            rows = unit.role_rows()
+            q, k = rows["q"][1] - rows["q"][0], rows["k"][1] - rows["k"][0]
+            kind = "multi-query" if unit.kv_heads == 1 else "grouped-query"
+            heads = f"{unit.heads} query heads, {unit.kv_heads} key/value heads" if unit.heads and unit.kv_heads \
+                else f"q {q} rows, k and v {k} rows each"
+            notes.append(f"the {side} uses {kind} attention ({'MQA' if unit.kv_heads == 1 else 'GQA'}: {heads})")
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 def _name_ratio(target: ModelView, aux: ModelView, block_map: list[int | None]) -> float:
@@ -219,18 +309,38 @@ def match(target: ModelView, aux: ModelView, *, match: str, depth: str, segments
 
     pairs: list[Pair] = []
     problems: list[str] = []
+    layout_problems: list[str] = []
     for t, a, j in candidates:
-        built, problem = unit_pairs(t, a, j)
+        built, problem = unit_pairs(t, a, j, same_code=strategy == "name")
+        if problem and problem.endswith("[layout]"):
+            if any(keeps(n) and n not in overrides for n in t.names):
+                layout_problems.append(problem[: -len(" [layout]")])
+            unpaired.update({n: problem for n in t.names})
+            continue
+        if problem and on_shape_mismatch == "select":
+            built = select_pairs(t, a, j)
+            problem = None if built else problem
         if problem:
             unpaired.update({n: problem for n in t.names})
             if any(keeps(n) and n not in overrides for n in t.names):
                 problems.append(problem)
         pairs += built
+    if layout_problems:
+        shown = "\n  ".join(dict.fromkeys(layout_problems))
+        raise LayoutError(
+            f"{len(layout_problems)} pair(s) need the row layout of a fused q/k/v projection, which cannot be read:\n"
+            f"  {shown}\nPairing it anyway could hand one head's key rows another head's query rows. Fix: "
+            f"pairs={{target_weight: {{'aux': aux_weight(s), 'layout': '' or 'heads', 'heads': n, 'aux_layout': "
+            f"'' or 'heads', 'aux_heads': n}}}} states the layouts ('' = rows [q | k | v], 'heads' = rows "
+            f"[head, (q, k, v), head_dim]); exclude=[...] leaves the weight out.")
     if problems and on_shape_mismatch == "error":
         error = GroupSizeError if any(p.endswith("[group]") for p in problems) else ShapeMismatchError
         shown = "\n  ".join(problems[:12]) + (f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else "")
+        attention = any("-query attention" in p for p in problems)
         raise error(f"{len(problems)} paired layer(s) cannot be combined as W + lambda * W_aux:\n  {shown}\n"
-                    f"Fix: on_shape_mismatch='skip' leaves them unpaired; pairs={{...}} sets a pair by hand; "
+                    f"Fix: on_shape_mismatch='select' keeps them, flagged, for a shape policy"
+                    f"{' (key/value heads expanded to the query heads)' if attention else ''}; "
+                    f"on_shape_mismatch='skip' leaves them unpaired; pairs={{...}} sets a pair by hand; "
                     f"exclude=[...] leaves a target weight out.")
 
     replaced = {}
@@ -263,14 +373,33 @@ def _resolve(name: str, view: ModelView, side: str) -> str:
     raise ShapeMismatchError(f"pairs: the {side} model has no weight '{name}'" + (f"; similar: {close}" if close else ""))
 
 
+_OVERRIDE_KEYS = ("aux", "layout", "heads", "aux_layout", "aux_heads")
+
+
+def _override_spec(t_name: str, spec: str | list[str] | dict) -> tuple[list[str], tuple[str, str], tuple[int | None, int | None]]:
+    """``pairs={}`` value -> (aux names, (target, aux) layout, (target, aux) heads)."""
+    if not isinstance(spec, dict):
+        return ([spec] if isinstance(spec, str) else list(spec)), ("", ""), (None, None)
+    unknown = sorted(set(spec) - set(_OVERRIDE_KEYS))
+    layouts = (spec.get("layout", ""), spec.get("aux_layout", ""))
+    heads = (spec.get("heads"), spec.get("aux_heads"))
+    if unknown or "aux" not in spec or any(v not in ("", "heads") for v in layouts) or any(
+            lay == "heads" and not isinstance(h, int) for lay, h in zip(layouts, heads)):
+        raise OptionError(f"pairs['{t_name}'] = {spec!r}: a dict takes 'aux' (a name or a list of names) and optionally "
+                          f"'layout'/'aux_layout' ('' for rows [q | k | v], 'heads' for rows [head, (q, k, v), head_dim]) "
+                          f"with 'heads'/'aux_heads' (the number of heads) wherever a layout is 'heads'")
+    aux = spec["aux"]
+    return ([aux] if isinstance(aux, str) else list(aux)), layouts, heads
+
+
 def _apply_overrides(pairs: list[Pair], overrides: dict, replaced: dict[str, Pair], target: ModelView,
                      aux: ModelView, unpaired: dict[str, str]) -> list[Pair]:
     """Add the hand-set pairs; ``replaced`` holds the automatic pairs they replace (for role and blocks)."""
     if not overrides:
         return pairs
     by_target = {p.target: p for p in pairs}
-    for t_name, a_names in overrides.items():
-        a_list = [a_names] if isinstance(a_names, str) else list(a_names)
+    for t_name, spec in overrides.items():
+        a_list, layouts, heads = _override_spec(t_name, spec)
         a_list = [_resolve(n, aux, "aux") for n in a_list]
         t_use = target.use(t_name)
         t_transposed = bool(t_use and t_use.transposed)
@@ -283,12 +412,18 @@ def _apply_overrides(pairs: list[Pair], overrides: dict, replaced: dict[str, Pai
         if any(c[1:] != t_canon[1:] for c in canon) or rows != t_canon[0]:
             raise ShapeMismatchError(f"pairs: target '{t_name}' {list(t_canon)} cannot take aux {a_list} "
                                      f"{[list(c) for c in canon]} (stacked along the output dimension).")
+        for (layout, n), side_rows in zip(zip(layouts, heads), (t_canon[0], rows)):
+            if layout == "heads" and side_rows % (3 * n):
+                raise OptionError(f"pairs['{t_name}']: {side_rows} rows cannot be {n} heads of (q, k, v)")
         old = replaced.get(t_name)
+        regroup = "".join(f"+{step}[{n}]" for step, lay, n in zip(("to_heads", "from_heads"), layouts, heads) if lay)
         by_target[t_name] = Pair(
-            target=t_name, aux=tuple(a_list), transform="override" + (f" concat_out[{len(a_list)}]" if len(a_list) > 1 else ""),
+            target=t_name, aux=tuple(a_list),
+            transform="override" + (f" concat_out[{len(a_list)}]" if len(a_list) > 1 else "") + regroup,
             role=old.role if old else None, segment=old.segment if old else "body",
             target_block=old.target_block if old else None, aux_block=old.aux_block if old else None,
-            aux_transposed=a_transposed, out_slice=(0, rows), target_transposed=t_transposed, flags=("override",))
+            aux_transposed=a_transposed, out_slice=(0, rows), target_transposed=t_transposed, flags=("override",),
+            layout=layouts, heads=heads)
         unpaired.pop(t_name, None)
     order = {p.target: i for i, p in enumerate([*pairs, *replaced.values()])}
     return sorted(by_target.values(), key=lambda p: order.get(p.target, len(order)))

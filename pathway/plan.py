@@ -6,9 +6,10 @@ model is never left half-connected (PEFT's rule for ``inject_adapter``).
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import torch.nn as nn
 
@@ -24,7 +25,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "match": ("auto", "name", "graph"),
     "depth": DEPTH_POLICIES,
     "lambda_shape": ("scalar", "channel"),
-    "on_shape_mismatch": ("error", "skip"),
+    "on_shape_mismatch": ("error", "skip", "select"),
     "tracer": ("auto", "fx", "runtime"),
 }
 _SUBSETS: dict[str, tuple[str, ...]] = {
@@ -134,7 +135,8 @@ def read_model(model: nn.Module, inputs: Any, tracer: str, kinds: tuple[str, ...
     return ModelView(type(model).__name__, trace, units, depth, blocks if len(blocks) == depth else [], plain_shapes)
 
 
-def _check_models(target: nn.Module, aux: nn.Module) -> None:
+def _check_models(target: nn.Module, aux: nn.Module, lazy: bool = False) -> None:
+    """Refuse self-connections and (for aux objects in memory) device or dtype mismatches."""
     if target is aux:
         raise SelfConnectionError("the aux model is the target itself; connect a model trained on another modality")
     shared = {id(p) for p in target.parameters()} & {id(p) for p in aux.parameters()}
@@ -145,6 +147,8 @@ def _check_models(target: nn.Module, aux: nn.Module) -> None:
     a = next((p for p in aux.parameters() if p.is_floating_point()), None)
     if t is None or a is None:
         raise NoPairsError("the target or the aux model has no floating-point parameters")
+    if lazy:   # read from disk: tensors are converted when they are read
+        return
     if t.device != a.device:
         raise DeviceMismatchError(f"the aux model is on {a.device} and the target on {t.device}; move it first: "
                                   f"aux.to('{t.device}')")
@@ -153,8 +157,29 @@ def _check_models(target: nn.Module, aux: nn.Module) -> None:
                                   f"aux.to({t.dtype})")
 
 
-def plan_with(target: nn.Module, aux: nn.Module, opts: Options) -> Report:
-    _check_models(target, aux)
+AuxLike = Union[nn.Module, str, os.PathLike]
+"""An aux model object, or the path of one that :func:`pathway.source.open_aux` reads lazily."""
+
+
+def aux_module(aux: Any) -> tuple[nn.Module, bool]:
+    """The aux ``nn.Module`` to read (possibly on the meta device), and whether it came from a path.
+
+    A path (or an already opened source: anything with ``.model`` and ``.read``) is opened by
+    ``pathway.source``, which reads tensors only when they are needed.
+    """
+    if isinstance(aux, nn.Module):
+        return aux, False
+    if isinstance(aux, (str, os.PathLike)):
+        from .source import open_aux   # the lazy reader lives beside the injection, imported on demand
+        aux = open_aux(aux)
+    if isinstance(getattr(aux, "model", None), nn.Module) and callable(getattr(aux, "read", None)):
+        return aux.model, True
+    raise OptionError(f"aux must be an nn.Module or the path of a saved model, not {type(aux).__name__}")
+
+
+def plan_with(target: nn.Module, aux: AuxLike, opts: Options) -> Report:
+    aux, lazy = aux_module(aux)
+    _check_models(target, aux, lazy)
     t_view = read_model(target, opts.target_inputs, opts.tracer, opts.kinds, "target")
     a_view = read_model(aux, opts.aux_inputs, opts.tracer, opts.kinds, "aux")
     pairs, unpaired, block_map, strategy = match(
@@ -188,12 +213,13 @@ def _never_used(model: nn.Module, view: ModelView) -> list[str]:
     return [n for n, _ in named_plain_parameters(model) if n not in view.trace.touched]
 
 
-def plan(target: nn.Module, aux: nn.Module, **options: Any) -> Report:
+def plan(target: nn.Module, aux: AuxLike, **options: Any) -> Report:
     """Find the pairs ``connect`` would make, without changing either model.
 
     Args:
         target: the model to improve (any ``nn.Module``).
-        aux: a model of the same kind of architecture trained on another modality.
+        aux: a model of the same kind of architecture trained on another modality, or the path of
+            one (read lazily by ``pathway.source.open_aux``).
         **options: see :class:`Options` and the README.
 
     Returns:

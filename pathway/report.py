@@ -18,8 +18,24 @@ class Pair:
     """One target weight and the aux weights that feed its pathway.
 
     The aux tensor is built as: each ``aux`` weight in canonical ``[out, in, ...]`` layout
-    (transposed first where ``aux_transposed``), concatenated along ``out``, rows
-    ``out_slice[0]:out_slice[1]`` taken, then transposed again if ``target_transposed``.
+    (transposed first where ``aux_transposed``), concatenated along ``out``; then
+    :func:`pathway.units.apply_layout` brings those rows into the split ``[q | k | v]`` order (when
+    the aux is a per-head interleaved fused projection), takes rows ``out_slice[0]:out_slice[1]``
+    and lays them out as the target stores them (per head, when the target is interleaved); the
+    result is transposed again if ``target_transposed``.
+
+    Per-head fields, ``(target, aux)`` each, read from the dataflow (None where it does not show):
+
+    * ``layout``: the row layout of a fused attention projection, ``""`` for rows stored as
+      ``[q | k | v]`` (timm ``qkv``, MHA ``in_proj_weight``, or any non-fused weight) or
+      ``"heads"`` for rows stored ``[head, (q, k, v), head_dim]`` (GPT-NeoX, Bloom, Falcon-RW
+      ``query_key_value``).
+    * ``heads``: query heads of the attention this weight belongs to; ``kv_heads``: its key/value
+      heads (fewer than ``heads`` under grouped-query attention, 1 under multi-query).
+
+    Under ``on_shape_mismatch="select"`` a pair whose built rows do not fit the target is kept with
+    the flag ``"shape_mismatch"`` (and ``"gqa"`` when key/value heads are what differs), for a shape
+    policy to resolve; ``out_slice`` then spans the aux rows of the target's role.
     """
 
     target: str
@@ -33,6 +49,9 @@ class Pair:
     out_slice: tuple[int, int] = (0, 0)
     target_transposed: bool = False
     flags: tuple[str, ...] = ()
+    layout: tuple[str, str] = ("", "")
+    heads: tuple[int | None, int | None] = (None, None)
+    kv_heads: tuple[int | None, int | None] = (None, None)
 
     @property
     def source(self) -> str:

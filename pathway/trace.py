@@ -49,6 +49,9 @@ _KIND_BY_NAME = {
     "embedding": "embedding",
     "t": "transpose", "transpose": "transpose", "swapaxes": "transpose", "swapdims": "transpose",
     "T": "transpose", "mT": "transpose",
+    "view": "view", "reshape": "view", "unflatten": "view",
+    "chunk": "split", "split": "split", "unbind": "split", "tensor_split": "split",
+    "permute": "shape", "contiguous": "shape", "__getitem__": "shape", "getitem": "shape",
 }
 # Tensor attributes and methods whose result is not a tensor: fx sees them as nodes, the runtime
 # recorder as non-tensor outputs. Neither must carry dataflow tags into later ops.
@@ -64,8 +67,11 @@ class Op:
     """One call seen in the forward, in the kind's canonical argument order.
 
     ``args`` holds the tensor slots the analysis needs (``linear``: input, weight, bias;
-    ``matmul``: left, right; ``sdpa``: q, k, v; ``mha``: q, k, v); ``touched`` every tensor the
-    call read; ``mha_weights`` the (weight, role) pairs hidden inside one opaque MHA call.
+    ``matmul``: left, right; ``sdpa``: q, k, v; ``mha``: q, k, v; ``view``/``split``/``shape``:
+    the tensor); ``touched`` every tensor the call read; ``mha_weights`` the (weight, role) pairs
+    hidden inside one opaque MHA call; ``info`` what shape reading needs: a view's trailing sizes
+    (None where fx sees a traced value), a split's ``(dim, parts)``, an MHA call's ``(heads,)``.
+    ``opaque`` marks a call into user code that fx kept closed (``torch.fx.wrap``).
     """
 
     kind: str
@@ -73,6 +79,8 @@ class Op:
     touched: tuple[Ref, ...]
     outputs: tuple[int, ...]
     mha_weights: tuple[tuple[Ref, str], ...] = ()
+    info: tuple[int | None, ...] = ()
+    opaque: bool = False
 
 
 @dataclass
@@ -89,6 +97,9 @@ class WeightUse:
     roles: set[str] = field(default_factory=set)
     input_tags: frozenset[int] = frozenset()
     later_kinds: set[str] = field(default_factory=set)   # other kinds of later uses (a tied lm_head is linear)
+    heads: int | None = None       # heads its output is viewed as (query heads of a fused qkv)
+    kv_heads: int | None = None    # key/value heads of a fused qkv
+    layout: str | None = None      # fused qkv rows: "" as [q | k | v], "heads" as [head, (q, k, v), dim]; None: unread
 
     @property
     def role(self) -> str | None:
@@ -127,8 +138,38 @@ def _slot(args: tuple, kwargs: dict, index: int, *names: str) -> Any:
     return None
 
 
-def _make_op(name: str, args: tuple, kwargs: dict, ref: Callable[[Any], Ref | None], outputs: tuple[int, ...]) -> Op:
-    """Bind a call's arguments into the canonical slots of its kind; shared by both readers."""
+def _sizes(name: str, args: tuple, kwargs: dict) -> tuple[int | None, ...]:
+    """The sizes a view/reshape/unflatten asks for, trailing dims last; None for a traced value."""
+    if name == "unflatten":
+        dim, sizes = _slot(args, kwargs, 1, "dim"), _slot(args, kwargs, 2, "sizes")
+        return tuple(s if isinstance(s, int) else None for s in sizes) if dim == -1 and sizes else ()
+    sizes = args[1:] if len(args) > 1 else tuple(kwargs.get("shape", kwargs.get("size", ())))
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
+        sizes = tuple(sizes[0])
+    return tuple(s if isinstance(s, int) else None for s in sizes)
+
+
+def _split_info(name: str, args: tuple, kwargs: dict, ndim: int | None, parts: int | None) -> tuple[int | None, ...]:
+    """``(dim, parts, size)`` of a chunk/split/unbind: dim counted from the end where it can be told
+    (None otherwise), the number of parts and a split's part size where known."""
+    dim = _slot(args, kwargs, 1 if name == "unbind" else 2, "dim")
+    dim = 0 if dim is None else dim
+    if isinstance(dim, int) and dim >= 0 and ndim is not None:
+        dim -= ndim
+    size = _slot(args, kwargs, 1, "split_size_or_sections", "split_size") if name == "split" else None
+    if parts is None and name == "chunk":
+        parts = _slot(args, kwargs, 1, "chunks")
+    return (dim if isinstance(dim, int) and dim < 0 else None, parts if isinstance(parts, int) else None,
+            size if isinstance(size, int) else None)
+
+
+def _make_op(name: str, args: tuple, kwargs: dict, ref: Callable[[Any], Ref | None], outputs: tuple[int, ...],
+             result: Any = None) -> Op:
+    """Bind a call's arguments into the canonical slots of its kind; shared by both readers.
+
+    ``result`` is what the call returned, where a reader has it (the runtime recorder): its shapes
+    are exact where fx only sees the arguments.
+    """
     kind = _kind_of(name)
     touched = tuple(r for r in (ref(a) for a in tree_flatten((args, kwargs))[0]) if r is not None)
     if kind in ("linear", "conv"):
@@ -152,7 +193,18 @@ def _make_op(name: str, args: tuple, kwargs: dict, ref: Callable[[Any], Ref | No
         weights.append((bound["out_proj_weight"], "o"))
         slots = (bound["query"], bound["key"], bound["value"])
         return Op(kind, tuple(ref(s) for s in slots), touched, outputs,
-                  tuple((ref(w), role) for w, role in weights if ref(w) is not None))
+                  tuple((ref(w), role) for w, role in weights if ref(w) is not None), (bound["num_heads"],))
+    elif kind == "view":
+        exact = isinstance(result, torch.Tensor) and name != "unflatten"
+        return Op(kind, (ref(args[0]) if args else None,), touched, outputs,
+                  info=tuple(result.shape) if exact else _sizes(name, args, kwargs))
+    elif kind == "split":
+        x = args[0] if args else None
+        ndim = x.dim() if isinstance(x, torch.Tensor) else None
+        parts = len(result) if isinstance(result, (tuple, list)) else None
+        return Op(kind, (ref(x),), touched, outputs, info=_split_info(name, args, kwargs, ndim, parts))
+    elif kind in ("shape", "transpose"):
+        slots = (args[0] if args else None,)
     else:
         slots = ()
     return Op(kind, tuple(ref(s) for s in slots), touched, outputs)
@@ -240,7 +292,7 @@ def _module_op(module: nn.Module, path: str, node: fx.Node, ref: Callable, index
         else:
             weights = [(prefix + f"{r}_proj_weight", r) for r in "qkv"]
         weights.append((prefix + "out_proj.weight", "o"))
-        return Op("mha", (q, k, v), (x, *own) if x is not None else own, (index,), tuple(weights))
+        return Op("mha", (q, k, v), (x, *own) if x is not None else own, (index,), tuple(weights), (module.num_heads,))
     bias = prefix + "bias" if getattr(module, "bias", None) is not None else None
     if isinstance(module, nn.Linear):
         return Op("linear", (x, prefix + "weight", bias), own, (index,))
@@ -295,7 +347,7 @@ class _Recorder(TorchFunctionMode):
             name = getattr(func, "__name__", "")
             if name == "__get__":
                 name = next((n for n, getter in _PROPERTY_GETTERS.items() if func == getter), name)
-            self.ops.append(_make_op(name, tuple(args), kwargs, self.ref, outputs))
+            self.ops.append(_make_op(name, tuple(args), kwargs, self.ref, outputs, out))
         return out
 
 
@@ -341,6 +393,7 @@ def analyse(ops: list[Op], consts: set[int], shapes: dict[str, tuple[int, ...]],
     first: dict[str, int] = {}
     sequence: list[str] = []
     touched: set[str] = set()
+    heads = _HeadReader(uses)
 
     def sources(r: Ref) -> tuple[frozenset[str], int] | None:
         if isinstance(r, str):
@@ -400,12 +453,18 @@ def analyse(ops: list[Op], consts: set[int], shapes: dict[str, tuple[int, ...]],
             x = op.args[0]
             for weight, role in op.mha_weights:
                 produced = record(weight, "linear", False, x if role != "o" else None, call, role)
+                if produced is not None and role != "o":
+                    heads.from_mha(produced, role, op.info[0])
         elif op.kind == "sdpa":
             for slot, r in zip("qkv", op.args):
                 t = tags.get(r, frozenset()) if isinstance(r, int) else frozenset()
                 if len(t) == 1:
                     uses[next(iter(t))].roles.add(slot)
 
+        if produced is not None and op.kind != "mha":
+            heads.start(produced, op.outputs)
+        elif op.kind in _RESHAPES:
+            heads.step(op)
         if produced is not None:
             for out in op.outputs:
                 tags[out] = frozenset([produced])
@@ -427,7 +486,110 @@ def analyse(ops: list[Op], consts: set[int], shapes: dict[str, tuple[int, ...]],
         if use.kind == "linear" and use.role is None and any(uses[t].role in ("q", "k", "v", "qkv")
                                                               for t in use.input_tags if t != use.index):
             use.roles.add("o")
+    heads.finish()
     return uses, sequence, touched
+
+
+_RESHAPES = ("view", "split", "shape", "transpose")
+
+
+def _factors(sizes: tuple[int | None, ...], rows: int) -> tuple[int, ...] | None:
+    """How a view splits ``rows`` over its trailing dims (``[.., 3, H, hd]`` -> (3, H, hd)); None if unread.
+
+    A -1 stands for what the known sizes between it and the first traced size leave of ``rows``.
+    """
+    found: list[int] = []
+    product = 1
+    for i in range(len(sizes) - 1, -1, -1):
+        size = sizes[i]
+        if size is None:
+            return None
+        if size == -1:
+            left = 1
+            for other in reversed(sizes[:i]):
+                if other is None or other == -1:
+                    break
+                left *= other
+            if rows % (product * left):
+                return None
+            size = rows // (product * left)
+        found.append(size)
+        product *= size
+        if product == rows:
+            return tuple(reversed(found))
+        if product > rows:
+            return None
+    return None
+
+
+class _HeadReader:
+    """Reads heads and the row layout of attention projections from the reshapes after them.
+
+    It follows each weight use's output through views, splits, transposes and indexing only:
+    ``view(.., 3, H, hd)`` is ``[q | k | v]`` with H heads (timm), ``view(.., H, 3, hd)`` and
+    ``view(.., H, 3 * hd)`` then a split of the last dim are per-head interleaved (Bloom,
+    GPT-NeoX), a split of the rows into 3 before any view is ``[q | k | v]`` (GPT-2), and a
+    ``view(.., H, hd)`` of one projection gives its heads (q/k/v, grouped k/v included).
+    """
+
+    def __init__(self, uses: list[WeightUse]):
+        self.uses = uses
+        self.chain: dict[int, tuple[int, int, int | None]] = {}   # value -> (use, stage, size of the last dim)
+        self.factors: dict[int, tuple[int, ...]] = {}
+        self.split: dict[int, str] = {}            # use -> "rows" (before a view) or "head_dim" (after it)
+        self.part_heads: dict[int, int] = {}
+
+    def start(self, use: int, outputs: tuple[int, ...]) -> None:
+        for out in outputs:
+            self.chain[out] = (use, 0, self.uses[use].shape[0])
+
+    def step(self, op: Op) -> None:
+        link = self.chain.get(op.args[0]) if op.args and isinstance(op.args[0], int) else None
+        if link is None:
+            return
+        use, stage, last = link
+        if op.kind == "view":
+            f = _factors(op.info, last) if last else None
+            if stage == 0 and f is not None and len(f) > 1:
+                self.factors[use] = f
+                self._extend(op, use, 1, f[-1])
+            elif stage == 0 and f is not None:
+                self._extend(op, use, 0, last)
+            elif stage == 2 and f is not None and len(f) == 2:
+                self.part_heads.setdefault(use, f[0])
+        elif op.kind == "split":
+            dim, parts, size = op.info
+            parts = parts or (last // size if size and last else None)
+            if dim == -1 and parts == 3 and stage < 2:
+                self.split.setdefault(use, "rows" if stage == 0 else "head_dim")
+                self._extend(op, use, 2, last // 3)
+        else:
+            self._extend(op, use, stage, last)
+
+    def _extend(self, op: Op, use: int, stage: int, last: int | None) -> None:
+        for out in op.outputs:
+            self.chain[out] = (use, stage, last)
+
+    def from_mha(self, use: int, role: str, heads: int) -> None:
+        self.uses[use].heads = heads
+        if role == "qkv":
+            self.uses[use].layout, self.uses[use].kv_heads = "", heads
+
+    def finish(self) -> None:
+        for i, use in enumerate(self.uses):
+            if use.heads is not None:
+                continue
+            f, split = self.factors.get(i), self.split.get(i)
+            if use.role == "qkv":
+                if f and f[0] == 3:
+                    use.layout, use.heads = "", f[1] if len(f) >= 3 else None
+                elif f and len(f) >= 3 and f[1] == 3 or f and len(f) == 2 and split == "head_dim":
+                    use.layout, use.heads = "heads", f[0]
+                elif not f and split == "rows":
+                    use.layout, use.heads = "", self.part_heads.get(i)
+                use.kv_heads = use.heads
+            elif use.role in ("q", "k", "v") and f and len(f) == 2:
+                use.heads = f[0]
 
 
 def _attention_roles_from_matmul(left: frozenset[int], right: frozenset[int], uses: list[WeightUse]) -> None:

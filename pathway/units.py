@@ -12,7 +12,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
+import torch
+
 from .modules import block_of
+from .report import Pair
 from .trace import Trace, WeightUse
 
 _ROLE_ORDER = "qkv"
@@ -42,6 +45,33 @@ class Unit:
     @property
     def names(self) -> list[str]:
         return [m.name for m in self.members]
+
+    @property
+    def heads(self) -> int | None:
+        """Query heads, where the dataflow shows them (the view that splits q, or a fused qkv, into heads)."""
+        lead = next((m for m in self.members if m.role in ("q", "qkv")), None)
+        return lead.heads if lead else None
+
+    @property
+    def kv_heads(self) -> int | None:
+        """Key/value heads: those of k (split), or of a fused qkv (equal to ``heads`` unless it says otherwise)."""
+        k = next((m for m in self.members if m.role in ("k", "qkv")), None)
+        return (k.kv_heads if k.role == "qkv" else k.heads) if k else None
+
+    def role_rows(self) -> dict[str, tuple[int, int]] | None:
+        """Rows of q, k and v in ``[q | k | v]`` order; None where the roles do not show them."""
+        if len(self.members) == 3 and [m.role for m in self.members] == list(_ROLE_ORDER):
+            bounds, start = {}, 0
+            for m in self.members:
+                bounds[m.role] = (start, start + m.shape[0])
+                start += m.shape[0]
+            return bounds
+        if len(self.members) == 1 and self.role == "qkv" and self.members[0].layout is not None:
+            rows, heads, kv = self.shape[0], self.heads, self.kv_heads
+            width = rows // (heads + 2 * kv) if heads and kv else rows // 3
+            q, k = width * (heads or 1), width * (kv or 1)
+            return {"q": (0, q), "k": (q, q + k), "v": (q + k, q + 2 * k)}
+        return None
 
 
 def _group(uses: list[WeightUse]) -> list[list[WeightUse]]:
@@ -114,3 +144,22 @@ def _unroll(units: list[Unit], sequence: list[str]) -> tuple[list[Unit], int]:
     pre = [u for u in rest if u.members[0].index < first_shared]
     post = [u for u in rest if u.members[0].index >= first_shared]
     return pre + virtual + post, times
+
+
+def _regroup(rows: torch.Tensor, outer: int, inner: int) -> torch.Tensor:
+    """Rows ``[outer, inner, r]`` -> ``[inner, outer, r]`` (r = rows per group), flattened again."""
+    return rows.unflatten(0, (outer, inner, -1)).transpose(0, 1).flatten(0, 2)
+
+
+def apply_layout(pair: Pair, stacked: torch.Tensor) -> torch.Tensor:
+    """The target's rows of ``pair`` from its aux weights stacked in canonical ``[out, in, ...]`` layout.
+
+    ``stacked`` is the concatenation of ``pair.aux`` (each transposed where ``aux_transposed``).
+    Per-head interleaved rows ``[head, (q, k, v), head_dim]`` are brought to ``[q | k | v]`` first,
+    ``out_slice`` is taken there, and the result is interleaved again if the target stores it so.
+    The caller transposes the result when ``pair.target_transposed``.
+    """
+    (t_layout, a_layout), (t_heads, a_heads) = pair.layout, pair.heads
+    rows = _regroup(stacked, a_heads, 3) if a_layout == "heads" else stacked
+    rows = rows[pair.out_slice[0]:pair.out_slice[1]]
+    return _regroup(rows, 3, t_heads) if t_layout == "heads" else rows
