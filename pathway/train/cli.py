@@ -11,12 +11,14 @@ import argparse
 import sys
 from pathlib import Path
 
-__all__ = ["main", "build_parser"]
+from pathway.errors import PathwayError
+
+__all__ = ["main", "build_parser", "UsageError"]
 
 EPILOG = """examples:
   pathway train recipes/demo/image.yaml
   pathway train recipes/demo/image.yaml --set train.epochs=1 --set optim.blr=2e-3
-  pathway train recipes/paper/image_point.yaml --dry-run      # check a recipe, print the pairs and the plan
+  pathway train recipes/paper/imagenet_mae_point.yaml --dry-run   # check a recipe, print the pairs and the plan
   torchrun --nproc-per-node 8 -m pathway train RECIPE            # DDP
   pathway train RECIPE --resume                                 # continue from the last checkpoint
   pathway pretrain recipes/demo/point_mae.yaml                   # MAE encoder, usable as aux.checkpoint
@@ -27,6 +29,10 @@ EPILOG = """examples:
   pathway experiment                                             # the embedded experiment -> results/
 
 Recipes are YAML over typed defaults (pathway/train/config.py, docs/training.md)."""
+
+
+class UsageError(PathwayError):
+    """Command-line arguments that do not fit the command."""
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -156,15 +162,20 @@ def _cmd_inspect(args) -> int:
         print(dry_run(load_recipe(Path(args.models[0]), args.overrides)))
         return 0
     if len(args.models) != 2 or not all(m.startswith("timm:") for m in args.models):
-        raise SystemExit("pathway inspect: give one recipe, or two models as timm:NAME timm:NAME")
+        raise UsageError(f"give one recipe, or two models as timm:NAME timm:NAME (got {' '.join(args.models)})")
     import timm
     import torch
+
+    names = [m.removeprefix("timm:") for m in args.models]
+    unknown = [n for n in names if not timm.is_model(n)]
+    if unknown:
+        raise UsageError(f"timm has no model {unknown[0]!r}; see timm.list_models('{unknown[0][:4]}*')")
 
     from .config import parse_overrides, recipe_from_dict
 
     opts = recipe_from_dict(parse_overrides(args.overrides), "--set").connect_options()
     with torch.device("meta"):
-        target, aux = (timm.create_model(m.removeprefix("timm:"), pretrained=False) for m in args.models)
+        target, aux = (timm.create_model(n, pretrained=False) for n in names)
     print(pathway.plan(target, aux, **opts))
     return 0
 
@@ -188,13 +199,15 @@ COMMANDS = {"experiment": _cmd_experiment, "train": _cmd_train, "pretrain": _cmd
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    import pathway
+    """Run one command; a user's mistake prints ``pathway COMMAND: error: ...`` and returns 2, never a traceback.
 
-    # recipe, adapter, checkpoint and loss errors are all PathwayErrors that name what to fix
+    Recipe, adapter, data, checkpoint, folder and loss errors are all PathwayErrors that name what to fix; an
+    OSError (a file that cannot be read or written) names its path. argparse handles wrong commands and flags.
+    """
+    args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (pathway.PathwayError, FileNotFoundError, FileExistsError) as err:
+    except (PathwayError, OSError) as err:
         print(f"pathway {args.command}: error: {err}", file=sys.stderr)
         return 2
 

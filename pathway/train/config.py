@@ -465,7 +465,9 @@ def _read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise RecipeError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping of sections, got {type(raw).__name__}")
     parents = raw.pop("extends", None) or []
@@ -523,13 +525,19 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def check_adapter(recipe: Recipe) -> None:
-    """The adapter named by the recipe must be registered; the error lists the registered ones."""
+    """The adapters the recipe names must be registered, and its train options must fit the adapter's task."""
     from pathway.adapters import registry as adapters
 
     names = list(adapters.available())
     for key, name in (("data.adapter", recipe.data.adapter), ("aux.adapter", recipe.aux.adapter)):
         if name and name not in names:
             raise RecipeError(f"{recipe.source}: '{key}' = {name!r} is not a registered adapter; available: {', '.join(names)}")
+    task, t = adapters.get(recipe.data.adapter).task, recipe.train
+    if task == "segmentation":
+        for key in ("mixup", "cutmix", "label_smoothing"):
+            if getattr(t, key):
+                raise RecipeError(f"{recipe.source}: 'train.{key}' = {getattr(t, key)} does not fit the "
+                                  f"'{recipe.data.adapter}' adapter's task (per-point segmentation); set it to 0")
 
 
 def check_data(recipe: Recipe) -> None:

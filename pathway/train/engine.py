@@ -36,7 +36,7 @@ from .config import Recipe, RecipeError, check_adapter, check_data
 from .data import make_loader, set_epoch
 from .metrics import MetricAccumulator, average_views
 from .model import TransformerModel, build_adapter, build_model
-from .owned import RunExistsError, claim_run_dir
+from .owned import RunExistsError, check_run_dir, claim_run_dir
 from .optim import base_lr, build_mixup, build_optimizer, compute_loss
 from .schedule import apply_lr, lr_at, step_plan
 
@@ -312,6 +312,12 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
     run_dir = recipe.run_dir
     ckpt_dir = run_dir / "checkpoints"
 
+    if resume and not ckpt.list_checkpoints(ckpt_dir):
+        raise ckpt.CheckpointError(f"--resume: {ckpt_dir} holds no checkpoint to continue from; start the run "
+                                   f"without --resume, or name its output.dir / output.name")
+    if ctx.main:
+        check_run_dir(run_dir)
+
     # -- data ---------------------------------------------------------------------------------
     adapter = prepare_data(recipe, ctx)
     train_set = adapter.dataset(recipe.data.train_split, train=True)
@@ -329,15 +335,14 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
     if ctx.main and not resume and ckpt.list_checkpoints(ckpt_dir):
         raise RunExistsError(f"{run_dir} already holds checkpoints; pass --resume to continue it, "
                              f"or choose another output.name / output.dir")
-    if ctx.main:
-        claim_run_dir(run_dir)
     example = train_set[0][0][None]  # the core reads both graphs on a real input
     item_dims = example.dim() - 1
     model, report = build_model(recipe, adapter, example=example, log=ctx.log)
+    if ctx.main:
+        claim_run_dir(run_dir)
     if report is not None:
         ctx.log(str(report))
         if ctx.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "report.txt").write_text(str(report) + "\n")
             (run_dir / "report.json").write_text(json.dumps(report.to_dict(), indent=1))
     model.to(ctx.device)
@@ -374,11 +379,9 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
         lam_log.truncate_after(step)
         ctx.log(f"resumed from {path}: step {step}, epoch {epoch}, batch {position}")
     elif ctx.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         for stale in ("metrics.jsonl", "lambdas.jsonl"):
             (run_dir / stale).unlink(missing_ok=True)
     if ctx.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
     ctx.log(f"plan: {t.epochs} epochs x {steps_per_epoch} steps (total {total_steps}, warm-up {warmup_steps}), "
             f"{ctx.world} process(es) on {ctx.device}, amp {ctx.amp_dtype or 'off'}, run folder {run_dir}")

