@@ -8,6 +8,14 @@ natural log floored at float32 eps. Then pad (zeros) or crop to ``target_length`
 training (one frequency mask up to ``freqm`` bins, one time mask up to ``timem`` frames) and
 ``(x - norm_mean) / (2 * norm_std)`` with AudioMAE's AudioSet statistics by default.
 
+Training augmentation as AudioMAE's fine-tuning (``dataset.py`` and ``ft_as.sh``), each an option:
+``roll_mag_aug`` rolls each mean-removed waveform by a random offset and scales it by ``Beta(10, 10) + 0.5``;
+``mixup`` is the share of training clips mixed with another clip drawn uniformly from the split, on the
+waveforms (the partner padded or cut to the clip's length), ``lambda ~ Beta(10, 10)``, labels
+``lambda * y1 + (1 - lambda) * y2`` (a label of both clips stays 1); ``mask_t_prob`` / ``mask_f_prob``
+drop that share of the patch-grid's time rows / frequency columns from the tokens (AudioMAE's
+``random_masking_2d``, training only; see :class:`~pathway.tokenizers.AudioSpectrogramTokenizer`).
+
 Layouts: ``root/<split>.csv`` manifests with ``path,labels`` (several labels per clip, AudioSet style;
 class list from ``classes``, else ``root/class_labels_indices.csv`` (``index,mid,display_name``), else
 the labels of the training manifest), or ``root/<split>/<class>/<file>`` folders. ``y`` is a float
@@ -19,7 +27,10 @@ from __future__ import annotations
 
 import csv
 import math
+import random
 from pathlib import Path
+
+import numpy as np
 
 import torch
 from torch import Tensor
@@ -108,11 +119,19 @@ class AudioAdapter(Adapter):
         "norm_std": AUDIOSET_STD,
         "freqm": 48,  # SpecAugment widths, training only
         "timem": 192,
+        "mixup": 0.0,  # share of training clips mixed with another clip (AudioMAE --mixup 0.5)
+        "roll_mag_aug": False,  # random roll + Beta(10, 10) + 0.5 gain of each training waveform (AudioMAE)
+        "mask_t_prob": 0.0,  # share of time rows of patches dropped in training (AudioMAE fine-tuning 0.2)
+        "mask_f_prob": 0.0,  # share of frequency columns of patches dropped in training (0.2)
         "extensions": AUDIO_EXTENSIONS,
     }
 
     def check_options(self) -> None:
+        super().check_options()
         o = self.options
+        for key in ("mixup", "mask_t_prob", "mask_f_prob"):
+            if not 0 <= o[key] < (1.0001 if key == "mixup" else 1):
+                raise OptionError(f"AudioAdapter: {key}={o[key]} must be a share in [0, 1{']' if key == 'mixup' else ')'}")
         for key in ("target_length", "num_mel_bins"):
             if o[key] % o["patch_size"]:
                 raise OptionError(f"AudioAdapter: {key}={o[key]} must be a multiple of patch_size={o['patch_size']}")
@@ -137,12 +156,33 @@ class AudioAdapter(Adapter):
         else:
             samples = [(p, [c]) for p, c in self.folder_samples(split)]
 
-        def load(path: Path, labels: list[int], index: int) -> tuple[Tensor, Tensor]:
-            y = torch.zeros(self.num_classes)
-            y[labels] = 1.0
-            return self.features(read_audio(path, o["sample_rate"]), train), y
+        def read(path: Path, labels: list[int]) -> Tensor:
+            return read_audio(path, o["sample_rate"])
 
-        return FileDataset(samples, load, self)
+        def augment(wave: Tensor, labels: list[int], index: int) -> tuple[Tensor, Tensor]:
+            y = self.multi_hot(labels)
+            if train:
+                wave = self.roll_and_scale(wave - wave.mean())
+                if random.random() < o["mixup"]:  # AudioMAE draws the decision and the partner with `random`
+                    _, partner, partner_labels = dataset.read_item(random.randint(0, len(dataset) - 1))
+                    wave, lam = mix_waveforms(wave, self.roll_and_scale(partner - partner.mean()))
+                    y = (lam * y + (1 - lam) * self.multi_hot(partner_labels)).clamp_(max=1.0)  # shared label: 1
+            return self.features(wave, train), y
+
+        dataset = FileDataset(samples, read, augment, self)  # `augment` draws mixup partners from it
+        return dataset
+
+    def multi_hot(self, labels: list[int]) -> Tensor:
+        y = torch.zeros(self.num_classes)
+        y[labels] = 1.0
+        return y
+
+    def roll_and_scale(self, wave: Tensor) -> Tensor:
+        """AudioMAE's ``roll_mag_aug`` when the option is on: a random circular shift, gain ``Beta(10, 10) + 0.5``."""
+        if not self.options["roll_mag_aug"]:
+            return wave
+        shift = int(np.random.randint(len(wave)))
+        return torch.roll(wave, shift) * float(np.random.beta(10, 10) + 0.5)
 
     def features(self, wave: Tensor, train: bool) -> Tensor:
         """Waveform -> normalised fbank ``[1, target_length, num_mel_bins]`` (AudioMAE's order of steps)."""
@@ -160,4 +200,15 @@ class AudioAdapter(Adapter):
 
     def tokenizer(self, embed_dim: int) -> Tokenizer:
         o = self.options
-        return AudioSpectrogramTokenizer(o["target_length"], o["num_mel_bins"], o["patch_size"], embed_dim, o["pos_embed"])
+        return AudioSpectrogramTokenizer(o["target_length"], o["num_mel_bins"], o["patch_size"], embed_dim, o["pos_embed"],
+                                         mask_t_prob=o["mask_t_prob"], mask_f_prob=o["mask_f_prob"])
+
+
+def mix_waveforms(wave: Tensor, partner: Tensor) -> tuple[Tensor, float]:
+    """AudioMAE's waveform mixup: the partner zero-padded or cut to ``wave``'s length, ``lambda ~ Beta(10, 10)``,
+    the mix mean-removed again; returns ``(mix, lambda)``."""
+    n = len(wave)
+    partner = torch.nn.functional.pad(partner, (0, n - len(partner))) if len(partner) < n else partner[:n]
+    lam = float(np.random.beta(10, 10))
+    mix = lam * wave + (1 - lam) * partner
+    return mix - mix.mean(), lam

@@ -4,9 +4,13 @@ An adapter turns a folder or manifest of one modality's files into ``(x, y)`` it
 tokenizer, head and metric that go with them. Its options come from a recipe's ``data:`` section, so an
 unknown option is an error that lists the known ones (a typo must not silently fall back to a default).
 
-Long runs must not die on one bad file: :class:`FileDataset` catches a failed read, counts it in
-``adapter.skipped`` (shared with DataLoader workers), warns once per path and returns the next readable
-sample; ``strict=True`` raises :class:`UnreadableFileError` naming the file instead.
+Long runs must not die on one bad file, nor lose good files to a failed augmentation. :class:`FileDataset`
+makes an item in two steps with two rules: a failure to *read or decode* the file marks that file bad (counted
+in ``dataset.unreadable_count()`` and ``adapter.skipped``, shared with DataLoader workers, warned once, never
+decoded again) and the next readable sample is returned; a failure of the random *augmentation* is drawn again
+and, if it keeps failing, raised as :class:`AugmentationError` (the file is fine). ``strict=True`` raises
+:class:`UnreadableFileError` on the first bad file; otherwise the run stops with
+:class:`TooManyUnreadableFilesError` once more than ``max_unreadable_share`` of a split is unreadable.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from torch.utils.data import Dataset
 from pathway.errors import OptionError, PathwayError
 from pathway.tokenizers.base import Tokenizer
 
-from .heads import ClassificationHead
+from .heads import HEADS
 
 
 class AdapterError(PathwayError):
@@ -37,6 +41,14 @@ class LayoutError(AdapterError):
 
 class UnreadableFileError(AdapterError):
     """A file exists but cannot be decoded (corrupt, truncated, empty, wrong format)."""
+
+
+class TooManyUnreadableFilesError(UnreadableFileError):
+    """More than ``max_unreadable_share`` of a split's files are unreadable: the data, not one file, is broken."""
+
+
+class AugmentationError(AdapterError):
+    """The training augmentation failed on a readable file every time it was drawn: a transform bug, not bad data."""
 
 
 class Adapter:
@@ -54,6 +66,8 @@ class Adapter:
         "strict": False,  # raise on an unreadable file instead of skipping it
         "classes": None,  # explicit class list; None: found from the data (class folders or the manifest)
         "train_split": "train",  # the split whose folders or manifest define the classes
+        "max_unreadable_share": 0.05,  # stop when more than this share of a split's files cannot be read
+        "head": "linear",  # "linear": pooled tokens -> Linear; "probe": MAE's linear-probe head (BatchNorm, no affine)
     }
     num_classes: int
     classes: list[str]
@@ -98,7 +112,13 @@ class Adapter:
         return int(self._skipped.value)
 
     def check_options(self) -> None:
-        """Raise :class:`OptionError` for option values the adapter cannot use."""
+        """Raise :class:`OptionError` for option values the adapter cannot use (subclasses call super())."""
+        o = self.options
+        if not 0 <= o["max_unreadable_share"] <= 1:
+            raise OptionError(f"{type(self).__name__}: max_unreadable_share={o['max_unreadable_share']} must be "
+                              f"a share between 0 and 1 (e.g. 0.05 for 5 per cent)")
+        if o["head"] not in HEADS:
+            raise OptionError(f"{type(self).__name__}: head={o['head']!r} is not one of {sorted(HEADS)}")
 
     def find_classes(self) -> list[str]:
         """Class names, in label order: the ``classes`` option, else the class folders of the training split.
@@ -167,8 +187,11 @@ class Adapter:
         return torch.randn(self.input_shape())
 
     def head(self, embed_dim: int) -> nn.Module:
-        """Mean-pool + Linear on the model's final LayerNorm; multilabel heads are the same, logits for BCE."""
-        return ClassificationHead(embed_dim, self.num_classes)
+        """Pooled tokens (after the model's final LayerNorm) -> logits; multi-label heads are the same, for BCE.
+
+        ``head="probe"`` is MAE's linear-probe head (non-affine BatchNorm before the Linear), the classifier of
+        the paper's "fix" setting."""
+        return HEADS[self.options["head"]](embed_dim, self.num_classes)
 
     def record_skip(self, path: Path, error: BaseException) -> None:
         """Count one unreadable file and warn about it (callers report each file once)."""
@@ -182,47 +205,103 @@ class Adapter:
 
 
 class FileDataset(Dataset):
-    """Items ``load(path, label, index) -> (x, y)`` over a list of ``(path, label)``, skipping unreadable files.
+    """Items ``augment(read(path, label), label, index) -> (x, y)`` over ``[(path, label)]``, skipping bad files.
 
-    ``index`` lets evaluation transforms be deterministic per sample (e.g. seeded point sampling).
-    A file that failed once is marked in shared memory, so that it is counted and warned about once
-    and never decoded again, whichever worker meets it.
+    * ``read(path, label)`` reads and decodes the file. Any failure there means the file is unreadable: it is
+      marked in shared memory (counted and warned about once, never decoded again, whichever worker meets it)
+      and the next readable sample is returned.
+    * ``augment(data, label, index)`` makes the item from the decoded data (random augmentation; ``index`` lets
+      evaluation transforms be deterministic per sample). A failure there is not the file's fault: the
+      augmentation is drawn again (the random state has moved on) up to ``redraws`` times, then
+      :class:`AugmentationError` names the file and the error. An :class:`UnreadableFileError` raised inside
+      ``augment`` (readers that decode lazily, e.g. video frames) still marks the file.
+
+    More than ``max_unreadable_share`` of the files unreadable stops with :class:`TooManyUnreadableFilesError`.
     """
 
     def __init__(
         self,
         samples: list[tuple[Path, Any]],
-        load: Callable[[Path, Any, int], tuple[Tensor, Any]],
+        read: Callable[[Path, Any], Any],
+        augment: Callable[[Any, Any, int], tuple[Tensor, Any]],
         adapter: Adapter,
+        redraws: int = 10,
     ) -> None:
         if not samples:
             raise LayoutError(f"{type(adapter).__name__}: no samples found under {adapter.root}")
         self.samples = samples
-        self.load = load
+        self.read, self.augment = read, augment
         self.adapter = adapter
+        self.redraws = redraws
         self._bad = multiprocessing.Array("b", len(samples))
+        self._bad_count = multiprocessing.Value("i", 0)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Any]:
+    def unreadable_count(self) -> int:
+        """Files of this dataset found unreadable so far, all DataLoader workers together."""
+        return int(self._bad_count.value)
+
+    def unreadable_share(self) -> float:
+        return self.unreadable_count() / len(self.samples)
+
+    def read_item(self, index: int) -> tuple[int, Any, Any]:
+        """``(i, decoded data, label)`` of the first readable sample from ``index`` on (wrapping around)."""
         for step in range(len(self.samples)):
             i = (index + step) % len(self.samples)
             if self._bad[i]:
                 continue
             path, label = self.samples[i]
             try:
-                return self.load(path, label, i)
+                return i, self.read(path, label), label
             except (LayoutError, OptionError):
                 raise  # a wrong set-up, not a bad file: skipping would hide it on every file
             except Exception as error:  # the reading libraries raise anything from OSError to RuntimeError
-                if self.adapter.options["strict"]:
-                    if isinstance(error, UnreadableFileError):
-                        raise
-                    raise UnreadableFileError(f"cannot read {path}: {type(error).__name__}: {error}") from error
-                with self._bad.get_lock():
-                    first = not self._bad[i]
-                    self._bad[i] = 1
-                if first:
-                    self.adapter.record_skip(path, error)
+                self.mark_unreadable(i, error)
         raise UnreadableFileError(f"{type(self.adapter).__name__}: none of the {len(self.samples)} files could be read")
+
+    def mark_unreadable(self, i: int, error: BaseException) -> None:
+        """Record sample ``i`` as unreadable (or raise: ``strict``, or past ``max_unreadable_share``)."""
+        path = self.samples[i][0]
+        if self.adapter.options["strict"]:
+            if isinstance(error, UnreadableFileError):
+                raise error
+            raise UnreadableFileError(f"cannot read {path}: {type(error).__name__}: {error}") from error
+        with self._bad.get_lock():
+            first = not self._bad[i]
+            self._bad[i] = 1
+            if first:
+                with self._bad_count.get_lock():
+                    self._bad_count.value += 1
+        if not first:
+            return
+        self.adapter.record_skip(path, error)
+        limit = self.adapter.options["max_unreadable_share"]
+        if self.unreadable_count() > limit * len(self.samples):
+            raise TooManyUnreadableFilesError(
+                f"{type(self.adapter).__name__}: {self.unreadable_count()} of the {len(self.samples)} files under "
+                f"{self.adapter.root} are unreadable, more than max_unreadable_share={limit:g}; the latest: {path} "
+                f"({type(error).__name__}: {error}). Fix or remove the files, or raise data.options.max_unreadable_share"
+            ) from error
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Any]:
+        while True:
+            i, data, label = self.read_item(index)
+            error: BaseException | None = None
+            for _ in range(1 + self.redraws):
+                try:
+                    return self.augment(data, label, i)
+                except (LayoutError, OptionError):
+                    raise
+                except UnreadableFileError as unreadable:  # decoded lazily, inside the transform
+                    self.mark_unreadable(i, unreadable)
+                    break
+                except Exception as failed:
+                    error = failed
+            else:
+                raise AugmentationError(
+                    f"{type(self.adapter).__name__}: the augmentation failed {1 + self.redraws} times on {self.samples[i][0]}, "
+                    f"a readable file (last: {type(error).__name__}: {error}); the file is kept, the transform needs a fix "
+                    f"(turn the failing augmentation off in data.options meanwhile)"
+                ) from error

@@ -5,6 +5,8 @@
   ``VisionTransformer(global_pool="avg", fc_norm=False, class_token=False)``. With a class token
   (the engine prepends it) the head reads it instead, as timm's ``global_pool="token"``. Multi-label
   uses the same logits with BCE.
+* :class:`LinearProbeHead`: MAE's linear-probe classifier (``main_linprobe.py``: a BatchNorm without affine
+  parameters before the Linear, weights drawn with std 0.01), the head of the paper's "fix" setting.
 * :class:`SegmentationHead`: group tokens propagated back to every input point by inverse-distance
   interpolation over the 3 nearest group centres (PointNet++ feature propagation), concatenated with the
   pooled shape feature, then a per-point MLP -> ``[B, N_points, C]``.
@@ -29,9 +31,32 @@ class ClassificationHead(nn.Module):
         super().__init__()
         self.fc = nn.Linear(embed_dim, num_classes)
 
+    @staticmethod
+    def pool(tokens: Tensor, out: TokenizerOutput | None) -> Tensor:
+        """The class token when the model prepended one, else the mean of the tokens: ``[B, D]``."""
+        return tokens[:, 0] if has_cls_token(tokens, out) else tokens.mean(dim=1)
+
     def forward(self, tokens: Tensor, out: TokenizerOutput | None = None) -> Tensor:
-        pooled = tokens[:, 0] if has_cls_token(tokens, out) else tokens.mean(dim=1)
-        return self.fc(pooled)
+        return self.fc(self.pool(tokens, out))
+
+
+class LinearProbeHead(ClassificationHead):
+    """Pooled features -> ``BatchNorm1d(affine=False, eps=1e-6)`` -> Linear, as MAE's linear probe.
+
+    The normalisation has no parameters, so the frozen-body setting trains only ``fc`` (and lambda); its
+    running statistics are buffers, updated in training mode as in MAE."""
+
+    def __init__(self, embed_dim: int, num_classes: int) -> None:
+        super().__init__(embed_dim, num_classes)
+        self.bn = nn.BatchNorm1d(embed_dim, affine=False, eps=1e-6)
+        nn.init.trunc_normal_(self.fc.weight, std=0.01)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, tokens: Tensor, out: TokenizerOutput | None = None) -> Tensor:
+        return self.fc(self.bn(self.pool(tokens, out)))
+
+
+HEADS: dict[str, type[ClassificationHead]] = {"linear": ClassificationHead, "probe": LinearProbeHead}
 
 
 class SegmentationHead(nn.Module):

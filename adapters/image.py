@@ -3,6 +3,11 @@
 Training uses timm's ``create_transform`` as MAE fine-tuning does (random resized crop, flip,
 RandAugment ``rand-m9-mstd0.5-inc1``, random erasing 0.25, bicubic); evaluation resizes to
 ``img_size / crop_pct`` and centre-crops. Items: ``x [C, img_size, img_size]`` float, ``y`` int.
+
+RandAugment's posterize keeps 0 bits at the top magnitude (``PosterizeIncreasing`` at m >= 10, reached
+through ``mstd0.5`` about once in a thousand calls); Pillow 13 refuses 0 bits where older Pillow returned a
+black image, which timm's policies rely on. :func:`keep_zero_bit_posterize` restores that behaviour in
+the transforms this adapter builds.
 """
 
 from __future__ import annotations
@@ -45,18 +50,18 @@ class ImageAdapter(Adapter):
     }
 
     def check_options(self) -> None:
+        super().check_options()
         if self.options["in_chans"] not in (1, 3):
             raise OptionError(f"ImageAdapter: in_chans={self.options['in_chans']} must be 3 (RGB) or 1 (grey)")
 
     def build_dataset(self, split: str, train: bool) -> Dataset:
         o = self.options
-        samples = self.folder_samples(split)
         transform = self.transform(train)
 
-        def load(path: Path, label: int, index: int) -> tuple[Tensor, int]:
-            return transform(read_image(path, o["in_chans"])), label
+        def augment(image, label: int, index: int) -> tuple[Tensor, int]:
+            return transform(image), label
 
-        return FileDataset(samples, load, self)
+        return FileDataset(self.folder_samples(split), lambda path, label: read_image(path, o["in_chans"]), augment, self)
 
     def transform(self, train: bool):
         """timm's train / eval transform for this adapter's options (PIL image -> normalised tensor)."""
@@ -67,11 +72,11 @@ class ImageAdapter(Adapter):
         mean = tuple(o["mean"] or ((0.5,) if grey else IMAGENET_MEAN))
         std = tuple(o["std"] or ((0.5,) if grey else IMAGENET_STD))
         if train:
-            return create_transform(
+            return keep_zero_bit_posterize(create_transform(
                 o["img_size"], is_training=True, auto_augment=o["auto_augment"], color_jitter=o["color_jitter"],
                 re_prob=o["re_prob"], re_mode="pixel", interpolation=o["interpolation"], mean=mean, std=std,
                 hflip=o["hflip"], scale=tuple(o["scale"]),
-            )
+            ))
         return create_transform(
             o["img_size"], is_training=False, interpolation=o["interpolation"], crop_pct=o["crop_pct"], mean=mean, std=std
         )
@@ -83,6 +88,29 @@ class ImageAdapter(Adapter):
     def tokenizer(self, embed_dim: int) -> Tokenizer:
         o = self.options
         return ImagePatchTokenizer(o["img_size"], o["patch_size"], o["in_chans"], embed_dim, pos_embed=o["pos_embed"])
+
+
+def posterize_keeping_zero_bits(img, bits_to_keep: int, **kwargs):
+    """timm's posterize, with 0 bits giving the black image older Pillow returned (Pillow 13 raises)."""
+    from PIL import Image
+    from timm.data import auto_augment
+
+    if bits_to_keep < 1:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def keep_zero_bit_posterize(transform):
+    """Point every posterize op of the timm RandAugment / AutoAugment inside ``transform`` at
+    :func:`posterize_keeping_zero_bits`; returns ``transform``."""
+    from timm.data import auto_augment
+
+    for t in getattr(transform, "transforms", [transform]):
+        ops = list(getattr(t, "ops", [])) + [op for sub in getattr(t, "policy", []) for op in sub]  # RandAugment, AutoAugment
+        for op in ops:
+            if isinstance(op, auto_augment.AugmentOp) and op.name.startswith("Posterize"):
+                op.aug_fn = posterize_keeping_zero_bits
+    return transform
 
 
 def read_image(path: Path, in_chans: int = 3):

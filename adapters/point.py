@@ -179,6 +179,7 @@ class _PointAdapterBase(Adapter):
     }
 
     def check_options(self) -> None:
+        super().check_options()
         o = self.options
         if o["in_chans"] < 3:
             raise OptionError(f"{type(self).__name__}: in_chans={o['in_chans']} must be at least 3 (xyz)")
@@ -219,13 +220,14 @@ class PointAdapter(_PointAdapterBase):
 
     def build_dataset(self, split: str, train: bool) -> Dataset:
         o = self.options
-        samples = self.folder_samples(split)
 
-        def load(path: Path, label: int, index: int) -> tuple[Tensor, int]:
-            x, _ = self.process(read_points(path, o["in_chans"], o["mesh_points"]), None, train, index)
-            return x, label
+        def read(path: Path, label: int) -> np.ndarray:
+            return read_points(path, o["in_chans"], o["mesh_points"])
 
-        return FileDataset(samples, load, self)
+        def augment(points: np.ndarray, label: int, index: int) -> tuple[Tensor, int]:
+            return self.process(points, None, train, index)[0], label
+
+        return FileDataset(self.folder_samples(split), read, augment, self)
 
 
 def read_part_txt(path: Path, in_chans: int) -> tuple[np.ndarray, np.ndarray]:
@@ -263,6 +265,34 @@ def read_partnet(root: Path, category: str, split: str) -> list[tuple[Path, Path
     return pairs
 
 
+# ShapeNetPart's 16 categories and the part labels each owns (Point-MAE segmentation/main.py, seg_classes),
+# in the order of the release's synsetoffset2category.txt (the category index of the one-hot).
+SHAPENETPART_PARTS: dict[str, list[int]] = {
+    "Airplane": [0, 1, 2, 3], "Bag": [4, 5], "Cap": [6, 7], "Car": [8, 9, 10, 11], "Chair": [12, 13, 14, 15],
+    "Earphone": [16, 17, 18], "Guitar": [19, 20, 21], "Knife": [22, 23], "Lamp": [24, 25, 26, 27], "Laptop": [28, 29],
+    "Motorbike": [30, 31, 32, 33, 34, 35], "Mug": [36, 37], "Pistol": [38, 39, 40], "Rocket": [41, 42, 43],
+    "Skateboard": [44, 45, 46], "Table": [47, 48, 49],
+}
+# Split names that stand for several official lists (Point-MAE trains on trainval, tests on test).
+COMBINED_SPLITS = {"trainval": ("train", "val")}
+
+
+def shapenetpart_files(root: Path, split: str) -> list[Path]:
+    """Files of a ShapeNetPart split (``train``, ``val``, ``test`` or ``trainval``) from the official lists
+    ``root/train_test_split/shuffled_<split>_file_list.json`` (entries ``shape_data/<synset>/<id>``)."""
+    files: list[Path] = []
+    for part in COMBINED_SPLITS.get(split, (split,)):
+        listing = root / "train_test_split" / f"shuffled_{part}_file_list.json"
+        if not listing.is_file():
+            raise LayoutError(f"ShapeNetPart split list {listing} not found (layout='shapenetpart'; splits: train, val, "
+                              f"test, or trainval = train + val)")
+        files += [root / Path(*Path(e).parts[1:]).with_suffix(".txt") for e in json.loads(listing.read_text())]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise LayoutError(f"the {split!r} split lists of {root} name {len(missing)} missing files, e.g. {missing[0]}")
+    return files
+
+
 @register("point_part")
 class PointPartAdapter(_PointAdapterBase):
     """Part segmentation: per-point labels, ``y [num_points]`` long, head -> ``[B, num_points, C]``.
@@ -273,8 +303,11 @@ class PointPartAdapter(_PointAdapterBase):
       (``x y z nx ny nz label`` per line); the category is the folder name.
     * ``"shapenetpart"``: the official ``shapenetcore_partanno_segmentation_benchmark_v0_normal`` release,
       ``root/train_test_split/shuffled_<split>_file_list.json`` listing ``shape_data/<synset>/<id>``, files
-      at ``root/<synset>/<id>.txt``; 50 part labels.
-    * ``"partnet"``: PartNet, one ``category`` at a time, see :func:`read_partnet`.
+      at ``root/<synset>/<id>.txt``; 50 part labels; split ``trainval`` is train + val (Point-MAE trains on
+      it and tests on ``test``). Metric ``shapenetpart_miou``: each shape's prediction restricted to its
+      category's parts (the category owning its first point's label, as Point-MAE), instance and class mIoU.
+    * ``"partnet"``: PartNet, one ``category`` at a time, see :func:`read_partnet`; metric ``partnet_miou``
+      (part-category mIoU, :func:`pathway.train.metrics.part_category_miou`).
 
     ``num_classes`` (part labels) defaults to 50 for ShapeNetPart, else it is read from the training files.
     """
@@ -284,6 +317,12 @@ class PointPartAdapter(_PointAdapterBase):
     defaults = {**_PointAdapterBase.defaults, "layout": "folders", "category": None, "num_classes": None,
                 "extensions": ("txt",)}
     LAYOUTS = ("folders", "shapenetpart", "partnet")
+    METRICS = {"folders": "miou", "shapenetpart": "shapenetpart_miou", "partnet": "partnet_miou"}
+
+    @property
+    def metric(self) -> str:  # type: ignore[override]
+        """The layout's evaluation protocol (see :class:`pathway.train.metrics.MetricAccumulator`)."""
+        return self.METRICS[self.options["layout"]]
 
     def check_options(self) -> None:
         super().check_options()
@@ -299,14 +338,7 @@ class PointPartAdapter(_PointAdapterBase):
         if o["layout"] == "partnet":
             return read_partnet(self.root, o["category"], split)
         if o["layout"] == "shapenetpart":
-            listing = self.root / "train_test_split" / f"shuffled_{split}_file_list.json"
-            if not listing.is_file():
-                raise LayoutError(f"ShapeNetPart split list {listing} not found (layout='shapenetpart')")
-            files = [self.root / Path(*Path(e).parts[1:]).with_suffix(".txt") for e in json.loads(listing.read_text())]
-            missing = [f for f in files if not f.is_file()]
-            if missing:
-                raise LayoutError(f"{listing} lists {len(missing)} missing files, e.g. {missing[0]}")
-            return [(f, None) for f in files]
+            return [(f, None) for f in shapenetpart_files(self.root, split)]
         folder = split_dir(self.root, split)
         files = list_files(folder, o["extensions"])
         if not files:
@@ -344,13 +376,16 @@ class PointPartAdapter(_PointAdapterBase):
         return points, labels
 
     def build_dataset(self, split: str, train: bool) -> Dataset:
-        def load(path: Path, labels_file: Path | None, index: int) -> tuple[Tensor, Tensor]:
+        def read(path: Path, labels_file: Path | None) -> tuple[np.ndarray, np.ndarray]:
             points, labels = self.read(path, labels_file)
             if labels.min() < 0 or labels.max() >= self.num_classes:
                 raise LayoutError(f"{path}: part labels {labels.min()}..{labels.max()} outside 0..{self.num_classes - 1}; set num_classes")
-            return self.process(points, labels, train, index)
+            return points, labels
 
-        return FileDataset(self.samples(split), load, self)
+        def augment(data: tuple[np.ndarray, np.ndarray], labels_file: Path | None, index: int) -> tuple[Tensor, Tensor]:
+            return self.process(*data, train, index)
+
+        return FileDataset(self.samples(split), read, augment, self)
 
     def head(self, embed_dim: int) -> nn.Module:
         return SegmentationHead(embed_dim, self.num_classes)

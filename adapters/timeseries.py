@@ -59,21 +59,24 @@ class TimeSeriesAdapter(Adapter):
     }
 
     def check_options(self) -> None:
+        super().check_options()
         o = self.options
         if o["length"] % o["patch_size"]:
             raise OptionError(f"TimeSeriesAdapter: length={o['length']} must be a multiple of patch_size={o['patch_size']}")
 
     def build_dataset(self, split: str, train: bool) -> Dataset:
         o = self.options
-        samples = self.folder_samples(split)
 
-        def load(path: Path, label: int, index: int) -> tuple[Tensor, int]:
+        def read(path: Path, label: int) -> np.ndarray:
             series = read_series(path)
             if series.shape[0] != o["in_chans"]:
                 raise LayoutError(f"{path} has {series.shape[0]} channels but in_chans={o['in_chans']}; set in_chans")
+            return series
+
+        def augment(series: np.ndarray, label: int, index: int) -> tuple[Tensor, int]:
             return torch.from_numpy(self.fit_length(series, train)), label
 
-        return FileDataset(samples, load, self)
+        return FileDataset(self.folder_samples(split), read, augment, self)
 
     def fit_length(self, series: np.ndarray, train: bool) -> np.ndarray:
         """Crop or zero-pad to ``length`` steps, then standardise each channel."""

@@ -102,7 +102,7 @@ def test_image_adapter_reads_and_transforms(image_root: Path):
 @pytest.mark.parametrize("how", ["empty", "truncated", "garbage"])
 def test_image_adapter_skips_broken_files(image_root: Path, how: str):
     bad = mf.corrupt(image_root / "train" / "cat" / "1.jpg", how)
-    ad = adapters.get("image")(image_root, img_size=32, patch_size=8)
+    ad = adapters.get("image")(image_root, img_size=32, patch_size=8, max_unreadable_share=0.5)
     items, messages = read_all(ad.dataset("train", True))
     assert len(items) == 8 and ad.skipped == 1
     assert sum(str(bad) in m for m in messages) == 1
@@ -113,7 +113,7 @@ def test_image_adapter_skips_broken_files(image_root: Path, how: str):
 
 def test_skip_count_is_shared_with_workers(image_root: Path):
     mf.corrupt(image_root / "train" / "dog" / "0.png", "garbage")
-    ad = adapters.get("image")(image_root, img_size=32)
+    ad = adapters.get("image")(image_root, img_size=32, max_unreadable_share=0.5)
     loader = torch.utils.data.DataLoader(ad.dataset("train", False), batch_size=4, num_workers=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -245,7 +245,7 @@ def test_audio_adapter_folders_bad_files_and_errors(tmp_path: Path, audio_root: 
     mf.corrupt(mf.write_audio(tmp_path / "f" / "train" / "tone" / "empty.wav"), "empty")
     mf.corrupt(mf.write_audio(tmp_path / "f" / "train" / "tone" / "garbage.flac"), "garbage")
     mf.corrupt(mf.write_audio(tmp_path / "f" / "train" / "tone" / "cut.flac"), "truncated")
-    ad = adapters.get("audio")(tmp_path / "f", target_length=64)
+    ad = adapters.get("audio")(tmp_path / "f", target_length=64, max_unreadable_share=0.5)
     items, messages = read_all(ad.dataset("train", False))
     assert len(items) == 6 and ad.skipped == 3 and ad.num_classes == 1
     assert all(any(name in m for m in messages) for name in ("empty.wav", "garbage.flac", "cut.flac"))
@@ -313,7 +313,7 @@ def test_point_adapter_skips_broken_files(point_root: Path, how: str):
     bad = [mf.corrupt(point_root / "train" / "blob" / name, how) for name in ("0.ply", "1.pcd", "5.npy")]
     if how != "truncated":  # the first third of an OBJ text is still a (smaller) valid mesh
         bad.append(mf.corrupt(point_root / "train" / "box" / "m.obj", how))
-    ad = adapters.get("point")(point_root, num_points=64, num_groups=8, group_size=8)
+    ad = adapters.get("point")(point_root, num_points=64, num_groups=8, group_size=8, max_unreadable_share=0.5)
     items, messages = read_all(ad.dataset("train", True))
     assert len(items) == 11 and ad.skipped == len(bad)
     assert all(sum(str(p) in m for m in messages) == 1 for p in bad)
@@ -418,8 +418,10 @@ def test_video_adapter_clips_match_decoded_frames(video_root: Path):
     x, _ = ad.dataset("train", train=True)[0]
     assert x.shape == (3, 4, 32, 32)
     multi = adapters.get("video")(video_root, num_frames=4, sampling_rate=1, img_size=32, test_clips=2, test_crops=3)
-    views = multi.dataset("train", False)[0][0]
-    assert views.shape == (6, 3, 4, 32, 32)
+    assert multi.dataset("train", False)[0][0].shape == (3, 4, 32, 32)  # one view per epoch's evaluation
+    views = multi.multiview_dataset("train")
+    assert len(views) == 3 * 6 and [views[i][2] for i in range(len(views))] == [j for j in range(3) for _ in range(6)]
+    assert all(views[i][0].shape == (3, 4, 32, 32) for i in (0, 5, 17))
     tok = ad.tokenizer(24)
     assert tok.proj.weight.shape == (24, 3, 2, 16, 16)
     out = tok.encode(torch.stack([x for x, _ in items]))
@@ -446,7 +448,7 @@ def test_video_falls_back_to_pyav(video_root: Path, monkeypatch):
 
 def test_video_manifest_bad_files_and_errors(video_root: Path):
     (video_root / "train.csv").write_text("path,label\ntrain/up/a.mp4,3\ntrain/down/c.avi,0\ntrain/up/b.webm,3\n")
-    ad = adapters.get("video")(video_root, num_frames=2, sampling_rate=1, img_size=32, test_clips=1, test_crops=1)
+    ad = adapters.get("video")(video_root, num_frames=2, sampling_rate=1, img_size=32, test_clips=1, test_crops=1, max_unreadable_share=0.8)
     assert ad.classes == ["0", "3"]
     for how, name in zip(("empty", "truncated", "garbage"), ("a.mp4", "c.avi", "b.webm")):
         mf.write_video(video_root / "bad" / how / name)
@@ -470,7 +472,7 @@ def test_timeseries_adapter(tmp_path: Path):
     mf.write_series(tmp_path / "train" / "calm" / "a.npy", length=100, seed=0)
     mf.write_series(tmp_path / "train" / "wild" / "b.csv", length=40, seed=1)
     mf.corrupt(mf.write_series(tmp_path / "train" / "wild" / "c.npy"), "garbage")
-    ad = adapters.get("timeseries")(tmp_path, in_chans=3, length=64, patch_size=8)
+    ad = adapters.get("timeseries")(tmp_path, in_chans=3, length=64, patch_size=8, max_unreadable_share=0.5)
     ds = ad.dataset("train", train=False)
     items, _ = read_all(ds)
     assert len(items) == 3 and ad.skipped == 1

@@ -7,6 +7,9 @@ and per-item RNG seeds.
   ``(seed, e, i)``: random augmentation gives the same result whatever the worker count, the
   worker that loads it, or a restart in the middle of the epoch. The caller's RNG state is
   restored afterwards, so loading in the main process does not disturb dropout or mixup.
+* :class:`Repeated`: an item that is several augmented samples of one file (VideoMAE's repeated
+  augmentation, ``num_sample``); :func:`collate` flattens them into the batch, so a batch of B items
+  holds ``B * num_sample`` samples (VideoMAE's ``multiple_samples_collate``).
 """
 
 from __future__ import annotations
@@ -16,9 +19,19 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-__all__ = ["EpochSampler", "SeededItems", "make_loader"]
+__all__ = ["EpochSampler", "Repeated", "SeededItems", "collate", "make_loader"]
+
+
+class Repeated(tuple):
+    """Several ``(x, y)`` samples made from one file, flattened into the batch by :func:`collate`."""
+
+
+def collate(items: list):
+    """``default_collate``, after replacing each :class:`Repeated` item by the samples it holds."""
+    flat = [sample for item in items for sample in (item if isinstance(item, Repeated) else (item,))]
+    return default_collate(flat)
 
 
 class EpochSampler(Sampler[int]):
@@ -88,6 +101,7 @@ def make_loader(
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
+        collate_fn=collate,
         drop_last=shuffle,
         pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(seed),
