@@ -5,10 +5,13 @@ adds pathway tensors beside it; tied weights appear under several names. Everyth
 (reports, ``lambdas``, layer decay) speaks of the *plain* names, the ones the model had before
 ``connect``.
 
-Body blocks are found without name conventions: runs of at least two consecutive children with the
-same class and the same parameter shapes, holding at least two matrices (``blocks.N`` in timm,
-``encoder.layer.N`` in Hugging Face, ``encoder.layers.encoder_layer_N`` in torchvision, ``h.N`` in
-GPT-2). The walk stops at the first repeated level, so q/k/v Linear siblings are never blocks.
+Body blocks are found without name conventions: runs of at least two consecutive children of the
+same class whose weights agree by name (one set within the other; shapes may differ), holding at
+least two matrices (``blocks.N`` in timm, ``encoder.layer.N`` in Hugging Face,
+``encoder.layers.encoder_layer_N`` in torchvision, ``h.N`` in GPT-2, ``layerS.N`` across ResNet
+stages, whose ``Sequential`` containers are looked through). The walk stops at the first repeated
+level that holds no repeat itself, so q/k/v Linear siblings are never blocks and Swin stages give
+way to their blocks.
 """
 
 from __future__ import annotations
@@ -75,9 +78,32 @@ def pathway_sites(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, list[
                 yield (f"{path}.{tensor_name}" if path else tensor_name), module, tensor_name, pathways
 
 
-def _signature(module: nn.Module) -> tuple:
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _members(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+    """Children, with plain containers opened: a stage's ``Sequential`` does not hide its blocks."""
+    for name, child in module.named_children():
+        if name == "parametrizations":
+            continue
+        if type(child) in _CONTAINERS:
+            yield from _members(child, f"{prefix}{name}.")
+        else:
+            yield prefix + name, child
+
+
+def _structure(module: nn.Module) -> tuple[str, frozenset[str]]:
     kind = parametrize.type_before_parametrizations(module).__name__
-    return kind, tuple((n, tuple(p.shape)) for n, p in named_plain_parameters(module))
+    return kind, frozenset(n for n, _ in named_plain_parameters(module))
+
+
+def _alike(a: tuple[str, frozenset[str]], b: tuple[str, frozenset[str]]) -> bool:
+    """Same class, and one's weights are a subset of the other's by name (shapes may differ).
+
+    So a ResNet stage's first block (with its downsample, at new widths) repeats the others, and
+    T5's block 0 (with the relative attention bias) repeats blocks 1..n.
+    """
+    return a[0] == b[0] and (a[1] <= b[1] or b[1] <= a[1])
 
 
 def _matrices(module: nn.Module) -> int:
@@ -85,23 +111,33 @@ def _matrices(module: nn.Module) -> int:
 
 
 def find_blocks(model: nn.Module) -> list[str]:
-    """Module paths of the repeated body blocks, in registration order."""
+    """Module paths of the repeated body blocks, in registration order.
+
+    A block is one of at least two consecutive alike modules (see :func:`_alike`) holding at least
+    two matrices each, and holding no such run itself (a Swin stage holds its blocks, so its
+    blocks are the body, not the stages).
+    """
     blocks: list[str] = []
 
-    def walk(module: nn.Module, prefix: str) -> None:
-        children = [(n, c) for n, c in module.named_children() if n != "parametrizations"]
-        i = 0
-        while i < len(children):
+    def runs(module: nn.Module, prefix: str) -> list[list[tuple[str, nn.Module]]]:
+        members = list(_members(module, prefix))
+        found, i = [], 0
+        while i < len(members):
             j = i + 1
-            sig = _signature(children[i][1])
-            while j < len(children) and _signature(children[j][1]) == sig:
+            while j < len(members) and _alike(_structure(members[j - 1][1]), _structure(members[j][1])):
                 j += 1
-            if j - i >= 2 and _matrices(children[i][1]) >= 2:
-                blocks.extend(prefix + n for n, _ in children[i:j])
-            else:
-                for n, c in children[i:j]:
-                    walk(c, f"{prefix}{n}.")
+            found.append(members[i:j])
             i = j
+        return found
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for run in runs(module, prefix):
+            repeated = len(run) >= 2 and _matrices(run[0][1]) >= 2
+            if repeated and not any(len(r) >= 2 and _matrices(r[0][1]) >= 2 for r in runs(run[0][1], "")):
+                blocks.extend(path for path, _ in run)
+            else:
+                for path, child in run:
+                    walk(child, f"{path}.")
 
     walk(model, "")
     return blocks

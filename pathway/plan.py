@@ -16,7 +16,7 @@ import torch.nn as nn
 from .errors import DeviceMismatchError, NoPairsError, OptionError, SelfConnectionError, TraceError
 from .inputs import derive_inputs, describe
 from .match import DEPTH_POLICIES, ModelView, match
-from .modules import find_blocks, named_plain_parameters, plain_names, plain_parameters
+from .modules import block_of, find_blocks, named_plain_parameters, plain_names, plain_parameters
 from .report import Report
 from .trace import Trace, analyse, read_fx, read_runtime
 from .units import build_units
@@ -100,36 +100,41 @@ def read_model(model: nn.Module, inputs: Any, tracer: str, kinds: tuple[str, ...
     names = plain_names(model)
     plain_shapes = {n: tuple(p.shape) for n, p in plain_parameters(model).items()}
     shapes = {raw: tuple(p.shape) for raw, p in model.named_parameters(remove_duplicate=False)} | plain_shapes
-    ops = None
-    fx_error: Exception | None = None
+    trace: Trace | None = None
+    fx_problem = ""
     if tracer in ("auto", "fx"):
         try:
             ops, consts = read_fx(model)
-            reader = "torch.fx (no example inputs needed)"
         except Exception as e:  # fx raises many kinds of errors on untraceable code
             if tracer == "fx":
                 raise TraceError(f"torch.fx cannot trace the {side} model {type(model).__name__}: "
                                  f"{type(e).__name__}: {e}. Use tracer='runtime' with example inputs.") from e
-            fx_error = e
-    if ops is None:
+            fx_problem = f"torch.fx failed first: {type(e).__name__}"
+        else:
+            trace = Trace("torch.fx (no example inputs needed)", *analyse(ops, consts, shapes, names))
+            if trace.hidden and tracer == "auto":
+                fx_problem = (f"torch.fx saw {len(trace.hidden)} weight(s) only inside functions it does not open, "
+                              f"e.g. {trace.hidden[0]}")
+                trace = None
+    if trace is None:
         source = "given"
         if inputs is None:
             try:
                 inputs, source = derive_inputs(model)
             except LookupError as e:
                 raise TraceError(f"cannot derive example inputs for the {side} model {type(model).__name__}; pass "
-                                 f"{side}_inputs=... (a tensor, a tuple of args or a dict of kwargs)") from e
+                                 f"{side}_inputs=... (a tensor, a tuple of args or a dict of kwargs)"
+                                 + (f" ({fx_problem})" if fx_problem else "")) from e
         try:
             ops, consts = read_runtime(model, inputs)
         except Exception as e:
-            why = f" (torch.fx failed first: {type(fx_error).__name__})" if fx_error else ""
+            why = f" ({fx_problem})" if fx_problem else ""
             raise TraceError(
                 f"the {side} model {type(model).__name__} could not run on example inputs {describe(inputs)} "
                 f"({source}){why}: {type(e).__name__}: {e}. Pass inputs it accepts: connect(target, aux, "
                 f"{side}_inputs=...) as a tensor, a tuple of positional args or a dict of keyword args.") from e
-        reader = f"runtime recorder on {describe(inputs)} ({source})"
-    uses, sequence, touched = analyse(ops, consts, shapes, names)
-    trace = Trace(reader, uses, sequence, touched)
+        reader = f"runtime recorder on {describe(inputs)} ({source})" + (f"; {fx_problem}" if fx_problem else "")
+        trace = Trace(reader, *analyse(ops, consts, shapes, names))
     blocks = find_blocks(model)
     units, depth = build_units(trace, blocks, kinds)
     return ModelView(type(model).__name__, trace, units, depth, blocks if len(blocks) == depth else [], plain_shapes)
@@ -188,12 +193,18 @@ def plan_with(target: nn.Module, aux: AuxLike, opts: Options) -> Report:
     overridden = {p.target for p in pairs if "override" in p.flags}
     excluded = sorted({n for n in [*unpaired, *(p.target for p in pairs)] if not opts.keeps(n) and n not in overridden})
     pairs = [p for p in pairs if opts.keeps(p.target) or p.target in overridden]
+    for name in t_view.trace.hidden:
+        unpaired.setdefault(name, "read only inside a function torch.fx does not open (torch.fx.wrap): its use is "
+                                  "unknown; tracer='runtime' reads it")
     body = {n for u in t_view.units if u.segment == "body" for n in u.names}
+    body |= {n for n in t_view.trace.hidden if block_of(n, t_view.blocks) is not None}
     unpaired_body = {n: why for n, why in unpaired.items() if opts.keeps(n) and n in body}
     unpaired_other = {n: why for n, why in unpaired.items() if opts.keeps(n) and n not in body}
     if not pairs:
         raise NoPairsError(f"include/exclude left no pair: patterns include={list(opts.include)}, "
                            f"exclude={list(opts.exclude)} removed all {len(excluded)} matched target weights")
+    listed = {*unpaired, *(p.target for p in pairs), *excluded}
+    outside = [n for u in t_view.units if u.segment not in opts.segments for n in u.names if n not in listed]
     used_aux = {n for p in pairs for n in p.aux}
     unused_aux = [n for u in a_view.units if u.segment == "body" for n in u.names if n not in used_aux]
     flags = sorted({f for p in pairs for f in p.flags})
@@ -203,7 +214,7 @@ def plan_with(target: nn.Module, aux: AuxLike, opts: Options) -> Report:
         target=t_view.name, aux=a_view.name, target_reader=t_view.reader, aux_reader=a_view.reader,
         strategy=strategy, depth_policy=opts.depth, depth=(t_view.depth, a_view.depth), block_map=block_map,
         pairs=pairs, unpaired=unpaired_body, unpaired_outside_body=unpaired_other, excluded=excluded,
-        unused_aux=list(dict.fromkeys(unused_aux)),
+        outside_segments=list(dict.fromkeys(outside)), unused_aux=list(dict.fromkeys(unused_aux)),
         never_used_target=_never_used(target, t_view), never_used_aux=_never_used(aux, a_view),
         flags=flags)
 

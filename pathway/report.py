@@ -74,6 +74,7 @@ class Report:
     unpaired: dict[str, str] = field(default_factory=dict)      # target body weight -> why
     unpaired_outside_body: dict[str, str] = field(default_factory=dict)  # pre/mid/post weights asked for, unpaired
     excluded: list[str] = field(default_factory=list)           # target weights left out by include/exclude
+    outside_segments: list[str] = field(default_factory=list)   # pre/mid/post weights of the kinds, segments not asked
     unused_aux: list[str] = field(default_factory=list)         # aux body weights no pair uses
     never_used_target: list[str] = field(default_factory=list)  # parameters the traced forward never read
     never_used_aux: list[str] = field(default_factory=list)
@@ -81,7 +82,11 @@ class Report:
 
     @property
     def coverage(self) -> tuple[int, int]:
-        """(paired, total) target body weights of the connected kinds, excluded ones not counted."""
+        """(paired, total) target body weights of the connected kinds, excluded ones not counted.
+
+        Every weight of those kinds the forward reads is in exactly one list: ``pairs``,
+        ``unpaired`` (body), ``unpaired_outside_body``, ``excluded`` or ``outside_segments``.
+        """
         body = [p for p in self.pairs if p.segment == "body"]
         return len(body), len(body) + len(self.unpaired)
 
@@ -110,6 +115,7 @@ class Report:
                              ("unpaired target weights outside the body",
                               [f"{n}: {why}" for n, why in self.unpaired_outside_body.items()]),
                              ("excluded by include/exclude", self.excluded),
+                             ("target weights outside the connected segments", self.outside_segments),
                              ("aux body weights unused", self.unused_aux),
                              ("target parameters never read by the traced forward", self.never_used_target),
                              ("aux parameters never read by the traced forward", self.never_used_aux),

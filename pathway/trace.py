@@ -120,6 +120,7 @@ class Trace:
     uses: list[WeightUse]          # first use of each weight, in order
     sequence: list[str]            # every matrix use in order, repeats included (shared blocks)
     touched: set[str]              # plain names of every parameter the forward read
+    hidden: list[str] = field(default_factory=list)   # matrices read inside calls the reader cannot open
 
 
 # ----------------------------------------------------------------------------- binding
@@ -277,8 +278,18 @@ def read_fx(model: nn.Module) -> tuple[list[Op], set[int]]:
             else:
                 args, kwargs = node.args, node.kwargs
             value_of[node] = index
-            ops.append(_make_op(name, tuple(args), dict(kwargs), ref, (index,)))
+            op = _make_op(name, tuple(args), dict(kwargs), ref, (index,))
+            op.opaque = node.op == "call_function" and _is_user_code(node.target)
+            ops.append(op)
     return ops, consts
+
+
+def _is_user_code(fn: Any) -> bool:
+    """A function outside torch and the operators (``torch.fx.wrap``-ed code, e.g. torchvision's
+    ``shifted_window_attention``): fx keeps it closed, so weights it reads are not seen used."""
+    module = getattr(fn, "__module__", None) or ""
+    return not (module.split(".")[0] in ("torch", "_operator", "operator", "builtins", "math")
+                or getattr(fn, "__self__", None) is not None)
 
 
 def _module_op(module: nn.Module, path: str, node: fx.Node, ref: Callable, index: int) -> Op:
@@ -380,8 +391,11 @@ def read_runtime(model: nn.Module, inputs: Any) -> tuple[list[Op], set[int]]:
 
 
 def analyse(ops: list[Op], consts: set[int], shapes: dict[str, tuple[int, ...]],
-            plain: dict[str, str | None]) -> tuple[list[WeightUse], list[str], set[str]]:
+            plain: dict[str, str | None]) -> tuple[list[WeightUse], list[str], set[str], list[str]]:
     """Turn ops into ordered weight uses with roles; see the module docstring.
+
+    Returns (uses, sequence of every matrix use, touched plain names, hidden): ``hidden`` lists
+    the matrices read only inside opaque calls (fx's closed user functions), in order.
 
     ``shapes`` maps raw parameter names to shapes; ``plain`` maps raw names to the user-facing
     name (``...parametrizations.weight.original`` -> ``...weight``, tied aliases -> the first
@@ -394,6 +408,7 @@ def analyse(ops: list[Op], consts: set[int], shapes: dict[str, tuple[int, ...]],
     sequence: list[str] = []
     touched: set[str] = set()
     heads = _HeadReader(uses)
+    opaque_reads: dict[str, None] = {}
 
     def sources(r: Ref) -> tuple[frozenset[str], int] | None:
         if isinstance(r, str):
@@ -435,6 +450,9 @@ def analyse(ops: list[Op], consts: set[int], shapes: dict[str, tuple[int, ...]],
             src = sources(r)
             if src:
                 touched.update(plain[n] for n in src[0] if plain.get(n))
+                if op.opaque:
+                    opaque_reads.update({plain[n]: None for n in src[0]
+                                         if plain.get(n) and len(shapes[n]) >= 2 and shapes[n][0] > 1})
         acts = [r for r in op.touched if is_activation(r)]
         produced: int | None = None
         if op.kind in ("linear", "conv", "embedding"):
@@ -487,7 +505,7 @@ def analyse(ops: list[Op], consts: set[int], shapes: dict[str, tuple[int, ...]],
                                                               for t in use.input_tags if t != use.index):
             use.roles.add("o")
     heads.finish()
-    return uses, sequence, touched
+    return uses, sequence, touched, [n for n in opaque_reads if n not in first]
 
 
 _RESHAPES = ("view", "split", "shape", "transpose")

@@ -2,7 +2,8 @@
 
 Siblings that read the same activation in separate calls form one unit (BERT's q, k, v reading
 one hidden state become one ``[3D, D]`` unit, as timm's fused ``qkv`` is), ordered q, k, v by
-their dataflow roles. Units are then placed by the body blocks the module tree shows; a model
+their dataflow roles; attention projections and the MLP of a parallel block, which read one
+activation too, stay apart. Units are then placed by the body blocks the module tree shows; a model
 that applies one shared layer several times (ALBERT) has no repeated children, so its use
 sequence is unrolled into one virtual block per application.
 """
@@ -86,7 +87,19 @@ def _group(uses: list[WeightUse]) -> list[list[WeightUse]]:
             groups[key] = []
             order.append(key)
         groups[key].append(use)
-    return [groups[k] for k in order]
+    parts = [part for k in order for part in _by_consumer(groups[k])]
+    return sorted(parts, key=lambda part: part[0].index)   # a split-off MLP goes where it runs
+
+
+def _by_consumer(group: list[WeightUse]) -> list[list[WeightUse]]:
+    """Split siblings by what reads their outputs: attention (q, k, v) apart from the rest.
+
+    A parallel block (GPT-J, Phi, Falcon) feeds one LayerNorm output to q, k, v and the MLP's
+    first linear; only the attention projections form the fused-like unit.
+    """
+    attention = [m for m in group if m.role in ("q", "k", "v", "qkv")]
+    rest = [m for m in group if m.role not in ("q", "k", "v", "qkv")]
+    return [part for part in (attention, rest) if part] if attention and rest else [group]
 
 
 def _ordered(members: list[WeightUse]) -> tuple[list[WeightUse], list[str]]:

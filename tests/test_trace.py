@@ -24,8 +24,9 @@ def uses_of(model, reader: str, inputs=None):
 ])
 def test_fx_and_runtime_recorder_give_the_same_uses(make, inputs):
     model = make()
-    fx_uses, fx_seq, fx_touched = uses_of(model, "fx")
-    rt_uses, rt_seq, rt_touched = uses_of(model, "runtime", inputs)
+    fx_uses, fx_seq, fx_touched, fx_hidden = uses_of(model, "fx")
+    rt_uses, rt_seq, rt_touched, rt_hidden = uses_of(model, "runtime", inputs)
+    assert fx_hidden == rt_hidden == []
     assert [u.name for u in fx_uses] == [u.name for u in rt_uses]
     assert [(u.role, u.transposed, u.shape) for u in fx_uses] == [(u.role, u.transposed, u.shape) for u in rt_uses]
     assert fx_seq == rt_seq and fx_touched == rt_touched
@@ -35,7 +36,7 @@ def test_fx_and_runtime_recorder_give_the_same_uses(make, inputs):
 
 
 def test_timm_roles_and_order():
-    uses, _, _ = uses_of(toys.timm_vit(depth=1), "fx")
+    uses, *_ = uses_of(toys.timm_vit(depth=1), "fx")
     assert [(u.name, u.role) for u in uses] == [
         ("patch_embed.proj.weight", None), ("blocks.0.attn.qkv.weight", "qkv"), ("blocks.0.attn.proj.weight", "o"),
         ("blocks.0.mlp.fc1.weight", None), ("blocks.0.mlp.fc2.weight", None), ("head.weight", None)]
@@ -43,7 +44,7 @@ def test_timm_roles_and_order():
 
 
 def test_mha_composite_gives_in_proj_then_out_proj():
-    uses, _, _ = uses_of(toys.tv_vit(depth=1), "fx")
+    uses, *_ = uses_of(toys.tv_vit(depth=1), "fx")
     names = [(u.name.split(".")[-2:], u.role) for u in uses]
     assert (["self_attention", "in_proj_weight"], "qkv") in names
     assert (["out_proj", "weight"], "o") in names
@@ -53,7 +54,7 @@ def test_bert_qkv_are_siblings_with_roles():
     model = toys.hf_bert(depth=1)
     inputs, source = derive_inputs(model)
     assert "input_ids" in inputs and "Hugging Face" in source
-    uses, _, _ = uses_of(model, "runtime", inputs)
+    uses, *_ = uses_of(model, "runtime", inputs)
     attention = [u for u in uses if ".attention." in u.name and u.kind == "linear"]
     assert [u.role for u in attention] == ["q", "k", "v", "o"]
     assert len({u.input for u in attention[:3]}) == 1
@@ -62,7 +63,7 @@ def test_bert_qkv_are_siblings_with_roles():
 def test_videomae_roles_come_from_dataflow_not_execution_order():
     model = toys.hf_videomae(depth=1)
     inputs, _ = derive_inputs(model)
-    uses, _, _ = uses_of(model, "runtime", inputs)
+    uses, *_ = uses_of(model, "runtime", inputs)
     attention = [u for u in uses if ".attention.attention." in u.name]
     assert [u.name.split(".")[-2] for u in attention] == ["key", "value", "query"]   # execution order
     assert [u.role for u in attention] == ["k", "v", "q"]                           # dataflow roles
@@ -70,7 +71,7 @@ def test_videomae_roles_come_from_dataflow_not_execution_order():
 
 def test_gpt2_conv1d_is_read_transposed():
     model = toys.hf_gpt2(depth=1)
-    uses, _, _ = uses_of(model, "runtime", derive_inputs(model)[0])
+    uses, *_ = uses_of(model, "runtime", derive_inputs(model)[0])
     c_attn = next(u for u in uses if u.name.endswith("c_attn.weight"))
     assert c_attn.transposed and c_attn.role == "qkv"
     assert c_attn.shape == (192, 64)                # canonical [out, in]; stored [64, 192]
@@ -82,7 +83,7 @@ def test_fx_fails_on_data_dependent_branch_and_recorder_reports_the_path_taken()
     with pytest.raises(Exception):
         read_fx(model)
     x = toys.tokens(1)
-    uses, _, touched = uses_of(model, "runtime", x)
+    uses, _, touched, _ = uses_of(model, "runtime", x)
     expert_used = {n for n in touched if n.startswith("experts.")}
     assert len(expert_used) == 2     # one expert's weight and bias; the other never ran
     assert {n.split(".")[1] for n in expert_used} in ({"0"}, {"1"})
