@@ -1,0 +1,94 @@
+"""A big aux from disk: built on the meta device, only the matched tensors read, equal to the aux in memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import pathway
+import toy_models as toys
+from pathway.modules import pathway_sites
+from pathway.source import SourceError, open_aux
+
+
+def llama(depth: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(hidden_size=96, intermediate_size=384, num_hidden_layers=depth,
+                                        num_attention_heads=6, num_key_value_heads=2, vocab_size=100,
+                                        max_position_embeddings=64))
+
+
+def aux_tensors(model) -> dict[str, torch.Tensor]:
+    return {name: p.aux_weight.detach() for name, _, _, (p, *_) in pathway_sites(model)}
+
+
+@pytest.mark.parametrize("shard", ["100KB", None])
+def test_lazy_connect_from_a_directory_equals_connect_from_memory(tmp_path, shard):
+    lm = llama()
+    lm.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
+    assert (tmp_path / "model.safetensors.index.json").is_file() == bool(shard)
+    in_memory, from_disk = toys.timm_vit(dim=64, heads=4), toys.timm_vit(dim=64, heads=4)
+    from_disk.load_state_dict(in_memory.state_dict())
+    options = {"on_shape_mismatch": "select", "allow_partial": True}
+    expected = pathway.connect(in_memory, lm.model, **options)
+    source = open_aux(tmp_path)
+    assert next(source.model.parameters()).device.type == "meta"
+    report = pathway.connect(from_disk, source, **options)
+    assert [(p.target, p.aux, p.transform) for p in report.pairs] == \
+           [(p.target, p.aux, p.transform) for p in expected.pairs]
+    built, reference = aux_tensors(from_disk), aux_tensors(in_memory)
+    assert built.keys() == reference.keys() and all(torch.equal(built[k], reference[k]) for k in built)
+    used = list(dict.fromkeys(n for p in report.pairs for n in p.aux))
+    assert source.tensors_read == used                        # each matched tensor read once, nothing else
+    params = dict(lm.model.named_parameters())
+    assert source.bytes_read == sum(params[n].numel() * params[n].element_size() for n in used)
+    assert source.bytes_read < source.nbytes(source.keys) / 2
+    line = source.describe_reads(used)
+    assert line.startswith(f"reads {len(used)} of {len(source.keys)} aux tensors from {tmp_path}")
+
+
+def test_plan_and_connect_take_a_path(tmp_path):
+    lm = llama()
+    lm.save_pretrained(tmp_path, max_shard_size="100KB")
+    target = toys.timm_vit(dim=64, heads=4)
+    report = pathway.plan(target, str(tmp_path), on_shape_mismatch="select", allow_partial=True)
+    assert report.aux == "LlamaModel" and len(report.pairs) == 6
+    pathway.connect(target, tmp_path, on_shape_mismatch="select", allow_partial=True)
+    q = lm.model.layers[1].self_attn.q_proj.weight
+    built = aux_tensors(target)["blocks.1.attn.qkv.weight"]
+    assert torch.equal(built[:16], q[:16, torch.linspace(0, 95, 64).round().long()])   # head 0 of q, selected
+
+
+def test_single_file_with_an_architecture(tmp_path):
+    aux = toys.timm_vit(dim=64, heads=4, classes=0)
+    file = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in aux.state_dict().items()}, str(file))
+    with torch.device("meta"):
+        skeleton = toys.timm_vit(dim=64, heads=4, classes=0)
+    source = open_aux(file, architecture=skeleton)
+    target = toys.timm_vit(dim=64, heads=4)
+    pathway.connect(target, source)
+    assert source.tensors_read == [f"blocks.{i}.{n}.weight" for i in range(2)
+                                   for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    assert torch.equal(aux_tensors(target)["blocks.1.mlp.fc2.weight"], aux.blocks[1].mlp.fc2.weight)
+
+
+def test_sources_that_cannot_be_read_lazily_are_named(tmp_path):
+    with pytest.raises(SourceError, match="does not exist"):
+        open_aux(tmp_path / "missing")
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    with pytest.raises(SourceError, match="pass the architecture"):
+        open_aux(tmp_path / "w.safetensors")
+    with pytest.raises(SourceError, match="not a readable safetensors file"):
+        open_aux(tmp_path / "w.safetensors", architecture=toys.timm_vit())
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(SourceError, match="converted to safetensors"):
+        open_aux(bin_dir)
+    other = tmp_path / "other.safetensors"
+    save_file({"unrelated.weight": torch.zeros(2, 2)}, str(other))
+    with pytest.raises(SourceError, match="is it the right architecture"):
+        open_aux(other, architecture=toys.timm_vit())
