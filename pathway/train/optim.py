@@ -153,8 +153,8 @@ def build_optimizer(model: nn.Module, recipe: Recipe, lr: float, log=print, *, k
         raise OptionError(f"optim.optimizer={kind!r} is not one of {list(OPTIMIZERS)}")
     if lambda_layer_decay is None:
         lambda_layer_decay = getattr(o, "lambda_layer_decay", True)
-    if recipe.pathway.freeze_target:
-        if recipe.aux.enabled and recipe.pathway.train_aux:
+    if recipe.pathway.get("freeze_target", False):
+        if recipe.aux.enabled and recipe.pathway.get("train_aux", True):
             raise OptionError("pathway.freeze_target (the fix setting) trains only the classifier and lambda, but "
                               "pathway.train_aux is true; set pathway.train_aux: false")
         freeze_all_but_head_and_lambdas(model)
