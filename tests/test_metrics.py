@@ -1,0 +1,105 @@
+"""Evaluation protocols against small references computed by hand: ShapeNetPart (Point-MAE), PartNet
+part-category mIoU, VideoMAE's multi-view merge; the ShapeNetPart adapter's official splits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pathway.adapters.registry as adapters
+from pathway.train.metrics import (MetricAccumulator, average_over_categories, merge_views, part_category_miou,
+                                   shapenetpart_miou)
+
+
+def scores(preds: list[list[int]], num_classes: int, decoys: dict[tuple[int, int], int] | None = None) -> torch.Tensor:
+    """Logits ``[N, P, C]`` whose argmax is ``preds``; ``decoys[(i, point)] = label`` scores higher still."""
+    logits = torch.zeros(len(preds), len(preds[0]), num_classes)
+    for i, row in enumerate(preds):
+        for j, label in enumerate(row):
+            logits[i, j, label] = 5.0
+    for (i, j), label in (decoys or {}).items():
+        logits[i, j, label] = 10.0
+    return logits
+
+
+def test_shapenetpart_restricts_to_the_category_and_separates_instance_and_class_miou():
+    # Bag owns parts 4, 5; Mug owns 36, 37 (Point-MAE seg_classes). Shape 0's first point scores Mug's part 36
+    # highest, but a Bag shape can only be predicted Bag parts.
+    target = torch.tensor([[4, 4, 5, 5], [4, 4, 4, 4], [36, 37, 37, 37]])
+    logits = scores([[4, 5, 5, 5], [4, 4, 4, 4], [37, 37, 37, 37]], 50, decoys={(0, 0): 36})
+    # by hand: shape 0 (Bag): part 4 IoU 1/2, part 5 IoU 2/3; shape 1 (Bag): part 4 IoU 1, part 5 absent and
+    # unpredicted = 1; shape 2 (Mug): part 36 IoU 0, part 37 IoU 3/4
+    shapes = [(1 / 2 + 2 / 3) / 2, 1.0, (0 + 3 / 4) / 2]
+    expected_inst = 100 * sum(shapes) / 3
+    expected_class = 100 * ((shapes[0] + shapes[1]) / 2 + shapes[2]) / 2
+    got = shapenetpart_miou(logits, target)
+    assert got["inst_miou"] == pytest.approx(expected_inst) and got["class_miou"] == pytest.approx(expected_class)
+    assert got["inst_miou"] != pytest.approx(got["class_miou"])
+    acc = MetricAccumulator("shapenetpart_miou")
+    acc.add(logits[2:], target[2:])
+    acc.add(logits[:2], target[:2])
+    assert acc.compute() == pytest.approx(got)
+
+
+def test_partnet_part_category_miou_accumulates_over_shapes_and_ignores_other():
+    target = torch.tensor([[0, 1, 1, 2, 2], [1, 3, 3, 3, 0]])
+    logits = scores([[1, 1, 2, 2, 2], [1, 3, 1, 3, 3]], 4)
+    # by hand, label 0 ("other") left out: label 1: I 1 + 1, U 2 + 2; label 2: I 2, U 3; label 3: I 2, U 3
+    got = part_category_miou(logits, target)
+    assert got["part_miou"] == pytest.approx(100 * (2 / 4 + 2 / 3 + 2 / 3) / 3)
+    assert got["inst_miou"] == pytest.approx(100 * ((1 / 2 + 2 / 3) / 2 + (1 / 2 + 2 / 3) / 2) / 2)
+    assert MetricAccumulator("partnet_miou").compute() == {}
+    assert average_over_categories({"Chair": {"part_miou": 40.0, "inst_miou": 50.0}, "Table": {"part_miou": 30.0}}) == {
+        "part_miou": 35.0}
+
+
+def test_multiview_merge_averages_probabilities_by_item_in_any_order():
+    # item 7: one confident view for class 0, two for class 1: mean logits say 0, mean probabilities say 1
+    logits = torch.tensor([[0.0, 2.0], [1.0, 0.0], [6.0, 0.0], [0.0, 3.0], [0.0, 2.0], [2.0, 0.0]])
+    items = torch.tensor([7, 3, 7, 3, 7, 3])
+    target = torch.tensor([1, 0, 1, 0, 1, 0])
+    probs, merged = merge_views(logits, target, items)
+    expected7 = logits[[0, 2, 4]].softmax(dim=1).mean(dim=0)
+    torch.testing.assert_close(probs[1], expected7)  # ids ascending: 3, then 7
+    assert merged.tolist() == [0, 1] and probs[1].argmax() == 1 and logits[[0, 2, 4]].mean(dim=0).argmax() == 0
+    acc = MetricAccumulator("top1")
+    for order in ([5, 0, 3], [1, 4, 2]):  # rows arriving from two ranks, interleaved
+        acc.add(logits[order], target[order], item=items[order])
+    assert acc.compute()["top1"] == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="unknown metric"):
+        MetricAccumulator("iou")
+
+
+def write_shapenetpart(root: Path) -> dict[str, list[str]]:
+    """The release's layout: synsetoffset2category.txt, split lists, <synset>/<id>.txt with ``x y z nx ny nz label``."""
+    (root / "synsetoffset2category.txt").write_text("Airplane\t02691156\nBag\t02773838\n")
+    rng = np.random.default_rng(0)
+    lists = {"train": ["02691156/a0", "02773838/b0"], "val": ["02691156/a1"], "test": ["02773838/b1"]}
+    for split, ids in lists.items():
+        for shape in ids:
+            synset, name = shape.split("/")
+            labels = rng.choice([0, 1, 2, 3] if synset == "02691156" else [4, 5], 64)
+            data = np.concatenate([rng.standard_normal((64, 6)), labels[:, None]], axis=1)
+            (root / synset).mkdir(parents=True, exist_ok=True)
+            np.savetxt(root / synset / f"{name}.txt", data)
+        (root / "train_test_split").mkdir(exist_ok=True)
+        (root / "train_test_split" / f"shuffled_{split}_file_list.json").write_text(
+            json.dumps([f"shape_data/{s}" for s in ids]))
+    return lists
+
+
+def test_shapenetpart_layout_trains_on_trainval_and_names_its_protocol(tmp_path: Path):
+    write_shapenetpart(tmp_path)
+    ad = adapters.get("point_part")(tmp_path, layout="shapenetpart", num_points=32, num_groups=4, group_size=8)
+    assert ad.num_classes == 50 and ad.metric == "shapenetpart_miou"
+    names = lambda split: sorted(p.stem for p, _ in ad.samples(split))  # noqa: E731
+    assert names("trainval") == ["a0", "a1", "b0"] and names("test") == ["b1"]
+    x, y = ad.dataset("trainval", train=True)[0]
+    assert x.shape == (32, 3) and y.shape == (32,)
+    with pytest.raises(ValueError, match="trainval = train \\+ val"):
+        ad.samples("holdout")
+    assert adapters.get("point_part").spec(5, layout="partnet", category="Chair").metric == "partnet_miou"
