@@ -238,7 +238,8 @@ def _attention_note(t: Unit, a: Unit) -> str:
             kind = "multi-query" if unit.kv_heads == 1 else "grouped-query"
             heads = f"{unit.heads} query heads, {unit.kv_heads} key/value heads" if unit.heads and unit.kv_heads \
                 else f"q {q} rows, k and v {k} rows each"
-            notes.append(f"the {side} uses {kind} attention ({'MQA' if unit.kv_heads == 1 else 'GQA'}: {heads})")
+            notes.append(f"the {side} uses {kind} attention ({'MQA' if unit.kv_heads == 1 else 'GQA'}: {heads})"
+                         .replace("1 key/value heads", "1 key/value head"))
     return f" ({'; '.join(notes)})" if notes else ""
 
 
@@ -430,14 +431,21 @@ def _apply_overrides(pairs: list[Pair], overrides: dict, replaced: dict[str, Pai
 
 
 def _check_competition(pairs: list[Pair]) -> None:
-    seen: dict[str, Pair] = {}
+    """Refuse target weights that would receive several aux weights, naming them all at once."""
+    sources: dict[str, list[Pair]] = {}
     for p in pairs:
-        if p.target in seen and seen[p.target].aux != p.aux:
-            raise CompetingPairsError(
-                f"target weight '{p.target}' would receive two aux weights: {seen[p.target].source} and {p.source} "
-                f"(the target reuses this weight in several blocks, so each use found its own counterpart). "
-                f"Fix: exclude=['{re.escape(p.target)}'], or pairs={{'{p.target}': <one aux weight>}}.")
-        seen[p.target] = p
+        known = sources.setdefault(p.target, [])
+        if all(other.aux != p.aux for other in known):
+            known.append(p)
+    clashes = {name: found for name, found in sources.items() if len(found) > 1}
+    if clashes:
+        shown = "\n  ".join(f"{name} <- {' | '.join(p.source for p in found)}" for name, found in clashes.items())
+        fix = {name: list(found[0].aux) if len(found[0].aux) > 1 else found[0].aux[0] for name, found in clashes.items()}
+        raise CompetingPairsError(
+            f"{len(clashes)} target weight(s) would each receive several aux weights (the target reuses them in "
+            f"several blocks, so each use found its own counterpart):\n  {shown}\nFix: pairs={fix!r} keeps the "
+            f"first block's counterpart of each (or choose others), or exclude={[re.escape(n) for n in clashes]!r} "
+            f"leaves them out.")
     # identical duplicates (a shared target layer paired with a shared aux layer) collapse to one pair
     unique: dict[str, Pair] = {}
     for p in pairs:

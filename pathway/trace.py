@@ -183,6 +183,9 @@ def _make_op(name: str, args: tuple, kwargs: dict, ref: Callable[[Any], Ref | No
         kind, slots = "matmul", (_slot(args, kwargs, 1, "mat1", "batch1"), _slot(args, kwargs, 2, "mat2", "batch2"))
     elif kind == "sdpa":
         slots = (_slot(args, kwargs, 0, "query"), _slot(args, kwargs, 1, "key"), _slot(args, kwargs, 2, "value"))
+        if all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in slots[:2]):   # [batch, heads, tokens, dim]
+            return Op(kind, tuple(ref(s) for s in slots), touched, outputs,
+                      info=(slots[0].shape[1], slots[1].shape[1]))
     elif kind == "embedding":
         slots = (_slot(args, kwargs, 0, "input"), _slot(args, kwargs, 1, "weight"))
     elif kind == "mha":
@@ -478,11 +481,15 @@ def analyse(ops: list[Op], consts: set[int], shapes: dict[str, tuple[int, ...]],
                 t = tags.get(r, frozenset()) if isinstance(r, int) else frozenset()
                 if len(t) == 1:
                     uses[next(iter(t))].roles.add(slot)
+                    if op.info:
+                        heads.at_attention(next(iter(t)), slot, op.info)
 
         if produced is not None and op.kind != "mha":
             heads.start(produced, op.outputs)
         elif op.kind in _RESHAPES:
             heads.step(op)
+        elif op.kind == "other" and len(acts) == 1:   # a bias added, a scale: still the projection's rows
+            heads.follow(acts[0], op.outputs)
         if produced is not None:
             for out in op.outputs:
                 tags[out] = frozenset([produced])
@@ -547,7 +554,9 @@ class _HeadReader:
     ``view(.., 3, H, hd)`` is ``[q | k | v]`` with H heads (timm), ``view(.., H, 3, hd)`` and
     ``view(.., H, 3 * hd)`` then a split of the last dim are per-head interleaved (Bloom,
     GPT-NeoX), a split of the rows into 3 before any view is ``[q | k | v]`` (GPT-2), and a
-    ``view(.., H, hd)`` of one projection gives its heads (q/k/v, grouped k/v included).
+    ``view(.., H, hd)`` of one projection gives its heads (q/k/v, grouped k/v included), and
+    ``view(.., H + 2 * Hkv, hd)`` with SDPA seeing H query and Hkv key/value heads is ``[q | k | v]``
+    of multi-/grouped-query attention (Falcon-7B).
     """
 
     def __init__(self, uses: list[WeightUse]):
@@ -556,6 +565,7 @@ class _HeadReader:
         self.factors: dict[int, tuple[int, ...]] = {}
         self.split: dict[int, str] = {}            # use -> "rows" (before a view) or "head_dim" (after it)
         self.part_heads: dict[int, int] = {}
+        self.attention_heads: dict[int, tuple[int, int]] = {}
 
     def start(self, use: int, outputs: tuple[int, ...]) -> None:
         for out in outputs:
@@ -584,9 +594,19 @@ class _HeadReader:
         else:
             self._extend(op, use, stage, last)
 
+    def follow(self, value: int, outputs: tuple[int, ...]) -> None:
+        link = self.chain.get(value)
+        if link is not None:
+            for out in outputs:
+                self.chain[out] = link
+
     def _extend(self, op: Op, use: int, stage: int, last: int | None) -> None:
         for out in op.outputs:
             self.chain[out] = (use, stage, last)
+
+    def at_attention(self, use: int, slot: str, heads: tuple[int, int]) -> None:
+        """SDPA saw this use's output as its ``slot`` with (query heads, key/value heads)."""
+        self.attention_heads[use] = heads
 
     def from_mha(self, use: int, role: str, heads: int) -> None:
         self.uses[use].heads = heads
@@ -606,6 +626,9 @@ class _HeadReader:
                 elif not f and split == "rows":
                     use.layout, use.heads = "", self.part_heads.get(i)
                 use.kv_heads = use.heads
+                q_heads, kv_heads = self.attention_heads.get(i, (None, None))
+                if f and len(f) == 2 and q_heads and kv_heads < q_heads and f[0] == q_heads + 2 * kv_heads:
+                    use.layout, use.heads, use.kv_heads = "", q_heads, kv_heads   # [q | k | v], k/v narrower (MQA)
             elif use.role in ("q", "k", "v") and f and len(f) == 2:
                 use.heads = f[0]
 
