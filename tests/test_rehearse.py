@@ -1,0 +1,141 @@
+"""Every paper recipe runs for real: ``pathway train RECIPE --rehearse`` on tiny data in the official layouts.
+
+One rehearsal per recipe under ``recipes/paper/`` (the Table 5-6 ablations included): the recipe as written,
+sizes reduced (pathway/train/rehearse.py SIZES), trained a few steps, evaluated, folded, exported; then the
+exported file is evaluated again and the last training checkpoint folded again, and both must agree with the
+run. The data sets and checkpoint files are written once per session and shared (``cache``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from pathway.train.fixtures import LAYOUTS, write_checkpoint, write_dataset
+from pathway.train.layouts import detect_format, read_checkpoint
+from pathway.train.rehearse import SIZES, rehearse
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = ROOT / "recipes" / "paper"
+RECIPES = sorted(PAPER.rglob("*.yaml"))
+METRIC_KEY = {"imagenet": "top1", "kinetics400": "top1", "modelnet40": "top1", "audioset": "map",
+              "shapenetpart": "inst_miou", "partnet": "inst_miou"}
+
+# Failures the rehearsal found that are fixed in files of other owners; strict, so a fix shows up here.
+KNOWN = {
+    r"^audioset2k_": "multi-label mixup: timm Mixup returns one-hot [B*C] targets for multi-hot labels (issue 10, 2.2)",
+    r"^(shapenetpart|partnet|modelnet40)_\w+_(image|video|audio)$":
+        "pathway fold / eval of a connected point checkpoint: build_model gets no example input (evaluate.py)",
+}
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("rehearsal-fixtures")
+
+
+def _param(path: Path):
+    name = str(path.relative_to(PAPER).with_suffix(""))
+    marks = [pytest.mark.xfail(strict=True, reason=why) for pattern, why in KNOWN.items() if re.match(pattern, path.stem)]
+    return pytest.param(path, id=name, marks=marks)
+
+
+@pytest.mark.parametrize("recipe", [_param(p) for p in RECIPES])
+def test_paper_recipe_rehearses(recipe: Path, cache: Path):
+    result = rehearse(recipe, cache=cache, log=lambda _: None)
+
+    assert result.line.startswith(f"rehearsal ok: {recipe.stem} ({result.layout} layout")
+    assert result.steps > 0 and result.world == 1
+    metric = METRIC_KEY[result.layout]
+    assert metric in result.metrics and metric in result.eval_of_export
+    # the exported model.safetensors evaluates as the run's last evaluation of the connected model did
+    assert result.eval_of_export["loss"] == pytest.approx(result.metrics["loss"], rel=1e-3, abs=1e-4)
+    assert result.checkpoint_fold_max_abs_diff <= 1e-5
+    if result.fold_max_abs_diff is not None:  # a pathway was connected and folded at the end
+        assert result.fold_max_abs_diff < 1e-4
+
+
+def test_every_paper_recipe_is_rehearsed():
+    """The parametrisation above reads the folder: a new recipe is rehearsed without editing this file."""
+    names = {p.stem for p in RECIPES}
+    assert len(RECIPES) >= 40 and {"imagenet_mae_point", "attn_qkv_only", "reversed_order", "aux_epoch20"} <= names
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_fixture_data_sets_follow_the_official_layouts(layout: str, cache: Path):
+    root = write_dataset(layout, cache / "data" / (layout + ("-Chair" if layout == "partnet" else "")),
+                         **({"category": "Chair"} if layout == "partnet" else {}))
+    if layout == "imagenet":
+        wnids = sorted(p.name for p in (root / "train").iterdir())
+        assert all(w.startswith("n") and len(w) == 9 for w in wnids)
+        sizes = {__import__("PIL.Image").Image.open(f).size for f in (root / "train").rglob("*.JPEG")}
+        assert len(sizes) > 3  # varied sizes, as ImageNet's
+    elif layout == "shapenetpart":
+        synsets = dict(line.split("\t") for line in (root / "synsetoffset2category.txt").read_text().splitlines())
+        for split in ("train", "val", "test"):
+            for entry in json.loads((root / "train_test_split" / f"shuffled_{split}_file_list.json").read_text()):
+                _, synset, shape = entry.split("/")
+                assert synset in synsets.values() and (root / synset / f"{shape}.txt").is_file()
+        rows = __import__("numpy").loadtxt(next((root / "02691156").glob("*.txt")))
+        assert rows.shape[1] == 7 and set(rows[:, 6].astype(int)) <= {0, 1, 2, 3}  # Airplane's global part ids
+    elif layout == "audioset":
+        rows = (root / "balanced_train.csv").read_text().splitlines()
+        assert rows[0] == "path,labels" and any(r.count("/m/") > 1 for r in rows[1:])  # several labels per clip
+        assert (root / "class_labels_indices.csv").read_text().startswith("index,mid,display_name")
+    elif layout == "kinetics400":
+        assert (root / "train.csv").read_text().splitlines()[0] == "path,label"
+        assert any((root / "videos_train" / "air drumming").glob("*_*_*.mp4"))
+    elif layout == "partnet":
+        listing = json.loads((root / "stats" / "train_val_test_split" / "Chair.train.json").read_text())
+        assert (root / "data_v0" / listing[0]["anno_id"] / "point_sample" / "label-10000.txt").is_file()
+    elif layout == "modelnet40":
+        assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["test", "train"]
+
+
+@pytest.mark.parametrize("fmt, top", [("audio_mae", "model"), ("video_mae", "model"), ("point_mae", "base_model"),
+                                      ("mae", "model"), ("timm", "model")])
+def test_checkpoint_files_use_the_official_keys(fmt: str, top: str, tmp_path: Path):
+    from pathway.train.config import load_recipe
+    from pathway.train.model import build_adapter, build_transformer
+
+    recipe = {"audio_mae": "audioset2k_audiomae_baseline", "video_mae": "k400_videomae_baseline",
+              "point_mae": "shapenetpart_pointmae_baseline", "mae": "imagenet_mae_baseline",
+              "timm": "imagenet_mae_baseline"}[fmt]
+    r = load_recipe(PAPER / f"{recipe}.yaml", [f"model.embed_dim={SIZES['embed_dim']}", "model.depth=2", "model.num_heads=2", "aux.num_heads=2"])
+    model = build_transformer(r, build_adapter(r, need_data=False))
+    path = write_checkpoint(fmt, model.state_dict(), tmp_path / "ckpt.pth")
+    raw = torch.load(path, weights_only=False)
+    assert top in raw
+    keys = set(raw[top])
+    expected = {"audio_mae": {"patch_embed.proj.weight", "decoder_embed.weight", "mask_token"},
+                "video_mae": {"encoder.patch_embed.proj.weight", "encoder.blocks.0.attn.q_bias", "decoder.head.weight"},
+                "point_mae": {"MAE_encoder.encoder.first_conv.0.weight", "MAE_encoder.blocks.blocks.1.attn.qkv.weight",
+                              "MAE_decoder.norm.weight", "increase_dim.0.weight"},
+                "mae": {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.1.mlp.fc2.bias", "norm.weight"},
+                "timm": {"cls_token", "pos_embed", "patch_embed.proj.weight", "head.weight"}}[fmt]
+    assert expected <= keys
+    if fmt == "point_mae":
+        assert not any(k.endswith("attn.qkv.bias") for k in keys)  # Point-MAE's Attention: qkv_bias=False
+    if fmt == "video_mae":
+        assert not any(k.endswith("attn.qkv.bias") or k.endswith("pos_embed") for k in keys)
+    sd, args = read_checkpoint(path)
+    # MAE's released encoder file carries no decoder and no args: by its keys alone it is a timm ViT
+    assert detect_format(sd, args) == ("timm" if fmt == "mae" else fmt)
+
+
+@pytest.mark.xfail(strict=True, reason="adapters/video.py: decord fails in get_batch on 48-pixel-wide mpeg4 clips and "
+                                       "the PyAV fallback covers only opening the file, so the clip is skipped as unreadable")
+def test_a_clip_decord_misreads_is_decoded_by_pyav_not_skipped(tmp_path: Path):
+    import numpy as np
+
+    from pathway.adapters.video import VideoAdapter
+    from pathway.train.fixtures import _write_mp4
+
+    _write_mp4(tmp_path / "train" / "a" / "clip.mp4", 20, 32, 48, np.random.default_rng(0))
+    adapter = VideoAdapter(tmp_path, num_frames=4, img_size=32, strict=True)
+    clip, _ = adapter.dataset("train", train=True)[0]
+    assert clip.shape == (3, 4, 32, 32)
