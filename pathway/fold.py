@@ -2,8 +2,8 @@
 
 The merge runs in fp32 (fp64 for fp64 weights) and is cast back (PEFT saw merge drift in bf16), and it is written into the
 original ``nn.Parameter`` object, so the model is the user's own class again with the original
-``state_dict`` keys, optimizers holding that parameter stay valid, and ``requires_grad`` is what it
-was before ``connect``.
+``state_dict`` keys in their original order, optimizers holding that parameter stay valid, and
+``requires_grad`` is what it was before ``connect``.
 
 The parametrization is taken off by hand rather than with ``remove_parametrizations``: that
 function deletes the property from the injected ``Parametrized*`` class, and ``copy.deepcopy``
@@ -52,9 +52,24 @@ def fold(model: nn.Module) -> nn.Module:
             originals = {n: plist.original for n, plist in module.parametrizations.items()}
             module.__class__ = parametrize.type_before_parametrizations(module)
             del module.parametrizations
-            for tensor_name, original in originals.items():
-                module.register_parameter(tensor_name, original)
+            _restore_first(module, originals)
         for original, value, requires_grad in merged.values():
             original.copy_(value)
             original.requires_grad_(requires_grad)
     return model
+
+
+def _restore_first(module: nn.Module, originals: dict[str, nn.Parameter]) -> None:
+    """Register the merged weights again *before* the module's other parameters.
+
+    ``register_parametrization`` removed them from ``_parameters``, so registering them plainly
+    would move each weight after its bias in ``named_parameters()`` and ``state_dict()``, and an
+    optimizer state saved by position would no longer line up with a fresh model. Every layer
+    pathway pairs (``nn.Linear``, the convolutions, ``nn.Embedding``, GPT-2's ``Conv1D``, MHA's
+    ``in_proj_weight``) registers its weights first.
+    """
+    rest = dict(module._parameters)
+    module._parameters.clear()
+    for tensor_name, original in originals.items():
+        module.register_parameter(tensor_name, original)
+    module._parameters.update(rest)

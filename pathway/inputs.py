@@ -6,8 +6,11 @@ otherwise this module derives them, and the report says which ones were used.
 
 Sources, in order: timm's ``patch_embed`` (its built image size) or ``pretrained_cfg['input_size']``; a Hugging Face config
 (``main_input_name`` with ``image_size``/``num_channels``, ``num_frames``, ``max_length`` x
-``num_mel_bins``, or token ids); torchvision's ``image_size`` attribute; finally the first weight
-layer of the model (a Conv2d's ``in_channels``, a Linear's ``in_features``, an Embedding).
+``num_mel_bins`` (AST), a waveform long enough for the convolutional feature encoder (wav2vec2,
+HuBERT), ``num_mel_bins`` x 2 ``max_source_positions`` (Whisper), or token ids); an
+``nn.TransformerEncoder`` (``d_model``, ``batch_first``); torchvision's ``image_size`` attribute;
+finally the first weight layer of the model (a Conv2d's ``in_channels``, a Linear's
+``in_features``, an Embedding).
 """
 
 from __future__ import annotations
@@ -60,8 +63,21 @@ def derive_inputs(model: nn.Module) -> tuple[Any, str]:
         if main == "input_values" and hasattr(config, "num_mel_bins"):
             length = getattr(config, "max_length", 1024)
             return {main: image(length, config.num_mel_bins)}, "Hugging Face config (max_length, num_mel_bins)"
+        if main == "input_values" and hasattr(config, "conv_kernel"):
+            return {main: image(_waveform_length(config))}, "Hugging Face config (conv_kernel, conv_stride: 16 frames)"
+        if main == "input_features" and hasattr(config, "max_source_positions"):
+            features = {main: image(config.num_mel_bins, 2 * config.max_source_positions)}
+            if hasattr(model, "decoder"):
+                features["decoder_input_ids"] = torch.zeros(1, 4, dtype=torch.long, device=device)
+            return features, "Hugging Face config (num_mel_bins, 2 x max_source_positions)"
         if main == "input_ids":
             return ids, "Hugging Face config (16 token ids)"
+
+    layer = model.layers[0] if isinstance(model, nn.TransformerEncoder) else model
+    if isinstance(layer, nn.TransformerEncoderLayer):
+        width = layer.self_attn.embed_dim
+        tokens = image(8, width) if layer.self_attn.batch_first else image(8, width).transpose(0, 1)
+        return tokens, f"{type(model).__name__}(d_model={width}, batch_first={layer.self_attn.batch_first})"
 
     size = getattr(model, "image_size", None)
     if isinstance(size, int):
@@ -83,3 +99,12 @@ def derive_inputs(model: nn.Module) -> tuple[Any, str]:
             x = image(8, module.embed_dim)
             return (x, x, x), f"first layer MultiheadAttention({module.embed_dim}, ...)"
     raise LookupError("no layer to derive example inputs from")
+
+
+def _waveform_length(config: Any) -> int:
+    """Samples that a wav2vec2-style convolutional feature encoder turns into 16 frames."""
+    receptive, stride = 1, 1
+    for kernel, step in zip(config.conv_kernel, config.conv_stride):
+        receptive += (kernel - 1) * stride
+        stride *= step
+    return receptive + 15 * stride
