@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from pathway.errors import OptionError, PathwayError
 from pathway.tokenizers.base import Tokenizer
 
-from .heads import HEADS
+from .heads import ClassificationHead, LinearProbeHead
 
 
 class AdapterError(PathwayError):
@@ -67,8 +67,10 @@ class Adapter:
         "classes": None,  # explicit class list; None: found from the data (class folders or the manifest)
         "train_split": "train",  # the split whose folders or manifest define the classes
         "max_unreadable_share": 0.05,  # stop when more than this share of a split's files cannot be read
-        "head": "linear",  # "linear": pooled tokens -> Linear; "probe": MAE's linear-probe head (BatchNorm, no affine)
+        "head": "linear",  # one of `heads`: "linear" (pooled tokens -> Linear), "probe" (MAE's linear-probe head)
     }
+    # head option -> head class, called as cls(embed_dim, num_classes); adapters with other outputs replace it
+    heads: ClassVar[dict[str, Callable[[int, int], nn.Module]]] = {"linear": ClassificationHead, "probe": LinearProbeHead}
     num_classes: int
     classes: list[str]
 
@@ -117,8 +119,8 @@ class Adapter:
         if not 0 <= o["max_unreadable_share"] <= 1:
             raise OptionError(f"{type(self).__name__}: max_unreadable_share={o['max_unreadable_share']} must be "
                               f"a share between 0 and 1 (e.g. 0.05 for 5 per cent)")
-        if o["head"] not in HEADS:
-            raise OptionError(f"{type(self).__name__}: head={o['head']!r} is not one of {sorted(HEADS)}")
+        if o["head"] not in self.heads:
+            raise OptionError(f"{type(self).__name__}: head={o['head']!r} is not one of {sorted(self.heads)}")
 
     def find_classes(self) -> list[str]:
         """Class names, in label order: the ``classes`` option, else the class folders of the training split.
@@ -191,7 +193,7 @@ class Adapter:
 
         ``head="probe"`` is MAE's linear-probe head (non-affine BatchNorm before the Linear), the classifier of
         the paper's "fix" setting."""
-        return HEADS[self.options["head"]](embed_dim, self.num_classes)
+        return self.heads[self.options["head"]](embed_dim, self.num_classes)
 
     def record_skip(self, path: Path, error: BaseException) -> None:
         """Count one unreadable file and warn about it (callers report each file once)."""

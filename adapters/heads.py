@@ -10,6 +10,11 @@
 * :class:`SegmentationHead`: group tokens propagated back to every input point by inverse-distance
   interpolation over the 3 nearest group centres (PointNet++ feature propagation), concatenated with the
   pooled shape feature, then a per-point MLP -> ``[B, N_points, C]``.
+* :class:`PointMAESegmentationHead`: Point-MAE's part-segmentation head (``segmentation/models/pt.py``
+  ``get_model``): the outputs of several blocks (3, 7, 11 of 12) after the final norm, concatenated; their max
+  and mean over the groups plus a feature of the shape category's one-hot as the global feature; the
+  concatenated levels propagated to the points (3 nearest centres, then a 2-layer point MLP, PointNet++);
+  a 3-layer point MLP with dropout 0.5 -> ``[B, N_points, C]``.
 """
 
 from __future__ import annotations
@@ -56,7 +61,9 @@ class LinearProbeHead(ClassificationHead):
         return self.fc(self.bn(self.pool(tokens, out)))
 
 
-HEADS: dict[str, type[ClassificationHead]] = {"linear": ClassificationHead, "probe": LinearProbeHead}
+def conv_bn(c_in: int, c_out: int, act: nn.Module, bias: bool = True) -> nn.Sequential:
+    """Point-wise Conv1d -> BatchNorm1d -> activation, on ``[B, C, N]``."""
+    return nn.Sequential(nn.Conv1d(c_in, c_out, 1, bias=bias), nn.BatchNorm1d(c_out), act)
 
 
 class SegmentationHead(nn.Module):
@@ -78,3 +85,45 @@ class SegmentationHead(nn.Module):
         per_point = interpolate_to_points(points, centers, groups, k=self.k)  # [B, Np, D]
         pooled = groups.mean(dim=1, keepdim=True).expand_as(per_point)
         return self.mlp(torch.cat([per_point, pooled], dim=-1))
+
+
+class PointMAESegmentationHead(nn.Module):
+    """Point-MAE's segmentation head; ``out.extras`` must carry ``block_features``, ``centers`` and ``points``
+    (and ``category``, the one-hot ``[B, num_categories]``, when ``num_categories > 0``).
+
+    ``block_features``: the outputs of the blocks in ``feature_blocks`` after the model's final norm, each
+    ``[B, G(+1), D]``; the model fills it for heads that have ``feature_blocks``.
+    """
+
+    def __init__(self, embed_dim: int, num_classes: int, num_categories: int = 16,
+                 feature_blocks: tuple[int, ...] = (3, 7, 11)) -> None:
+        super().__init__()
+        self.feature_blocks = tuple(feature_blocks)
+        self.num_categories = num_categories
+        levels = len(self.feature_blocks) * embed_dim
+        label = 64 if num_categories else 0
+        if num_categories:
+            self.label_conv = conv_bn(num_categories, label, nn.LeakyReLU(0.2), bias=False)
+        self.propagation = nn.Sequential(conv_bn(levels + 3, 4 * embed_dim, nn.ReLU()), conv_bn(4 * embed_dim, 1024, nn.ReLU()))
+        self.mlp = nn.Sequential(
+            conv_bn(1024 + 2 * levels + label, 512, nn.ReLU()), nn.Dropout(0.5),
+            conv_bn(512, 256, nn.ReLU()), nn.Conv1d(256, num_classes, 1),
+        )
+
+    def forward(self, tokens: Tensor, out: TokenizerOutput) -> Tensor:
+        needed = ["block_features", "centers", "points"] + (["category"] if self.num_categories else [])
+        missing = [k for k in needed if k not in out.extras]
+        if missing:
+            raise ValueError(
+                f"PointMAESegmentationHead needs out.extras {missing}: block_features (blocks {self.feature_blocks} "
+                f"after the final norm) come from the model, category from a tokenizer built with num_categories")
+        centers, points = out.extras["centers"], out.extras["points"]
+        g, n = centers.shape[1], points.shape[1]
+        levels = torch.cat([f[:, -g:] for f in out.extras["block_features"]], dim=-1)  # [B, G, L*D], class token dropped
+        pooled = [levels.amax(dim=1), levels.mean(dim=1)]  # [B, L*D] each
+        if self.num_categories:
+            pooled.append(self.label_conv(out.extras["category"].to(levels.dtype).unsqueeze(-1)).squeeze(-1))
+        shape_feature = torch.cat(pooled, dim=-1).unsqueeze(-1).expand(-1, -1, n)  # [B, 2*L*D (+64), N]
+        per_point = interpolate_to_points(points, centers, levels, k=3)  # [B, N, L*D]
+        per_point = self.propagation(torch.cat([points, per_point], dim=-1).transpose(1, 2))  # [B, 1024, N]
+        return self.mlp(torch.cat([per_point, shape_feature], dim=1)).transpose(1, 2)  # [B, N, C]

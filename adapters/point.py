@@ -29,7 +29,7 @@ from pathway.tokenizers.point_group import PointGroupTokenizer
 from pathway.tokenizers.base import Tokenizer
 
 from .base import Adapter, FileDataset, LayoutError, OptionError, UnreadableFileError
-from .heads import SegmentationHead
+from .heads import PointMAESegmentationHead, SegmentationHead
 from .layout import list_files, split_dir
 from .registry import register
 
@@ -315,7 +315,11 @@ class PointPartAdapter(_PointAdapterBase):
     task = "segmentation"
     metric = "miou"
     defaults = {**_PointAdapterBase.defaults, "layout": "folders", "category": None, "num_classes": None,
-                "extensions": ("txt",)}
+                "extensions": ("txt",),
+                "head": "interpolate",  # "interpolate" (SegmentationHead) or "pointmae" (Point-MAE's head)
+                "category_onehot": False,  # shapenetpart: append the shape category's one-hot to every point
+                }
+    heads = {"interpolate": SegmentationHead, "pointmae": PointMAESegmentationHead}
     LAYOUTS = ("folders", "shapenetpart", "partnet")
     METRICS = {"folders": "miou", "shapenetpart": "shapenetpart_miou", "partnet": "partnet_miou"}
 
@@ -331,6 +335,24 @@ class PointPartAdapter(_PointAdapterBase):
             raise OptionError(f"PointPartAdapter: layout={o['layout']!r} is not one of {self.LAYOUTS}")
         if o["layout"] == "partnet" and not o["category"]:
             raise OptionError("PointPartAdapter: layout='partnet' needs category=<PartNet category>, e.g. 'Chair'")
+        if o["category_onehot"] and o["layout"] != "shapenetpart":
+            raise OptionError(f"PointPartAdapter: category_onehot needs layout='shapenetpart' (the category of each "
+                              f"shape comes from its synset folder), not layout={o['layout']!r}")
+
+    @property
+    def num_categories(self) -> int:
+        """Width of the category one-hot appended to each point (0 without ``category_onehot``)."""
+        if not self.options["category_onehot"]:
+            return 0
+        return len(self.category_synsets()) if self.root is not None else len(SHAPENETPART_PARTS)
+
+    def category_synsets(self) -> list[str]:
+        """Synset ids in the order of ``root/synsetoffset2category.txt`` (the one-hot order, as Point-MAE)."""
+        path = self.root / "synsetoffset2category.txt"
+        if not path.is_file():
+            raise LayoutError(f"{path} not found: the ShapeNetPart release lists its categories there "
+                              f"(`Airplane<TAB>02691156` per line); category_onehot needs it")
+        return [line.split()[1] for line in path.read_text().splitlines() if line.strip()]
 
     def samples(self, split: str) -> list[tuple[Path, Path | None]]:
         """``[(points_file, labels_file or None when the labels are the last column)]``."""
@@ -376,16 +398,40 @@ class PointPartAdapter(_PointAdapterBase):
         return points, labels
 
     def build_dataset(self, split: str, train: bool) -> Dataset:
-        def read(path: Path, labels_file: Path | None) -> tuple[np.ndarray, np.ndarray]:
+        synsets = self.category_synsets() if self.options["category_onehot"] else []
+
+        def read(path: Path, labels_file: Path | None) -> tuple[np.ndarray, np.ndarray, str]:
             points, labels = self.read(path, labels_file)
             if labels.min() < 0 or labels.max() >= self.num_classes:
                 raise LayoutError(f"{path}: part labels {labels.min()}..{labels.max()} outside 0..{self.num_classes - 1}; set num_classes")
-            return points, labels
+            return points, labels, path.parent.name  # ShapeNetPart: the folder is the category's synset
 
-        def augment(data: tuple[np.ndarray, np.ndarray], labels_file: Path | None, index: int) -> tuple[Tensor, Tensor]:
-            return self.process(*data, train, index)
+        def augment(data: tuple[np.ndarray, np.ndarray, str], labels_file: Path | None, index: int) -> tuple[Tensor, Tensor]:
+            points, labels, synset = data
+            x, y = self.process(points, labels, train, index)
+            return (self.with_category(x, synsets, synset) if synsets else x), y
 
         return FileDataset(self.samples(split), read, augment, self)
 
+    @staticmethod
+    def with_category(x: Tensor, synsets: list[str], synset: str) -> Tensor:
+        """``x [N, C]`` -> ``[N, C + len(synsets)]``: the shape's category one-hot appended to every point."""
+        if synset not in synsets:
+            raise LayoutError(f"synset folder {synset!r} is not listed in synsetoffset2category.txt ({synsets})")
+        onehot = torch.zeros(x.shape[0], len(synsets))
+        onehot[:, synsets.index(synset)] = 1.0
+        return torch.cat([x, onehot], dim=1)
+
+    def input_shape(self) -> tuple[int, ...]:
+        o = self.options
+        return (o["num_points"], o["in_chans"] + self.num_categories)
+
+    def tokenizer(self, embed_dim: int) -> Tokenizer:
+        o = self.options
+        return PointGroupTokenizer(o["num_groups"], o["group_size"], o["in_chans"], embed_dim,
+                                   num_categories=self.num_categories)
+
     def head(self, embed_dim: int) -> nn.Module:
-        return SegmentationHead(embed_dim, self.num_classes)
+        if self.options["head"] == "pointmae":
+            return PointMAESegmentationHead(embed_dim, self.num_classes, num_categories=self.num_categories)
+        return super().head(embed_dim)

@@ -103,3 +103,25 @@ def test_shapenetpart_layout_trains_on_trainval_and_names_its_protocol(tmp_path:
     with pytest.raises(ValueError, match="trainval = train \\+ val"):
         ad.samples("holdout")
     assert adapters.get("point_part").spec(5, layout="partnet", category="Chair").metric == "partnet_miou"
+
+
+def test_shapenetpart_category_onehot_and_pointmae_head(tmp_path: Path):
+    write_shapenetpart(tmp_path)
+    ad = adapters.get("point_part")(tmp_path, layout="shapenetpart", num_points=32, num_groups=4, group_size=8,
+                                    category_onehot=True, head="pointmae")
+    ds = ad.dataset("test", train=False)  # b1, a Bag: synset 02773838, the second line of synsetoffset2category.txt
+    x, _ = ds[0]
+    assert ad.input_shape() == x.shape == (32, 3 + 2) and x[:, 3:].tolist() == [[0.0, 1.0]] * 32
+    tok, head = ad.tokenizer(8).eval(), ad.head(8).eval()
+    out = tok.encode(x[None])
+    assert out.tokens.shape == (1, 4, 8) and out.extras["category"].tolist() == [[0.0, 1.0]]
+    with pytest.raises(ValueError, match="block_features"):
+        head(out.tokens, out)
+    torch.manual_seed(0)
+    out.extras["block_features"] = [torch.randn(1, 4, 8) for _ in head.feature_blocks]  # what the model supplies
+    logits = head(out.tokens, out)
+    assert logits.shape == (1, 32, 50)
+    out.extras["category"] = torch.tensor([[1.0, 0.0]])
+    assert not torch.allclose(head(out.tokens, out), logits)  # the category conditions every point
+    with pytest.raises(ValueError, match="category_onehot needs layout='shapenetpart'"):
+        adapters.get("point_part").spec(4, category_onehot=True)

@@ -109,6 +109,9 @@ class PointGroupTokenizer(Tokenizer):
         in_chans: features per point, xyz first (3; 6 with normals; 6 with colours...).
         embed_dim: token width ``D`` (the group encoder's output, as Point-MAE's ``encoder_dims``).
         fps_start: first FPS index (deterministic), or ``None`` for a random start per cloud.
+        num_categories: width of a shape-category one-hot appended to every point after the ``in_chans``
+            features (ShapeNetPart, Point-MAE's segmentation); it is split off, not grouped, and handed to the
+            head as ``out.extras["category"]`` ``[B, num_categories]``.
     """
 
     reconstruction_loss = "chamfer"
@@ -122,8 +125,10 @@ class PointGroupTokenizer(Tokenizer):
         fps_start: int | None = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        num_categories: int = 0,
     ) -> None:
         super().__init__()
+        self.num_categories = num_categories
         if in_chans < 3:
             raise ValueError(f"PointGroupTokenizer: in_chans={in_chans}, but points need at least xyz (3)")
         self.num_groups, self.group_size, self.in_chans = num_groups, group_size, in_chans
@@ -165,9 +170,14 @@ class PointGroupTokenizer(Tokenizer):
         return f.reshape(b, g, -1)
 
     def encode(self, x: Tensor) -> TokenizerOutput:
+        category = None
+        if self.num_categories:
+            x, category = x[..., : -self.num_categories], x[:, 0, -self.num_categories:]
         centers, neighbours, groups = self.group(x)
         tokens = self.encode_groups(groups)
         pos = self.pos_embed(centers.to(tokens.dtype))
         targets = groups[..., :3].reshape(groups.shape[0], groups.shape[1], -1)  # [B, G, K*3]
         extras = {"centers": centers, "neighbours": neighbours, "points": x[..., :3]}
+        if category is not None:
+            extras["category"] = category
         return TokenizerOutput(tokens=tokens + pos, pos=pos, targets=targets, extras=extras)
