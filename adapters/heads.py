@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from pathway.errors import OptionError
 from pathway.tokenizers.base import TokenizerOutput
 from pathway.tokenizers.point_group import interpolate_to_points
 
@@ -79,7 +80,7 @@ class SegmentationHead(nn.Module):
     def forward(self, tokens: Tensor, out: TokenizerOutput) -> Tensor:
         missing = [k for k in ("centers", "points") if k not in out.extras]
         if missing:
-            raise ValueError(f"SegmentationHead needs out.extras {missing}; use a PointGroupTokenizer")
+            raise OptionError(f"SegmentationHead needs out.extras {missing}; use a PointGroupTokenizer")
         centers, points = out.extras["centers"], out.extras["points"]
         groups = tokens[:, -centers.shape[1]:]  # drop a class token if the model prepended one
         per_point = interpolate_to_points(points, centers, groups, k=self.k)  # [B, Np, D]
@@ -114,7 +115,7 @@ class PointMAESegmentationHead(nn.Module):
         needed = ["block_features", "centers", "points"] + (["category"] if self.num_categories else [])
         missing = [k for k in needed if k not in out.extras]
         if missing:
-            raise ValueError(
+            raise OptionError(
                 f"PointMAESegmentationHead needs out.extras {missing}: block_features (blocks {self.feature_blocks} "
                 f"after the final norm) come from the model, category from a tokenizer built with num_categories")
         centers, points = out.extras["centers"], out.extras["points"]

@@ -13,6 +13,12 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from pathway.errors import PathwayError
+
+
+class TokenizerInputError(PathwayError):
+    """An input, grid or table the tokenizer cannot take (wrong rank, channels, size); the message says the fix."""
+
 
 @dataclass
 class TokenizerOutput:

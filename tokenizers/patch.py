@@ -18,7 +18,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import Tokenizer, TokenizerOutput
+from pathway.errors import OptionError
+
+from .base import Tokenizer, TokenizerInputError, TokenizerOutput
 from .pos_embed import resample_pos_embed, sincos_pos_embed
 
 _CONVS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -70,12 +72,12 @@ class PatchTokenizer(Tokenizer):
         self.patch_size = tuple(int(p) for p in patch_size)
         nd = len(self.input_size)
         if nd not in _CONVS or len(self.patch_size) != nd:
-            raise ValueError(
+            raise OptionError(
                 f"input_size {self.input_size} and patch_size {self.patch_size} must both have 1, 2 or 3 entries"
             )
         self._check_multiple(self.input_size, "input_size")
         if pos_embed not in POS_EMBED_KINDS:
-            raise ValueError(f"pos_embed={pos_embed!r} is not one of {POS_EMBED_KINDS}")
+            raise OptionError(f"pos_embed={pos_embed!r} is not one of {POS_EMBED_KINDS}")
         self.in_chans = in_chans
         self.embed_dim = embed_dim
         self.pos_embed_kind = pos_embed
@@ -107,7 +109,7 @@ class PatchTokenizer(Tokenizer):
     def _check_multiple(self, size: Sequence[int], what: str) -> None:
         bad = [(s, p) for s, p in zip(size, self.patch_size) if s % p or s < p]
         if bad:
-            raise ValueError(
+            raise TokenizerInputError(
                 f"{type(self).__name__}: {what} {tuple(size)} is not a multiple of patch_size {self.patch_size}; "
                 f"resize, crop or pad the input to a multiple of the patch size"
             )
@@ -124,7 +126,7 @@ class PatchTokenizer(Tokenizer):
     def encode(self, x: Tensor) -> TokenizerOutput:
         nd = len(self.input_size)
         if x.ndim != nd + 2 or x.shape[1] != self.in_chans:
-            raise ValueError(
+            raise TokenizerInputError(
                 f"{type(self).__name__} expects [B, {self.in_chans}, {', '.join(map(str, self.input_size))}] "
                 f"(any size that is a multiple of {self.patch_size}), got {tuple(x.shape)}"
             )

@@ -20,7 +20,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Tokenizer, TokenizerOutput
+from pathway.errors import OptionError
+
+from .base import Tokenizer, TokenizerInputError, TokenizerOutput
 
 _KNN_CHUNK = 1 << 24  # distance-matrix entries per chunk: bounds KNN memory at ~64 MB (float32)
 
@@ -37,7 +39,7 @@ def farthest_point_sample(xyz: Tensor, num_samples: int, start: int | None = 0) 
     """
     b, n, _ = xyz.shape
     if num_samples > n:
-        raise ValueError(f"farthest_point_sample: asked for {num_samples} samples from clouds of {n} points")
+        raise TokenizerInputError(f"farthest_point_sample: asked for {num_samples} samples from clouds of {n} points")
     points = xyz.float().contiguous()  # [B, N, 3]
     points_t = points.transpose(1, 2).contiguous()  # [B, 3, N]
     sq = (points * points).sum(-1).unsqueeze(1)  # [B, 1, N]
@@ -67,7 +69,7 @@ def knn(query: Tensor, ref: Tensor, k: int) -> tuple[Tensor, Tensor]:
     b, g, _ = query.shape
     n = ref.shape[1]
     if k > n:
-        raise ValueError(f"knn: k={k} neighbours asked from clouds of {n} points")
+        raise TokenizerInputError(f"knn: k={k} neighbours asked from clouds of {n} points")
     ref = ref.float()
     ref_sq = (ref * ref).sum(-1).unsqueeze(1)  # [B, 1, N]
     chunk = max(1, _KNN_CHUNK // max(1, b * n))
@@ -130,7 +132,7 @@ class PointGroupTokenizer(Tokenizer):
         super().__init__()
         self.num_categories = num_categories
         if in_chans < 3:
-            raise ValueError(f"PointGroupTokenizer: in_chans={in_chans}, but points need at least xyz (3)")
+            raise OptionError(f"PointGroupTokenizer: in_chans={in_chans}, but points need at least xyz (3)")
         self.num_groups, self.group_size, self.in_chans = num_groups, group_size, in_chans
         self.embed_dim = embed_dim
         self.fps_start = fps_start
@@ -146,10 +148,10 @@ class PointGroupTokenizer(Tokenizer):
     def group(self, points: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Centres ``[B, G, 3]``, neighbour indices ``[B, G, K]`` and groups ``[B, G, K, C]`` (xyz centred)."""
         if points.ndim != 3 or points.shape[-1] != self.in_chans:
-            raise ValueError(f"PointGroupTokenizer expects points [B, N, {self.in_chans}] (xyz first), got {tuple(points.shape)}")
+            raise TokenizerInputError(f"PointGroupTokenizer expects points [B, N, {self.in_chans}] (xyz first), got {tuple(points.shape)}")
         n = points.shape[1]
         if n < max(self.group_size, self.num_groups):
-            raise ValueError(
+            raise TokenizerInputError(
                 f"PointGroupTokenizer: clouds of {n} points are too small for {self.num_groups} groups of "
                 f"{self.group_size}; resample the cloud with replacement to more points (the point adapter does)"
             )

@@ -19,13 +19,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pathway.errors import OptionError
+
+from .base import TokenizerInputError
+
 _MODES = {1: "linear", 2: "bicubic", 3: "trilinear"}
 
 
 def sincos_1d(positions: Tensor, dim: int) -> Tensor:
     """MAE's 1-D table: ``[sin(p * w_i), cos(p * w_i)]`` with ``w_i = 10000^(-i / (dim/2))``; ``[n, dim]``."""
     if dim % 2:
-        raise ValueError(f"sin-cos position embedding needs an even width, got {dim}")
+        raise OptionError(f"sin-cos position embedding needs an even width, got embed_dim={dim}; pick an even "
+                          f"embed_dim or pos_embed='learn'")
     omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
     angles = positions.to(torch.float64).reshape(-1, 1) * omega
     return torch.cat([angles.sin(), angles.cos()], dim=1)
@@ -38,7 +43,7 @@ def sincos_pos_embed(grid: Sequence[int], dim: int) -> Tensor:
     """
     grid = tuple(int(g) for g in grid)
     if dim % (2 * len(grid)):
-        raise ValueError(
+        raise OptionError(
             f"sin-cos position embedding of a {len(grid)}-D grid needs a width divisible by {2 * len(grid)}, "
             f"got embed_dim={dim}; pick another embed_dim or pos_embed='learn'"
         )
@@ -65,7 +70,8 @@ def resample_pos_embed(pos: Tensor, old_grid: Sequence[int], new_grid: Sequence[
     """
     old_grid, new_grid = tuple(old_grid), tuple(new_grid)
     if pos.shape[1] != math.prod(old_grid):
-        raise ValueError(f"position embedding has {pos.shape[1]} tokens, but the grid {old_grid} has {math.prod(old_grid)}")
+        raise TokenizerInputError(f"position embedding has {pos.shape[1]} tokens, but the grid {old_grid} has "
+                                  f"{math.prod(old_grid)}; the checkpoint's pos_embed was made for another input size")
     if old_grid == new_grid:
         return pos
     dim = pos.shape[-1]
