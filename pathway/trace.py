@@ -216,15 +216,16 @@ def _make_op(name: str, args: tuple, kwargs: dict, ref: Callable[[Any], Ref | No
 
 # ----------------------------------------------------------------------------- torch.fx reader
 
-_FX_LEAVES = (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.Embedding)
+_FX_LEAVES = (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.Embedding,
+              nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)   # norms: their input checks branch
 
 
 class _LeafTracer(fx.Tracer):
     """Traces through every module except those whose weight use the IR understands.
 
     The default tracer keeps every ``torch.nn`` module opaque, which would hide the linears inside
-    ``nn.TransformerEncoderLayer``; here only parameter-free modules and the known weight layers
-    stay leaves.
+    ``nn.TransformerEncoderLayer``; here only parameter-free modules, the known weight layers and
+    the norms (whose input checks branch on the input, which fx cannot trace) stay leaves.
     """
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
