@@ -36,7 +36,8 @@ def test_dry_run_every_recipe(recipe, capsys):
     assert main(["train", str(recipe), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"recipe {recipe.resolve()}")
-    assert "target: TransformerModel" in out and "optim: AdamW lr" in out
+    assert "target: TransformerModel" in out and ("optim: AdamW lr" in out or "optim: LARS" in out)
+    assert "batch: world size 1, per-process batch" in out and "global batch" in out
     assert "pathway: TransformerModel <- TransformerModel" in out or "aux: disabled" in out or "pathway: no connect" in out
 
 

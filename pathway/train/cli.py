@@ -19,6 +19,8 @@ EPILOG = """examples:
   pathway train recipes/demo/image.yaml
   pathway train recipes/demo/image.yaml --set train.epochs=1 --set optim.blr=2e-3
   pathway train recipes/paper/imagenet_mae_point.yaml --dry-run   # check a recipe, print the pairs and the plan
+  pathway train recipes/paper/imagenet_mae_point.yaml --rehearse  # run it for real on tiny official-layout data
+  pathway train RECIPE --rehearse --world 2                        # the same on 2 CPU processes (gloo)
   torchrun --nproc-per-node 8 -m pathway train RECIPE            # DDP
   pathway train RECIPE --resume                                 # continue from the last checkpoint
   pathway pretrain recipes/demo/point_mae.yaml                   # MAE encoder, usable as aux.checkpoint
@@ -57,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest readable checkpoint of the run folder")
     p.add_argument("--dry-run", action="store_true", help="validate, build on the meta device, print pairs and plan, exit")
+    p.add_argument("--rehearse", action="store_true",
+                   help="run the recipe as written on the CPU, on tiny data in its official layout and checkpoint files "
+                        "in the official key layouts, at reduced sizes; train, evaluate, fold, export, check, exit")
+    p.add_argument("--world", type=int, default=None, metavar="N",
+                   help="with --rehearse: rehearse N processes on the CPU (gloo), as torchrun would start them")
+    p.add_argument("--keep", action="store_true", help="with --rehearse: keep the temporary folder and print it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and metrics files only)")
 
     p = sub.add_parser("pretrain", help="MAE-pretrain an encoder for any adapter (an aux model for the demos)",
@@ -69,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate a folded model file (model.safetensors) or a training checkpoint.")
     _add_recipe_args(p)
     p.add_argument("--weights", type=Path, required=True,
-                   help="model.safetensors written by train (folded), or a checkpoints/ckpt-*.pt")
+                   help="model.safetensors written by train (folded), a checkpoints/ckpt-*.pt, or an official "
+                        "fine-tuned file (MAE, VideoMAE, AudioMAE, Point-MAE; its format from model.checkpoint_format)")
     p.add_argument("--split", default=None, help="split to evaluate (default: data.val_split)")
 
     p = sub.add_parser("fold", help="fold the pathways of a training checkpoint into a plain model file",
@@ -102,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_train(args) -> int:
     from .config import load_recipe
 
+    if (args.world is not None or args.keep) and not args.rehearse:
+        raise UsageError("pathway train: --world and --keep go with --rehearse (a real multi-process run is started "
+                         "by torchrun --nproc-per-node N)")
+    if args.world is not None and args.world < 1:
+        raise UsageError(f"pathway train: --world {args.world}: give a number of processes, 1 or more")
+    if args.rehearse:
+        from .rehearse import rehearse
+
+        print(rehearse(args.recipe, args.overrides, world=args.world, keep=args.keep).line)
+        return 0
     recipe = load_recipe(args.recipe, args.overrides)
     if args.dry_run:
         import os

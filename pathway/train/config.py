@@ -44,6 +44,8 @@ __all__ = [
     "PretrainConfig",
     "OutputConfig",
     "Recipe",
+    "BatchPlan",
+    "batch_plan",
     "load_recipe",
     "recipe_from_dict",
     "parse_overrides",
@@ -72,7 +74,9 @@ class DataConfig:
     options: dict[str, Any] = field(default_factory=dict)  # passed as Adapter(root, **options); the adapter checks them
     train_split: str = "train"  # split name given to adapter.dataset(split, train=True)
     val_split: str = "val"  # split evaluated during and after training ("" = no evaluation)
-    batch_size: int = 64  # per process and per micro-step; effective batch = batch_size * accum_steps * world_size
+    batch_size: int = 64  # per process and per micro-step
+    global_batch: int | None = None  # items per optimizer step over all processes (the paper's batch): the engine
+    #   derives the accumulation, global_batch / (batch_size * processes); None: optim.accum_steps says it
     num_workers: int = 4  # DataLoader workers (0 = load in the main process)
     num_classes: int | None = None  # only for builds without the data (dry runs, inspect); else counted by the adapter
     demo: bool = False  # generate the embedded demo data at root when it is missing (pathway/train/demo_data.py)
@@ -130,7 +134,9 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_epochs: float = 5.0  # linear warm-up length, in epochs (fractions allowed)
     clip_grad: float | None = None  # max global grad norm; None = no clipping
-    accum_steps: int = 1  # micro-batches per optimizer step
+    accum_steps: int | None = None  # micro-batches per optimizer step; None: from data.global_batch (else 1)
+    optimizer: Literal["adamw", "lars"] = "adamw"  # lars: MAE's linear probe (LARS on the weights, AdamW on lambda)
+    lambda_layer_decay: bool = True  # block i's lambda takes block i's layer-decay scale (the official code)
 
 
 @dataclass
@@ -403,7 +409,7 @@ _RULES: dict[str, tuple[Any, str]] = {  # key -> (predicate, what is allowed); N
     "optim.weight_decay": _NON_NEGATIVE, "optim.layer_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "optim.betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two values in [0, 1)"),
     "optim.eps": _POSITIVE, "optim.warmup_epochs": _NON_NEGATIVE, "optim.clip_grad": _POSITIVE,
-    "optim.accum_steps": _AT_LEAST_1,
+    "optim.accum_steps": _AT_LEAST_1, "data.global_batch": _AT_LEAST_1,
     "train.epochs": _AT_LEAST_1, "train.max_steps": _AT_LEAST_1, "train.mixup": _NON_NEGATIVE,
     "train.cutmix": _NON_NEGATIVE, "train.mixup_prob": _FRACTION, "train.mixup_switch_prob": _FRACTION,
     "train.label_smoothing": _BELOW_1, "train.ema_decay": _OPEN_UNIT, "train.eval_every": _AT_LEAST_1,
@@ -427,6 +433,10 @@ def check_values(recipe: Recipe, where: str) -> None:
         value = getattr(getattr(recipe, section), name)
         if value is not None and not ok(value):
             raise RecipeError(f"{where}: '{key}' = {value!r}; it must be {allowed}")
+    if recipe.data.global_batch is not None and recipe.optim.accum_steps is not None:
+        raise RecipeError(f"{where}: 'data.global_batch' = {recipe.data.global_batch} and 'optim.accum_steps' = "
+                          f"{recipe.optim.accum_steps} are both set; the accumulation follows from the global batch, "
+                          f"the per-process batch and the number of processes: remove optim.accum_steps")
     m, a, p = recipe.model, recipe.aux, recipe.pretrain
     _divisible(where, "model.embed_dim", m.embed_dim, "model.num_heads", m.num_heads)
     if recipe.aux.checkpoint_format != "transformers":  # a Hugging Face aux brings its own sizes
@@ -434,6 +444,38 @@ def check_values(recipe: Recipe, where: str) -> None:
         _divisible(where, "aux.embed_dim" if a.embed_dim else "model.embed_dim", aux_width,
                    "aux.num_heads" if a.num_heads else "model.num_heads", aux_heads)
     _divisible(where, "pretrain.decoder_dim", p.decoder_dim, "pretrain.decoder_heads", p.decoder_heads)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer step is batched: ``global_batch = per_process * accum_steps * world``."""
+
+    per_process: int  # data.batch_size: items per process and micro-step
+    accum_steps: int  # micro-steps per optimizer step
+    world: int  # processes
+    global_batch: int  # items per optimizer step over all processes: the lr scales with it (MAE)
+
+    def __str__(self) -> str:
+        return (f"global batch {self.global_batch} = {self.per_process} per process x {self.accum_steps} accumulation "
+                f"x {self.world} process(es)")
+
+
+def batch_plan(recipe: Recipe, world: int) -> BatchPlan:
+    """The recipe's batching on ``world`` processes. With ``data.global_batch`` (the paper's batch, the recipe's
+    contract) the accumulation is derived, and a global batch that ``batch_size x world`` does not divide is a
+    RecipeError; without it, ``optim.accum_steps`` (default 1) is used and the global batch grows with ``world``."""
+    d = recipe.data
+    if d.global_batch is None:
+        accum = recipe.optim.accum_steps or 1
+        return BatchPlan(d.batch_size, accum, world, d.batch_size * accum * world)
+    per_step = d.batch_size * world
+    if d.global_batch % per_step:
+        fits = [b for b in range(1, d.batch_size + 1) if d.global_batch % (b * world) == 0]
+        raise RecipeError(
+            f"{recipe.source}: 'data.global_batch' = {d.global_batch} is not a whole number of micro-batches of "
+            f"'data.batch_size' = {d.batch_size} on {world} process(es) ({per_step} items per micro-step); choose "
+            f"data.batch_size from {fits[-3:] or [1]} (or run on a number of processes that divides it)")
+    return BatchPlan(d.batch_size, d.global_batch // per_step, world, d.global_batch)
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Recipe, RecipeError, check_adapter
+from .config import Recipe, RecipeError, batch_plan, check_adapter
 from .model import build_adapter, build_transformer, load_transformers_model
 from .optim import base_lr
 from .schedule import step_plan
@@ -100,18 +100,23 @@ def dry_run(recipe: Recipe, *, world: int = 1, pretrain: bool = False) -> str:
         lines.append(str(report))
 
     o, t = recipe.optim, recipe.train
-    batch = recipe.data.batch_size * o.accum_steps * world
+    plan = batch_plan(recipe, world)
     if has_data:
         n_train = len(adapter.dataset(recipe.data.train_split, train=True))
-        steps = n_train // world // recipe.data.batch_size // o.accum_steps
+        steps = n_train // world // recipe.data.batch_size // plan.accum_steps
         total, warmup = step_plan(steps, t.epochs, t.max_steps, o.warmup_epochs)
         lines.append(f"data: {n_train} training items -> {steps} steps per epoch, {total} steps in all, "
                      f"warm-up {warmup} steps")
     else:
         lines.append(f"data: not present; {t.epochs} epochs, warm-up {o.warmup_epochs} epochs")
-    lines.append(f"optim: AdamW lr {base_lr(recipe, batch):.3g} (effective batch {batch} = {recipe.data.batch_size} x "
-                 f"{o.accum_steps} accum x {world} processes), wd {o.weight_decay}, layer decay {o.layer_decay}, "
-                 f"lambda lr {o.lambda_lr or 'same'}, clip {o.clip_grad}")
+    lines.append(f"batch: world size {plan.world}, per-process batch {plan.per_process}, accumulation "
+                 f"{plan.accum_steps}, global batch {plan.global_batch}"
+                 + ("" if recipe.data.global_batch else " (no data.global_batch: it grows with the world size)"))
+    name = {"adamw": "AdamW", "lars": "LARS (AdamW for lambda)"}[o.optimizer]
+    lines.append(f"optim: {name} lr {base_lr(recipe, plan.global_batch):.3g}"
+                 + ("" if o.lr is not None else f" (blr {o.blr:g} x {plan.global_batch} / 256)")
+                 + f", wd {o.weight_decay}, layer decay {o.layer_decay}, lambda lr {o.lambda_lr or 'same'}, "
+                   f"clip {o.clip_grad}")
     lines.append(f"train: amp {t.amp}, mixup {t.mixup}, cutmix {t.cutmix}, smoothing {t.label_smoothing}, "
                  f"drop path {recipe.model.drop_path}, ema {t.ema}; outputs in {recipe.run_dir}")
     if problems:

@@ -32,9 +32,9 @@ from torch import Tensor, nn
 import pathway
 
 from . import checkpoint as ckpt
-from .config import Recipe, RecipeError, check_adapter, check_data
-from .data import make_loader, set_epoch
-from .metrics import MetricAccumulator, average_views
+from .config import BatchPlan, Recipe, RecipeError, batch_plan, check_adapter, check_data
+from .data import Repeated, collate, make_loader, set_epoch
+from .metrics import MetricAccumulator
 from .model import TransformerModel, build_adapter, build_model
 from .owned import RunExistsError, check_run_dir, claim_run_dir
 from .optim import base_lr, build_mixup, build_optimizer, compute_loss
@@ -146,13 +146,33 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def forward_views(model: nn.Module, x: Tensor, item_dims: int) -> Tensor:
-    """Logits per item. Evaluation items with one dimension more than training items stack views
-    (video: clips x crops, ``x [B, V, ...]``): every view goes through the model, logits are averaged."""
-    if x.dim() == item_dims + 1:
-        return model(x)
-    views = x.shape[1]
-    return average_views(model(x.flatten(0, 1)), views)
+def first_sample(dataset) -> tuple[Any, Any]:
+    """``(x, y)`` of a data set's first item (the first clip of a repeated-augmentation item)."""
+    item = dataset[0]
+    return item[0] if isinstance(item, Repeated) else item
+
+
+def unreadable_files(adapter, ctx: Context) -> int:
+    """Files the adapter skipped as unreadable so far, over every rank (each counts its own workers)."""
+    count = torch.tensor([float(adapter.skipped)])
+    if ctx.world > 1:
+        count = count.to(ctx.device)
+        dist.all_reduce(count)
+    return int(count.item())
+
+
+def multiview_test_set(adapter, split: str):
+    """The final multi-view test of ``split`` (video: clips x crops, one view per item), or None when the
+    adapter has one view per item (its per-epoch evaluation is then the test)."""
+    views = getattr(adapter, "test_views", None)
+    if not split or views is None or len(views()) <= 1:
+        return None
+    return adapter.multiview_dataset(split)
+
+
+def primary_metric(metrics: dict[str, float]) -> str | None:
+    """The metric a run is judged by: the first the adapter's metric reports (top1, map, inst_miou, part_miou)."""
+    return next((k for k in metrics if k != "loss" and not k.startswith("ema_")), None)
 
 
 class JsonlLog:
@@ -197,29 +217,31 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, ctx: Context, metric: str, task: str, item_dims: int) -> dict[str, float]:
+def evaluate(model: nn.Module, loader, ctx: Context, metric: str, task: str) -> dict[str, float]:
     """The adapter's metric over ``loader`` (every rank's share gathered), plus the mean loss.
 
-    ``item_dims``: dimensions of one training item (``x.dim()`` without the batch), to recognise
-    multi-view evaluation items."""
+    Items are ``(x, y)``, or ``(x, y, item)`` for the views of a multi-view test: one view per row, streamed
+    batch by batch (never the views of an item stacked in memory), the softmax probabilities of an item's
+    views averaged by the accumulator (VideoMAE's ``merge``); the loss is the mean over views."""
     was_training = model.training
     model.eval()
     acc = MetricAccumulator(metric)
     loss_sum, n = 0.0, 0
-    for x, y in loader:
-        x, y = to_device(x, ctx.device), to_device(y, ctx.device)
+    for batch in loader:
+        x, y, *item = to_device(batch, ctx.device)
         with pathway.cached(), ctx.autocast():
-            logits = forward_views(model, x, item_dims)
+            logits = model(x)
         loss_sum += compute_loss(logits, y, task).item() * y.shape[0]
         n += y.shape[0]
-        acc.add(logits, y)
+        acc.add(logits, y, item=item[0] if item else None)
     model.train(was_training)
     if ctx.world > 1:
         parts: list[Any] = [None] * ctx.world
-        dist.all_gather_object(parts, (acc.logits, acc.targets, loss_sum, n))
+        dist.all_gather_object(parts, (acc.logits, acc.targets, acc.items, loss_sum, n))
         acc.logits = [t for p in parts for t in p[0]]
         acc.targets = [t for p in parts for t in p[1]]
-        loss_sum, n = sum(p[2] for p in parts), sum(p[3] for p in parts)
+        acc.items = [t for p in parts for t in p[2]]
+        loss_sum, n = sum(p[3] for p in parts), sum(p[4] for p in parts)
     return {**acc.compute(), "loss": loss_sum / max(1, n)}
 
 
@@ -254,14 +276,12 @@ def prepare_data(recipe: Recipe, ctx: Context):
     return build_adapter(recipe)
 
 
-def steps_in_epoch(recipe: Recipe, loader, items: int, ctx: Context) -> int:
+def steps_in_epoch(recipe: Recipe, loader, items: int, plan: BatchPlan) -> int:
     """Optimizer steps per epoch; a data set too small for one step is a recipe error."""
-    steps = len(loader) // recipe.optim.accum_steps
+    steps = len(loader) // plan.accum_steps
     if steps == 0:
-        b, accum = recipe.data.batch_size, recipe.optim.accum_steps
-        raise RecipeError(f"{recipe.source}: 'data.batch_size' = {b}: the {items} training items make no full step "
-                          f"of {b} x {accum} x {ctx.world} (batch x optim.accum_steps x processes); lower "
-                          f"data.batch_size or optim.accum_steps")
+        raise RecipeError(f"{recipe.source}: the {items} training items make no full optimizer step of {plan}; "
+                          f"lower data.global_batch (or data.batch_size / optim.accum_steps)")
     return steps
 
 
@@ -326,17 +346,17 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
                        rank=ctx.rank, world=ctx.world)
     train_loader, train_sampler = make_loader(train_set, shuffle=True, **loader_args)
     val_loader = make_loader(val_set, shuffle=False, **loader_args)[0] if val_set is not None else None
-    steps_per_epoch = steps_in_epoch(recipe, train_loader, len(train_set), ctx)
+    plan = batch_plan(recipe, ctx.world)
+    accum = plan.accum_steps
+    steps_per_epoch = steps_in_epoch(recipe, train_loader, len(train_set), plan)
     total_steps, warmup_steps = step_plan(steps_per_epoch, t.epochs, t.max_steps, o.warmup_epochs)
-    effective_batch = recipe.data.batch_size * o.accum_steps * ctx.world
 
     # -- model ----------------------------------------------------------------------------------
     seed_everything(t.seed)
     if ctx.main and not resume and ckpt.list_checkpoints(ckpt_dir):
         raise RunExistsError(f"{run_dir} already holds checkpoints; pass --resume to continue it, "
                              f"or choose another output.name / output.dir")
-    example = train_set[0][0][None]  # the core reads both graphs on a real input
-    item_dims = example.dim() - 1
+    example = first_sample(train_set)[0][None]  # the core reads both graphs on a real input
     model, report = build_model(recipe, adapter, example=example, log=ctx.log)
     if ctx.main:
         claim_run_dir(run_dir)
@@ -346,8 +366,8 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
             (run_dir / "report.txt").write_text(str(report) + "\n")
             (run_dir / "report.json").write_text(json.dumps(report.to_dict(), indent=1))
     model.to(ctx.device)
-    lr = base_lr(recipe, effective_batch)
-    ctx.log(f"optimizer AdamW lr {lr:.3g} (effective batch {effective_batch}), groups:")
+    lr = base_lr(recipe, plan.global_batch)
+    ctx.log(f"optimizer {o.optimizer} lr {lr:.3g} ({plan}), groups:")
     optimizer = build_optimizer(model, recipe, lr, log=ctx.log)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp_dtype == torch.float16)
     ema = None
@@ -425,16 +445,18 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
         )
 
     last_eval: dict[str, float] = {}
+    best: dict[str, Any] = {}  # the best evaluation (primary metric, epoch, step), reported beside the last
+    if resume:
+        best = next((r["best"] for r in reversed(log.rows()) if r["kind"] == "best"), {})
     tick, seen = time.perf_counter(), 0
     while step < total_steps and epoch < t.epochs:
         set_epoch(train_loader, train_sampler, epoch, position)
         batches = iter(train_loader)
-        while position < steps_per_epoch * o.accum_steps and step < total_steps:
+        while position < steps_per_epoch * accum and step < total_steps:
             apply_lr(optimizer, lr_at(step, base_lr=lr, total_steps=total_steps, warmup_steps=warmup_steps,
                                       min_lr=o.min_lr))
-            loss_sum, samples = optimizer_step(net, batches, loss_of, optimizer, scaler, ctx, o.accum_steps,
-                                               o.clip_grad, stop)
-            position += o.accum_steps
+            loss_sum, samples = optimizer_step(net, batches, loss_of, optimizer, scaler, ctx, accum, o.clip_grad, stop)
+            position += accum
             seen += samples
             if ema is not None:
                 ema.update(model, step=step)
@@ -444,7 +466,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
                 now = time.perf_counter()
                 row = {"kind": "train", "step": step, "epoch": epoch, "loss": loss_sum,
                        "lr": optimizer.param_groups[0]["lr"], "lambda_abs": mean_abs_lambda(model),
-                       "samples_per_s": seen / max(now - tick, 1e-9)}
+                       "samples_per_s": seen / max(now - tick, 1e-9), "unreadable_files": unreadable_files(adapter, ctx)}
                 tick, seen = now, 0
                 log.write(**row)
                 lam_log.write(step=step, **lambda_values(model))
@@ -456,29 +478,50 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < total_steps:
                 save(step, epoch, position)
 
-        if position >= steps_per_epoch * o.accum_steps:  # the epoch is complete
+        if position >= steps_per_epoch * accum:  # the epoch is complete
             epoch, position = epoch + 1, 0
         if val_loader is not None and (epoch % t.eval_every == 0 or step >= total_steps):
-            last_eval = evaluate(net, val_loader, ctx, adapter.metric, adapter.task, item_dims)
+            last_eval = evaluate(net, val_loader, ctx, adapter.metric, adapter.task)
             if ema is not None:
-                ema_eval = evaluate(ema.module, val_loader, ctx, adapter.metric, adapter.task, item_dims)
+                ema_eval = evaluate(ema.module, val_loader, ctx, adapter.metric, adapter.task)
                 last_eval.update({f"ema_{k}": v for k, v in ema_eval.items()})
+            key = primary_metric(last_eval)
+            if key is not None and (not best or last_eval[key] > best[key]):
+                best = {key: last_eval[key], "epoch": epoch, "step": step}
+            skipped = unreadable_files(adapter, ctx)
             log.write(kind="eval", step=step, epoch=epoch, **last_eval)
-            ctx.log(f"eval step {step} epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
+            ctx.log(f"eval step {step} epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items())
+                    + (f"; {skipped} unreadable file(s) skipped so far" if skipped else ""))
         if step < total_steps:
             save(step, epoch, position)
     if bar is not None:
         bar.close()
     save(step, epoch, position)
 
+    # -- the final test: the multi-view protocol, once, on the connected model ----------------------
+    result: dict[str, Any] = {"step": step, "metrics": last_eval, "run_dir": str(run_dir), "plan": str(plan)}
+    test_set = multiview_test_set(adapter, recipe.data.val_split)
+    if test_set is not None:
+        test_loader = make_loader(test_set, shuffle=False, **loader_args)[0]
+        result["test_metrics"] = evaluate(net, test_loader, ctx, adapter.metric, adapter.task)
+        log.write(kind="test", step=step, epoch=epoch, views=len(adapter.test_views()), **result["test_metrics"])
+        ctx.log(f"test ({len(adapter.test_views())} views per item, probabilities averaged): "
+                + ", ".join(f"{k} {v:.4g}" for k, v in result["test_metrics"].items()))
+    if best:
+        result["best"] = best
+        log.write(kind="best", step=step, epoch=epoch, best=best)
+        key = primary_metric(last_eval)
+        ctx.log(f"best evaluation: epoch {best['epoch']} (step {best['step']}) {key} {best[key]:.4g}; "
+                f"last: epoch {epoch} {key} {last_eval[key]:.4g}")
+    result["unreadable_files"] = unreadable_files(adapter, ctx)
+
     # -- fold and export ----------------------------------------------------------------------------
-    result: dict[str, Any] = {"step": step, "metrics": last_eval, "run_dir": str(run_dir)}
     if ctx.world > 1:
         result["replica_max_abs_diff"] = replica_difference(model, ctx)
         ctx.log(f"DDP replicas: max |rank - rank 0| over per-tensor checksums {result['replica_max_abs_diff']:.3g}")
     if ctx.main:
-        result.update(finish(model, recipe, adapter, val_set or train_set, item_dims, ctx, log, lam_log,
-                             extra={k: v for k, v in result.items() if k == "replica_max_abs_diff"}))
+        result.update(finish(model, recipe, adapter, val_set or train_set, ctx, log, lam_log,
+                             extra={k: v for k, v in result.items() if k != "run_dir"}))
     ctx.barrier()
     return result
 
@@ -494,7 +537,7 @@ def replica_difference(model: nn.Module, ctx: Context) -> float:
     return max((g - gathered[0]).abs().max().item() for g in gathered)
 
 
-def finish(model: TransformerModel, recipe: Recipe, adapter, check_set, example_dims: int, ctx: Context,
+def finish(model: TransformerModel, recipe: Recipe, adapter, check_set, ctx: Context,
            log: JsonlLog, lam_log: JsonlLog, extra: dict[str, Any]) -> dict[str, Any]:
     """Fold, check, save the folded model, write CSVs and plots (rank 0)."""
     from torch.utils.data import DataLoader
@@ -504,17 +547,15 @@ def finish(model: TransformerModel, recipe: Recipe, adapter, check_set, example_
     run_dir = recipe.run_dir
     out: dict[str, Any] = dict(extra)
     if pathway.is_connected(model):
-        x, _ = next(iter(DataLoader(check_set, batch_size=min(8, len(check_set)))))
-        x = to_device(x, ctx.device)
-        if x.dim() == example_dims + 2:  # multi-view evaluation items: check on the views
-            x = x.flatten(0, 1)[:8]
+        x = to_device(next(iter(DataLoader(check_set, batch_size=min(8, len(check_set)), collate_fn=collate)))[0],
+                      ctx.device)
         out["fold_max_abs_diff"] = fold_and_check(model, x, ctx)
         ctx.log(f"fold: max |folded - connected| on a batch of {x.shape[0]}: {out['fold_max_abs_diff']:.3g}")
     out.update(save_folded(model, adapter, run_dir, log=ctx.log))
     (run_dir / "result.json").write_text(json.dumps(out, indent=2))
     rows = log.rows()
     write_csv([r for r in rows if r["kind"] == "train"], run_dir / "train.csv")
-    write_csv([r for r in rows if r["kind"] == "eval"], run_dir / "eval.csv")
+    write_csv([r for r in rows if r["kind"] in ("eval", "test")], run_dir / "eval.csv")
     if recipe.output.plots:
         from .plots import plot_run
 

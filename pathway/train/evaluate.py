@@ -2,7 +2,9 @@
 
 Two kinds of files come out of ``pathway train``: the folded model (``model.safetensors``, the plain
 target) and training checkpoints (``checkpoints/ckpt-*.pt``: the connected model with its aux
-weights and lambdas, and the resolved recipe). Both can be evaluated; a checkpoint can be folded.
+weights and lambdas, and the resolved recipe). Both can be evaluated; a checkpoint can be folded. So can
+the fine-tuned files of the official code bases (MAE, VideoMAE, AudioMAE, Point-MAE): ``pathway eval RECIPE
+--weights their_file.pth`` converts them with ``pathway.train.layouts`` and requires every tensor, head included.
 """
 
 from __future__ import annotations
@@ -10,15 +12,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-
-from pathway.train.layouts import read_checkpoint
-
 from .checkpoint import CheckpointError, read_state
 from .config import Recipe, recipe_from_dict
+from .layouts import is_engine_layout, read_checkpoint
 from .owned import check_new_file
 from .model import TransformerModel, build_adapter, build_model, build_transformer
 
-__all__ = ["load_run_model", "evaluate_weights", "fold_checkpoint"]
+__all__ = ["load_run_model", "evaluation_set", "evaluate_weights", "fold_checkpoint"]
 
 
 def _without_init(recipe: Recipe) -> Recipe:
@@ -29,14 +29,21 @@ def _without_init(recipe: Recipe) -> Recipe:
 
 def load_run_model(recipe: Recipe, weights: Path, adapter, state: dict | None = None) -> TransformerModel:
     """A model holding ``weights``: connected for a training checkpoint (``state``, if already read), plain
-    for a folded file."""
+    for a folded file or an official fine-tuned one (MAE, VideoMAE, AudioMAE, Point-MAE, timm: every tensor,
+    the classifier included, must be in the file)."""
+    from .layouts import load_checkpoint
+
     if weights.suffix == ".pt" and weights.name.startswith("ckpt-"):
         state = state or read_state(weights)
-        model, _ = build_model(_without_init(recipe), adapter, log=lambda _: None)
+        example = adapter.example_input()[None]  # the core reads both graphs on an input of the adapter's shape
+        model, _ = build_model(_without_init(recipe), adapter, example=example, log=lambda _: None)
         tensors = state["model"]
     else:
         model = build_transformer(recipe, adapter)
-        tensors = read_checkpoint(weights)[0]
+        tensors, args = read_checkpoint(weights)
+        if not is_engine_layout(list(tensors)):  # an official code base's own file: convert, then check every key
+            load_checkpoint(model, tensors, format=recipe.model.checkpoint_format, args=args, allow_missing=())
+            return model
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as err:  # missing, unexpected or wrongly shaped tensors
@@ -45,19 +52,25 @@ def load_run_model(recipe: Recipe, weights: Path, adapter, state: dict | None = 
     return model
 
 
+def evaluation_set(adapter, split: str):
+    """What ``pathway eval`` scores: the multi-view test where the adapter has one (video: clips x crops,
+    streamed view by view), else the split's evaluation items."""
+    from .engine import multiview_test_set
+
+    return multiview_test_set(adapter, split) or adapter.dataset(split, train=False)
+
+
 def evaluate_weights(recipe: Recipe, weights: Path, split: str | None = None) -> dict[str, float]:
-    """The adapter's metric of ``weights`` on ``split`` (default ``data.val_split``)."""
+    """The adapter's metric of ``weights`` on ``split`` (default ``data.val_split``), by the test protocol."""
     from .data import make_loader
     from .engine import evaluate, setup
 
     ctx = setup(recipe)
     adapter = build_adapter(recipe)
     model = load_run_model(recipe, weights, adapter).to(ctx.device)
-    dataset = adapter.dataset(split or recipe.data.val_split, train=False)
-    loader, _ = make_loader(dataset, batch_size=recipe.data.batch_size, num_workers=recipe.data.num_workers,
-                            seed=recipe.train.seed, shuffle=False)
-    item_dims = adapter.example_input().dim()
-    return evaluate(model, loader, ctx, adapter.metric, adapter.task, item_dims)
+    loader, _ = make_loader(evaluation_set(adapter, split or recipe.data.val_split), batch_size=recipe.data.batch_size,
+                            num_workers=recipe.data.num_workers, seed=recipe.train.seed, shuffle=False)
+    return evaluate(model, loader, ctx, adapter.metric, adapter.task)
 
 
 def fold_checkpoint(checkpoint: Path, output: Path) -> str:

@@ -62,18 +62,33 @@ class TransformerModel(nn.Module):
         )
         self.norm = norm(embed_dim)
         self.head = head
+        beyond = [i for i in getattr(head, "feature_blocks", ()) if not 0 <= i < depth]
+        if beyond:
+            raise RecipeError(f"the head {type(head).__name__} reads the outputs of blocks {list(head.feature_blocks)}, "
+                              f"but the model has {depth} blocks (model.depth); use a depth above {max(beyond)}")
         self.apply(_init_weights)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=0.02)
 
     def forward_features(self, x: Tensor) -> tuple[Tensor, Any]:
-        """Tokens after the final norm ``[B, N(+1), D]`` and the tokenizer's output."""
+        """Tokens after the final norm ``[B, N(+1), D]`` and the tokenizer's output.
+
+        A head with ``feature_blocks`` (Point-MAE's segmentation head reads blocks 3, 7 and 11) also gets those
+        blocks' outputs after the final norm, in ``out.extras["block_features"]``."""
         out = self.tokenizer.encode(x)
         t = out.tokens
         if self.cls_token is not None:
             t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1)
-        t = self.norm(self.blocks(t))
-        return t, out
+        wanted = getattr(self.head, "feature_blocks", ())
+        if not wanted:
+            return self.norm(self.blocks(t)), out
+        features = []
+        for i, block in enumerate(self.blocks):
+            t = block(t)
+            if i in wanted:
+                features.append(self.norm(t))
+        out.extras["block_features"] = features
+        return self.norm(t), out
 
     def forward(self, x: Tensor) -> Tensor:
         t, out = self.forward_features(x)

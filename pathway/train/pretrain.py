@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from pathway.errors import OptionError
 
-from .config import Recipe
+from .config import Recipe, batch_plan
 from .data import make_loader, set_epoch
 from .engine import JsonlLog, NonFiniteLossError, optimizer_step, prepare_data, seed_everything, setup, steps_in_epoch
 from .model import TransformerModel, build_transformer
@@ -131,10 +131,11 @@ def pretrain(recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:
     mae = MaskedAutoencoder(encoder, probe.targets.shape[-1], decoder_dim=p.decoder_dim, decoder_depth=p.decoder_depth,
                             decoder_heads=p.decoder_heads, mask_ratio=p.mask_ratio, norm_targets=p.norm_targets)
     mae.to(ctx.device).train()
-    lr = base_lr(recipe, recipe.data.batch_size * o.accum_steps)
+    plan = batch_plan(recipe, ctx.world)
+    lr = base_lr(recipe, plan.global_batch)
     # no decay on 1-D tensors, biases and the encoder's no_weight_decay() (learned position embedding, cls token)
     optimizer = torch.optim.AdamW(pathway.param_groups(mae, lr, o.weight_decay), lr=lr, betas=tuple(o.betas), eps=o.eps)
-    steps_per_epoch = steps_in_epoch(recipe, loader, len(dataset), ctx)
+    steps_per_epoch = steps_in_epoch(recipe, loader, len(dataset), plan)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp_dtype == torch.float16)
     total, warmup = step_plan(steps_per_epoch, t.epochs, t.max_steps, o.warmup_epochs)
     run_dir = claim_run_dir(recipe.run_dir)
@@ -164,7 +165,7 @@ def pretrain(recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:
             if step >= total:
                 break
             apply_lr(optimizer, lr_at(step, base_lr=lr, total_steps=total, warmup_steps=warmup, min_lr=o.min_lr))
-            loss_sum, _ = optimizer_step(mae, batches, loss_of, optimizer, scaler, ctx, o.accum_steps, o.clip_grad, stop)
+            loss_sum, _ = optimizer_step(mae, batches, loss_of, optimizer, scaler, ctx, plan.accum_steps, o.clip_grad, stop)
             step += 1
             losses.append(loss_sum)
             if step % t.log_every == 0 or step == total:

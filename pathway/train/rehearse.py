@@ -38,7 +38,7 @@ import torch
 
 from pathway.errors import PathwayError
 
-from .config import Recipe, load_recipe, recipe_from_dict
+from .config import Recipe, batch_plan, load_recipe, recipe_from_dict
 
 __all__ = ["SIZES", "RehearsalError", "Rehearsal", "rehearse", "rehearsal_recipe"]
 
@@ -68,6 +68,8 @@ class Rehearsal:
     world: int
     steps: int
     metrics: dict[str, float]
+    test_metrics: dict[str, float]
+    best: dict[str, Any]
     eval_of_export: dict[str, float]
     fold_max_abs_diff: float | None
     checkpoint_fold_max_abs_diff: float
@@ -77,7 +79,11 @@ class Rehearsal:
 
     @property
     def line(self) -> str:
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in self.metrics.items() if k != "loss")
+        shown = "last eval " + ", ".join(f"{k} {v:.4g}" for k, v in self.metrics.items() if k != "loss")
+        if self.best:
+            shown += f" (best at epoch {self.best['epoch']})"
+        if self.test_metrics:
+            shown += "; multi-view test " + ", ".join(f"{k} {v:.4g}" for k, v in self.test_metrics.items() if k != "loss")
         fold = "no pathway" if self.fold_max_abs_diff is None else f"fold max diff {self.fold_max_abs_diff:.2g}"
         return (f"rehearsal ok: {self.recipe} ({self.layout} layout, {self.plan}; {self.steps} steps on "
                 f"{self.world} process(es); {shown}; {fold}; model.safetensors re-evaluated, last checkpoint "
@@ -100,19 +106,37 @@ def small_options(adapter: str, options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _depth(recipe: Recipe, options: dict[str, Any]) -> int:
+    """The rehearsal depth: SIZES' unless the head reads the outputs of deeper blocks (Point-MAE's 3, 7, 11)."""
+    from pathway.adapters import registry
+
+    spec = registry.get(recipe.data.adapter).spec(recipe.data.num_classes or 2, **options)
+    return max(SIZES["depth"], 1 + max(getattr(spec.head(SIZES["embed_dim"]), "feature_blocks", ()) or (0,)))
+
+
 def rehearsal_recipe(recipe: Recipe, data_root: Path, run_dir: Path, checkpoints: dict[str, str], world: int) -> Recipe:
-    """``recipe`` with sizes reduced, the rehearsal's data, checkpoint files and run folder."""
+    """``recipe`` with sizes reduced, the rehearsal's data, checkpoint files and run folder.
+
+    The batching keeps the recipe's form: a recipe that states a global batch (which must divide on ``world``
+    processes, as on the GPU node) gets a small one that needs accumulation too."""
     d = recipe.to_dict()
     epochs = SIZES["epochs"]
-    d["data"].update(root=str(data_root), batch_size=SIZES["batch_size"], num_workers=0,
-                     options=small_options(recipe.data.adapter, recipe.data.options))
-    d["model"].update(embed_dim=SIZES["embed_dim"], depth=SIZES["depth"], num_heads=SIZES["num_heads"],
+    plan = batch_plan(recipe, world)  # the recipe's own batching must hold on this many processes
+    accum = min(plan.accum_steps, SIZES["max_accum"])
+    options = small_options(recipe.data.adapter, recipe.data.options)
+    d["data"].update(root=str(data_root), batch_size=SIZES["batch_size"], num_workers=0, options=options)
+    if recipe.data.global_batch is not None:
+        d["data"]["global_batch"] = SIZES["batch_size"] * world * accum
+    else:
+        d["optim"]["accum_steps"] = accum
+    d["model"].update(embed_dim=SIZES["embed_dim"], depth=_depth(recipe, options), num_heads=SIZES["num_heads"],
                       checkpoint=checkpoints.get("model", ""))
-    for key in ("embed_dim", "depth", "num_heads"):
+    for key in ("embed_dim", "num_heads"):
         if d["aux"][key] is not None:
             d["aux"][key] = SIZES[key]
+    if d["aux"]["depth"] is not None:
+        d["aux"]["depth"] = d["model"]["depth"]
     d["aux"]["checkpoint"] = checkpoints.get("aux", "")
-    d["optim"]["accum_steps"] = min(recipe.optim.accum_steps, SIZES["max_accum"])
     d["optim"]["warmup_epochs"] = recipe.optim.warmup_epochs * epochs / max(1, recipe.train.epochs)
     d["train"].update(epochs=epochs, max_steps=None, device="cpu", log_every=1, checkpoint_every=0,
                       eval_every=min(recipe.train.eval_every, epochs))
@@ -242,7 +266,7 @@ def _check_outputs(small: Recipe, result: dict[str, Any], scratch: Path) -> tupl
     if not exported.is_file():
         raise RehearsalError(f"{small.source}: the run wrote no {exported}")
     evaluated = evaluate_weights(small, exported) if small.data.val_split else {}
-    trained = result.get("metrics") or {}
+    trained = result.get("test_metrics") or result.get("metrics") or {}  # pathway eval scores the test protocol
     if evaluated and "loss" in trained:
         tolerance = 1e-3 * max(1.0, abs(trained["loss"]))
         if abs(evaluated["loss"] - trained["loss"]) > tolerance:
@@ -259,7 +283,7 @@ def _check_outputs(small: Recipe, result: dict[str, Any], scratch: Path) -> tupl
     return evaluated, diff
 
 
-def _plan_text(small: Recipe, files: dict[str, str]) -> str:
+def _plan_text(small: Recipe, files: dict[str, str], world: int) -> str:
     m = small.model
     text = f"D={m.embed_dim} depth {m.depth} heads {m.num_heads}"
     if "model" in files:
@@ -269,7 +293,7 @@ def _plan_text(small: Recipe, files: dict[str, str]) -> str:
             f"from a {small.aux.checkpoint_format} file" if "aux" in files else "at random init")
     else:
         text += ", no aux"
-    return text + f", batch {small.data.batch_size} x accum {small.optim.accum_steps}"
+    return text + f", {batch_plan(small, world)}"
 
 
 def rehearse(path: str | Path, overrides: list[str] | None = None, *, world: int | None = None,
@@ -303,12 +327,13 @@ def rehearse(path: str | Path, overrides: list[str] | None = None, *, world: int
         result = _train(small, world)
         if rank != 0:
             dist.barrier()
-            return Rehearsal(recipe.run_name, layout, world, result["step"], {}, {}, None, 0.0, {}, 0.0, "")
+            return Rehearsal(recipe.run_name, layout, world, result["step"], {}, {}, {}, {}, None, 0.0, {}, 0.0, "")
         evaluated, ckpt_diff = _check_outputs(small, result, scratch)
         if dist.is_initialized():
             dist.barrier()
         return Rehearsal(
             recipe=recipe.run_name, layout=layout, world=world, steps=result["step"], metrics=result.get("metrics") or {},
+            test_metrics=result.get("test_metrics") or {}, best=result.get("best") or {},
             eval_of_export=evaluated, fold_max_abs_diff=result.get("fold_max_abs_diff"),
             checkpoint_fold_max_abs_diff=ckpt_diff, files=files, seconds=time.perf_counter() - start,
-            plan=_plan_text(small, files))
+            plan=_plan_text(small, files, world))
