@@ -522,15 +522,16 @@ _RESHAPES = ("view", "split", "shape", "transpose")
 def _factors(sizes: tuple[int | None, ...], rows: int) -> tuple[int, ...] | None:
     """How a view splits ``rows`` over its trailing dims (``[.., 3, H, hd]`` -> (3, H, hd)); None if unread.
 
-    A -1 stands for what the known sizes between it and the first traced size leave of ``rows``.
+    One unknown size among them (a -1, or a value fx traced, e.g. ``C // heads``) stands for what the
+    known sizes between it and the next unknown leave of ``rows``.
     """
     found: list[int] = []
-    product = 1
+    product, resolved = 1, False
     for i in range(len(sizes) - 1, -1, -1):
         size = sizes[i]
-        if size is None:
-            return None
-        if size == -1:
+        if size is None or size == -1:
+            if resolved:
+                return None
             left = 1
             for other in reversed(sizes[:i]):
                 if other is None or other == -1:
@@ -538,7 +539,7 @@ def _factors(sizes: tuple[int | None, ...], rows: int) -> tuple[int, ...] | None
                 left *= other
             if rows % (product * left):
                 return None
-            size = rows // (product * left)
+            size, resolved = rows // (product * left), True
         found.append(size)
         product *= size
         if product == rows:

@@ -194,8 +194,6 @@ PAIRED = [
     Case("timm resnet18 (every residual block) <- torchvision resnet18", lambda: timm.create_model("resnet18", num_classes=5),
          lambda: torchvision.models.resnet18(num_classes=5), None, None, 19, {"kinds": ("conv",)}),
 ]
-SLOW = {"torchvision swin (fx.wrap'd attention) <- itself",
-        "timm resnet18 (every residual block) <- torchvision resnet18"}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -240,8 +238,7 @@ def placed_aux(model: nn.Module) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- paired families
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=[pytest.mark.slow] if c.id in SLOW else [])
-                                  for c in PAIRED])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in PAIRED])
 def test_family_pairs_right_and_counts_every_weight(case: Case):
     target, aux = case.target().eval(), case.aux().eval()
     kinds = case.options.get("kinds", ("linear",))

@@ -230,3 +230,16 @@ def test_derived_inputs_follow_timm_img_size():
 def test_a_tied_lm_head_is_reported():
     report = pathway.plan(toys.hf_gpt2(lm_head=True), toys.hf_gpt2(), segments=("body", "post"))
     assert any(f.startswith("transformer.wte.weight is used as embedding first and later as linear") for f in report.flags)
+
+
+def test_apply_layout_regroups_per_head_rows_both_ways():
+    from pathway.report import Pair
+    from pathway.units import apply_layout
+
+    heads, dim = 4, 2
+    split = torch.arange(3 * heads * dim).float().unsqueeze(1)          # rows [q | k | v], heads of `dim` rows
+    interleaved = split.view(3, heads, dim, 1).transpose(0, 1).reshape(-1, 1)
+    to_heads = Pair("t", ("a",), "heads", out_slice=(0, 24), layout=("heads", ""), heads=(heads, heads))
+    from_heads = Pair("t", ("a",), "heads", out_slice=(8, 16), layout=("", "heads"), heads=(heads, heads))
+    assert torch.equal(apply_layout(to_heads, split), interleaved)
+    assert torch.equal(apply_layout(from_heads, interleaved), split[8:16])     # k of every head, in head order
