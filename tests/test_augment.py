@@ -106,8 +106,8 @@ def test_audio_mixup_mixes_waveforms_and_labels_as_audiomae(audio_root: Path):
     b = torch.nn.functional.pad(b, (0, len(a) - len(b)))  # the partner zero-padded to the clip's length
     mix = lam * a + (1 - lam) * b
     torch.testing.assert_close(x, ad.features(mix - mix.mean(), train=False), atol=1e-4, rtol=1e-4)
-    shares = [float(SeededItems(ad.dataset("train", train=True), seed=s)[0][1].max() < 1) for s in range(40)]
-    assert 0.2 < sum(shares) / 40 < 0.8  # the partner is drawn uniformly: itself half the time (labels stay 1)
+    shares = [float(SeededItems(ad.dataset("train", train=True), seed=s)[0][1].max() < 1) for s in range(12)]
+    assert 0.2 < sum(shares) / 12 < 0.8  # the partner is drawn uniformly: itself half the time (labels stay 1)
     plain = adapters.get("audio")(audio_root, target_length=128, freqm=0, timem=0)
     assert plain.dataset("train", train=True)[1][1].tolist() == [1, 1, 0]
 
