@@ -121,7 +121,9 @@ def inject(target: nn.Module, aux: nn.Module | AuxSource, report: Report, opts: 
             raise AssertionError(f"{pair.target}: built aux tensor {list(aux_tensor.shape)} != {list(weight.shape)}")
         init = opts.lambda_init(pair.target, pair.target_block) if callable(opts.lambda_init) else opts.lambda_init
         staged.append((sites, pair, aux_tensor, float(init), _scale_shape(weight, pair, opts.lambda_shape == "channel")))
-    for sites, pair, aux_tensor, init, scale_shape in staged:
+    staged.reverse()
+    while staged:   # popped, so each built tensor is freed once its pathway holds its copy
+        sites, pair, aux_tensor, init, scale_shape = staged.pop()
         module, tensor_name = sites[0]
         original = (module.parametrizations[tensor_name].original if parametrize.is_parametrized(module, tensor_name)
                     else getattr(module, tensor_name))
