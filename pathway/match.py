@@ -193,7 +193,7 @@ def select_pairs(t: Unit, a: Unit, aux_block: int | None) -> list[Pair]:
     whole aux weight when both units hold one weight; what cannot be told apart by role stays
     unpaired (empty list).
     """
-    if len(t.members) == 1 and len(a.members) == 1 and not (t.role == "qkv") ^ (a.role == "qkv"):
+    if len(t.members) == 1 and len(a.members) == 1 and (t.role == "qkv") == (a.role == "qkv"):
         m, other = t.members[0], a.members[0]
         return [_pair(m, t, [other], a, aux_block, "shape_mismatch", (0, other.shape[0]),
                       ("shape_mismatch", *(("gqa",) if _narrow_kv(t) or _narrow_kv(a) else ())))]

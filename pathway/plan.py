@@ -113,8 +113,9 @@ def read_model(model: nn.Module, inputs: Any, tracer: str, kinds: tuple[str, ...
         else:
             trace = Trace("torch.fx (no example inputs needed)", *analyse(ops, consts, shapes, names))
             if trace.hidden and tracer == "auto":
+                example = next((n for n in trace.hidden if n.endswith("weight")), trace.hidden[0])
                 fx_problem = (f"torch.fx saw {len(trace.hidden)} weight(s) only inside functions it does not open, "
-                              f"e.g. {trace.hidden[0]}")
+                              f"e.g. {example}")
                 trace = None
     if trace is None:
         source = "given"

@@ -199,9 +199,8 @@ def _make_op(name: str, args: tuple, kwargs: dict, ref: Callable[[Any], Ref | No
         return Op(kind, tuple(ref(s) for s in slots), touched, outputs,
                   tuple((ref(w), role) for w, role in weights if ref(w) is not None), (bound["num_heads"],))
     elif kind == "view":
-        exact = isinstance(result, torch.Tensor) and name != "unflatten"
         return Op(kind, (ref(args[0]) if args else None,), touched, outputs,
-                  info=tuple(result.shape) if exact else _sizes(name, args, kwargs))
+                  info=tuple(result.shape) if isinstance(result, torch.Tensor) else _sizes(name, args, kwargs))
     elif kind == "split":
         x = args[0] if args else None
         ndim = x.dim() if isinstance(x, torch.Tensor) else None

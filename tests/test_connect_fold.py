@@ -57,7 +57,7 @@ def test_connect_then_fold_is_exact(name, make_target, make_aux, make_x):
     with torch.no_grad():   # zero-initialised heads (torchvision) must not hide errors
         for p in [*target.parameters(), *aux.parameters()]:
             p.add_(0.02 * torch.randn_like(p))
-    keys = set(target.state_dict())
+    keys, names = list(target.state_dict()), [n for n, _ in target.named_parameters()]
     n_params = sum(p.numel() for p in target.parameters())
     cls_before = {n: type(m) for n, m in target.named_modules()}
     with torch.no_grad():
@@ -77,7 +77,8 @@ def test_connect_then_fold_is_exact(name, make_target, make_aux, make_x):
     with torch.no_grad():
         torch.testing.assert_close(forward(target, x), connected_out, atol=1e-5, rtol=1e-5)
     assert not pathway.is_connected(target)
-    assert set(target.state_dict()) == keys
+    assert list(target.state_dict()) == keys                       # in the original order: weight before bias
+    assert [n for n, _ in target.named_parameters()] == names
     assert sum(p.numel() for p in target.parameters()) == n_params
     assert {n: type(m) for n, m in target.named_modules()} == cls_before
     fresh = make_target()
