@@ -7,9 +7,13 @@ through ``read_triangle_mesh`` + ``sample_points_uniformly`` (area-weighted, wit
 Every cloud is centred and scaled into the unit sphere, then sampled to ``num_points``: a random subset
 (training) or a subset seeded by the sample index (evaluation, so it is the same every epoch). A cloud
 with fewer points, including fewer than the tokenizer's group size, is **resampled with replacement**
-(all its points kept once, the rest drawn again). Training augmentation, each optional: anisotropic
-scale in [2/3, 3/2], translation in [-0.2, 0.2], rotation about ``up_axis``, Gaussian jitter (sigma
-0.01, clipped at 0.05); normals follow the rotation and scale and are re-normalised.
+(all its points kept once, the rest drawn again). Training augmentation, each optional: a scale drawn
+in ``scale`` (per axis, or one for all axes with ``isotropic_scale``), a translation in
+``[-translate, translate]`` per axis, rotation about ``up_axis``, Gaussian jitter (sigma ``jitter``, clipped
+at 5 sigma); normals follow the rotation and scale and are re-normalised. The defaults are Point-MAE's:
+classification (``PointcloudScaleAndTranslate``) anisotropic [2/3, 3/2] and 0.2; part segmentation
+(``segmentation/main.py``: ``random_scale_point_cloud``, ``shift_point_cloud``) isotropic [0.8, 1.25], 0.1,
+no jitter.
 
 Adapters: ``point`` (classification, ``root/<split>/<class>/<file>``, top-1) and ``point_part`` (part
 segmentation, per-point labels, mIoU; see :class:`PointPartAdapter` for its layouts).
@@ -141,18 +145,19 @@ def sample_indices(have: int, want: int, rng: np.random.Generator) -> np.ndarray
     return np.concatenate([rng.permutation(have), rng.choice(have, want - have, replace=True)])
 
 
-def augment(points: np.ndarray, rng: np.random.Generator, up_axis: int | None, rotate: bool, jitter: float) -> np.ndarray:
+def augment(points: np.ndarray, rng: np.random.Generator, up_axis: int | None, rotate: bool, jitter: float,
+            scale_range: tuple[float, float] = (2 / 3, 3 / 2), isotropic: bool = False, translate: float = 0.2) -> np.ndarray:
     """Point-MAE-style scale / translate, plus optional rotation about ``up_axis`` and jitter."""
     out = points.copy()
-    scale = rng.uniform(2 / 3, 3 / 2, 3).astype(np.float32)
-    linear = np.diag(scale)
+    scale = rng.uniform(*scale_range, 1 if isotropic else 3).astype(np.float32)
+    linear = np.diag(np.broadcast_to(scale, (3,)))
     if rotate and up_axis is not None:
         angle = rng.uniform(0, 2 * np.pi)
         a, b = [i for i in range(3) if i != up_axis]
         rot = np.eye(3, dtype=np.float32)
         rot[a, a], rot[a, b], rot[b, a], rot[b, b] = np.cos(angle), -np.sin(angle), np.sin(angle), np.cos(angle)
         linear = rot @ linear
-    out[:, :3] = out[:, :3] @ linear.T + rng.uniform(-0.2, 0.2, 3).astype(np.float32)
+    out[:, :3] = out[:, :3] @ linear.T + rng.uniform(-translate, translate, 3).astype(np.float32)
     if jitter > 0:
         out[:, :3] += np.clip(jitter * rng.standard_normal(out[:, :3].shape), -5 * jitter, 5 * jitter)
     if out.shape[1] >= 6:  # normals transform by the inverse transpose, then back to unit length
@@ -174,6 +179,9 @@ class _PointAdapterBase(Adapter):
         "rotate": False,  # rotation about up_axis in training
         "up_axis": 1,  # ShapeNet / ModelNet are y-up
         "jitter": 0.01,
+        "scale": (2 / 3, 3 / 2),  # training scale range (Point-MAE classification)
+        "isotropic_scale": False,  # one scale for all axes (Point-MAE part segmentation) instead of one per axis
+        "translate": 0.2,  # training translation range, per axis
         "mesh_points": 8192,  # points sampled from each mesh before num_points are drawn
         "extensions": POINT_EXTENSIONS,
     }
@@ -198,7 +206,8 @@ class _PointAdapterBase(Adapter):
         idx = sample_indices(len(points), o["num_points"], rng)
         points = normalize_unit_sphere(points[idx])
         if train and o["augment"]:
-            points = augment(points, rng, o["up_axis"], o["rotate"], o["jitter"])
+            points = augment(points, rng, o["up_axis"], o["rotate"], o["jitter"], tuple(o["scale"]),
+                             o["isotropic_scale"], o["translate"])
         x = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32))
         return x, None if labels is None else torch.from_numpy(labels[idx].astype(np.int64))
 
@@ -318,6 +327,8 @@ class PointPartAdapter(_PointAdapterBase):
                 "extensions": ("txt",),
                 "head": "interpolate",  # "interpolate" (SegmentationHead) or "pointmae" (Point-MAE's head)
                 "category_onehot": False,  # shapenetpart: append the shape category's one-hot to every point
+                # Point-MAE segmentation/main.py's training augmentation (provider.py)
+                "scale": (0.8, 1.25), "isotropic_scale": True, "translate": 0.1, "jitter": 0.0,
                 }
     heads = {"interpolate": SegmentationHead, "pointmae": PointMAESegmentationHead}
     LAYOUTS = ("folders", "shapenetpart", "partnet")

@@ -125,3 +125,19 @@ def test_shapenetpart_category_onehot_and_pointmae_head(tmp_path: Path):
     assert not torch.allclose(head(out.tokens, out), logits)  # the category conditions every point
     with pytest.raises(ValueError, match="category_onehot needs layout='shapenetpart'"):
         adapters.get("point_part").spec(4, category_onehot=True)
+
+
+def test_part_segmentation_augmentation_is_point_mae_segmentation():
+    from pathway.adapters.point import augment
+
+    ad = adapters.get("point_part").spec(4)
+    o = ad.options
+    assert (tuple(o["scale"]), o["isotropic_scale"], o["translate"], o["jitter"]) == ((0.8, 1.25), True, 0.1, 0.0)
+    points = np.random.default_rng(0).standard_normal((100, 3)).astype(np.float32)
+    out = augment(points, np.random.default_rng(1), None, False, 0.0, (0.8, 1.25), True, 0.1)
+    centred = lambda p: p - p.mean(axis=0)  # noqa: E731
+    ratio = centred(out) / centred(points)
+    assert np.allclose(ratio, ratio[0, 0], atol=1e-4) and 0.8 <= ratio[0, 0] <= 1.25  # one scale for every axis
+    shift = out.mean(axis=0) - ratio[0, 0] * points.mean(axis=0)
+    assert np.all(np.abs(shift) <= 0.1 + 1e-5)
+    assert adapters.get("point").spec(4).options["isotropic_scale"] is False  # classification keeps its own
