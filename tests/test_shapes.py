@@ -160,3 +160,26 @@ def test_gpt2_conv1d_target_from_wider_gpt2():
         connected = target(ids).last_hidden_state
         pathway.fold(target)
         assert torch.allclose(target(ids).last_hidden_state, connected, atol=1e-5)
+
+
+def test_split_q_k_v_target_from_a_wider_fused_aux():
+    target, aux = toys.hf_bert(dim=32, heads=2), toys.timm_vit(dim=64, heads=4, classes=0)
+    report = pathway.connect(target, aux, on_shape_mismatch="select")
+    assert report.coverage == (12, 12)
+    built, qkv = aux_tensors(target), aux.blocks[0].attn.qkv.weight
+    for part, role in enumerate(("query", "key", "value")):       # heads 0 and 2 of q, of k, of v
+        rows = torch.cat([part * 64 + head * 16 + torch.arange(16) for head in (0, 2)])
+        assert torch.equal(built[f"encoder.layer.0.attention.self.{role}.weight"], qkv[rows][:, uniform_indices(64, 32)])
+
+
+def test_per_head_interleaved_aux_is_regrouped_before_selection():
+    from transformers import GPTNeoXConfig, GPTNeoXModel
+
+    target = toys.timm_vit(dim=32, heads=2)
+    aux = GPTNeoXModel(GPTNeoXConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+                                     intermediate_size=256, vocab_size=100))
+    report = pathway.connect(target, aux, on_shape_mismatch="select")
+    assert report.coverage == (8, 8) and report.pairs[0].layout == ("", "heads")
+    fused = aux.layers[0].attention.query_key_value.weight        # rows [head, (q, k, v), head_dim]
+    rows = torch.cat([head * 48 + part * 16 + torch.arange(16) for part in range(3) for head in (0, 2)])
+    assert torch.equal(aux_tensors(target)["blocks.0.attn.qkv.weight"], fused[rows][:, uniform_indices(64, 32)])
