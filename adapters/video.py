@@ -212,12 +212,19 @@ class VideoAdapter(Adapter):
 
         def augment(video, key: tuple[int, int, tuple[int, float]], index: int) -> tuple[Tensor, int, int]:
             label, j, (clip, pos) = key
-            n = video[0]
-            last = max(0, n - o["num_frames"] * o["sampling_rate"])
-            start = round(last * clip / max(1, o["test_clips"] - 1))
-            return self.view(video, start, pos), label, j
+            return self.view(video, self.test_clip_start(video[0], clip), pos), label, j
 
         return FileDataset(samples, read_video, augment, self)
+
+    def test_clip_start(self, num_video_frames: int, clip: int) -> int:
+        """First frame of test clip ``clip``: VideoMAE's ``int(clip * temporal_step)`` over the video subsampled
+        at ``sampling_rate`` (``kinetics.py`` test mode), in frames of the video; one clip: the centre."""
+        o = self.options
+        rate, t, clips = o["sampling_rate"], o["num_frames"], o["test_clips"]
+        if clips == 1:
+            return max(0, num_video_frames - t * rate) // 2
+        step = max((-(-num_video_frames // rate) - t) / (clips - 1), 0.0)
+        return int(clip * step) * rate
 
     def _to_tensor(self, frames: np.ndarray) -> Tensor:
         return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255  # [T, 3, H, W]
@@ -265,8 +272,8 @@ class VideoAdapter(Adapter):
         n, get = video
         frames = resize_short_side(self._to_tensor(get(clip_indices(n, o["num_frames"], o["sampling_rate"], start))), o["img_size"])
         size, (h, w) = o["img_size"], frames.shape[-2:]
-        top = round((h - size) * pos) if h > w else (h - size) // 2
-        left = round((w - size) * pos) if w >= h else (w - size) // 2
+        top = int((h - size) * pos) if h > w else (h - size) // 2  # VideoMAE: int(split * spatial_step)
+        left = int((w - size) * pos) if w >= h else (w - size) // 2
         return self._normalise(frames[..., top : top + size, left : left + size]).permute(1, 0, 2, 3).contiguous()
 
     def input_shape(self) -> tuple[int, ...]:

@@ -162,3 +162,11 @@ def test_video_rand_augment_is_the_same_on_every_frame_and_repeated_clips_flatte
     assert not torch.equal(x[0], x[1]) or not torch.equal(x[2], x[3])  # independently augmented clips
     with pytest.raises(ValueError, match="num_sample"):
         adapters.get("video")(tmp_path, num_sample=0)
+
+
+def test_video_test_views_start_where_videomae_starts_them():
+    ad = adapters.get("video").spec(400, num_frames=16, sampling_rate=4, test_clips=5, test_crops=3)
+    # kinetics.py test mode on 300 frames: 75 frames after subsampling, temporal_step (75 - 16) / 4 = 14.75
+    assert [ad.test_clip_start(300, k) for k in range(5)] == [0, 14 * 4, 29 * 4, 44 * 4, 59 * 4]
+    assert ad.test_views() == [(k, pos) for k in range(5) for pos in (0.0, 0.5, 1.0)]
+    assert adapters.get("video").spec(400, test_clips=1).test_clip_start(100, 0) == (100 - 64) // 2
