@@ -322,7 +322,6 @@ class PointPartAdapter(_PointAdapterBase):
     """
 
     task = "segmentation"
-    metric = "miou"
     defaults = {**_PointAdapterBase.defaults, "layout": "folders", "category": None, "num_classes": None,
                 "extensions": ("txt",),
                 "head": "interpolate",  # "interpolate" (SegmentationHead) or "pointmae" (Point-MAE's head)

@@ -38,7 +38,7 @@ from pathway.tokenizers.base import Tokenizer
 from pathway.tokenizers.video_tubelet import VideoTubeletTokenizer
 from pathway.train.data import Repeated
 
-from .base import Adapter, FileDataset, OptionError, UnreadableFileError
+from .base import Adapter, FileDataset, LayoutError, OptionError, UnreadableFileError
 from .image import IMAGENET_MEAN, IMAGENET_STD, keep_zero_bit_posterize
 from .registry import register
 
@@ -206,8 +206,8 @@ class VideoAdapter(Adapter):
         """The multi-view test, one view per item: item ``v + V * j`` is view ``v`` of video ``j`` as
         ``(x [3, T, H, W], label, j)``; average the probabilities of the items sharing ``j``."""
         if self.root is None:
-            raise OptionError(f"VideoAdapter.spec(...) has no data; build it with VideoAdapter(root, ...)")
-        o, views = self.options, self.test_views()
+            raise LayoutError("VideoAdapter.spec(...) has no data; build it with VideoAdapter(root, ...)")
+        views = self.test_views()
         samples = [(path, (label, j, view)) for j, (path, label) in enumerate(self.samples(split)) for view in views]
 
         def augment(video, key: tuple[int, int, tuple[int, float]], index: int) -> tuple[Tensor, int, int]:

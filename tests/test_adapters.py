@@ -114,11 +114,12 @@ def test_image_adapter_skips_broken_files(image_root: Path, how: str):
 def test_skip_count_is_shared_with_workers(image_root: Path):
     mf.corrupt(image_root / "train" / "dog" / "0.png", "garbage")
     ad = adapters.get("image")(image_root, img_size=32, max_unreadable_share=0.5)
-    loader = torch.utils.data.DataLoader(ad.dataset("train", False), batch_size=4, num_workers=2)
+    ds = ad.dataset("train", False)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         batches = list(loader)
-    assert sum(len(b[1]) for b in batches) == 8 and ad.skipped == 1
+    assert sum(len(b[1]) for b in batches) == 8 and ad.skipped == 1 and ds.unreadable_count() == 1
 
 
 def test_image_layout_and_option_errors(tmp_path: Path, image_root: Path):
