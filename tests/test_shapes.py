@@ -183,3 +183,19 @@ def test_per_head_interleaved_aux_is_regrouped_before_selection():
     fused = aux.layers[0].attention.query_key_value.weight        # rows [head, (q, k, v), head_dim]
     rows = torch.cat([head * 48 + part * 16 + torch.arange(16) for part in range(3) for head in (0, 2)])
     assert torch.equal(aux_tensors(target)["blocks.0.attn.qkv.weight"], fused[rows][:, uniform_indices(64, 32)])
+
+
+def test_a_selected_connection_saves_and_loads(tmp_path):
+    target, aux = toys.timm_vit(dim=32, heads=2), toys.timm_vit(dim=64, heads=4, classes=0)
+    pathway.connect(target, aux, on_shape_mismatch="select")
+    for scale in pathway.lambdas(target).values():
+        scale.data.fill_(0.5)
+    pathway.save(target, tmp_path / "connected.safetensors")
+    fresh = toys.timm_vit(dim=32, heads=2)
+    pathway.load(fresh, tmp_path / "connected.safetensors")
+    transforms = {p.transform for *_, pathways in pathway.modules.pathway_sites(fresh) for p in pathways}
+    assert all(t.startswith("select[") for t in transforms)
+    x = torch.randn(2, 3, 32, 32)
+    target.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), target(x))
