@@ -39,7 +39,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .errors import ShapeMismatchError
+from .errors import OptionError, ShapeMismatchError
 from .modules import plain_parameters
 from .report import Pair, Report
 
@@ -81,13 +81,11 @@ class Geometry:
 
 @dataclass(frozen=True)
 class Selection:
-    """One block pair's aux indices per space, and the aux head chosen for each target head."""
+    """One block pair's aux indices per space (rows of q, of k and v, the residual stream)."""
 
     residual: torch.Tensor
     q: torch.Tensor
     kv: torch.Tensor
-    heads: torch.Tensor         # aux q head of each target q head
-    kv_heads: torch.Tensor      # aux kv head of each target kv head
     kv_repeat: int              # aux q heads per aux kv head
 
     def rows(self, parts: Sequence[str], aux_parts: Sequence[str], aux: Geometry) -> torch.Tensor:
@@ -106,14 +104,18 @@ def select_block(target: Geometry, aux: Geometry, where: str = "") -> Selection:
         heads = uniform_indices(aux.heads, target.heads, "number of heads")
         dims = uniform_indices(aux.head_dim, target.head_dim, "head size")
     except NarrowAuxError as e:
-        raise NarrowAuxError(f"{e} ({where or 'attention'}): weight selection takes a part of a wider aux model "
-                             f"and cannot fill a narrower one. Fix: an aux model at least as wide as the target "
-                             f"(width, number of heads, head size, MLP size), on_shape_mismatch='skip' to leave "
-                             f"these layers unpaired, or exclude=[...].") from None
+        raise _with_fix(e, where or "attention") from None
     repeat = aux.heads // aux.kv_heads
-    kv_heads = heads[:: target.heads // target.kv_heads] // repeat
+    kv_heads = heads[:: target.heads // target.kv_heads] // repeat   # the aux kv head each target kv head reads
     return Selection(residual, (heads[:, None] * aux.head_dim + dims).flatten(),
-                     (kv_heads[:, None] * aux.head_dim + dims).flatten(), heads, kv_heads, repeat)
+                     (kv_heads[:, None] * aux.head_dim + dims).flatten(), repeat)
+
+
+def _with_fix(error: NarrowAuxError, where: str) -> NarrowAuxError:
+    return NarrowAuxError(f"{error} ({where}): weight selection takes a part of a wider aux model and cannot fill "
+                          f"a narrower one. Fix: an aux model at least as wide as the target (width, number of "
+                          f"heads, head size, MLP size), on_shape_mismatch='skip' to leave these layers unpaired, "
+                          f"or exclude=[...].")
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,7 @@ def gated_member(names: Sequence[str], choice: str = "up") -> int:
     otherwise execution order, gate first, as every SwiGLU forward computes ``act(gate(x)) * up(x)``.
     """
     if choice not in GATED_CHOICES:
-        raise ShapeMismatchError(f"gated MLP source {choice!r} is not one of {list(GATED_CHOICES)}")
+        raise OptionError(f"gated MLP source {choice!r} is not one of {list(GATED_CHOICES)}")
     want = GATED_CHOICES.index(choice) ^ 1        # its position in (gate, up)
     for pattern in _GATED_NAMES:
         hits = [i for i, n in enumerate(names) if f".{pattern[want]}." in f".{n}"]
@@ -232,11 +234,9 @@ def select_pairs(pairs: Sequence[Pair], target: nn.Module, aux: nn.Module, gated
             chosen[pair.target] = _per_dimension(pair, t_side, a_side, gated)
             continue
         key = (pair.target_block, pair.aux_block)
-        if key not in selections:
-            block = [p for p in pairs if (p.target_block, p.aux_block) == key and p.role in (*ATTENTION_ROLES, "o")]
-            where = f"target block {key[0]} <- aux block {key[1]}"
-            t_geo, a_geo = _geometry(t_side, block[0], False), _geometry(a_side, block[0], True)
-            selections[key] = (t_geo, a_geo, select_block(t_geo, a_geo, where))
+        if key not in selections:    # the block pair's first attention weight to select sets its geometry
+            t_geo, a_geo = _geometry(t_side, pair, False), _geometry(a_side, pair, True)
+            selections[key] = (t_geo, a_geo, select_block(t_geo, a_geo, f"target block {key[0]} <- aux block {key[1]}"))
         chosen[pair.target] = _attention(pair, t_side, a_side, *selections[key])
     return chosen
 
@@ -317,7 +317,10 @@ def _per_dimension(pair: Pair, target: Side, aux: Side, gated: str) -> Selected:
     t_shape, a_shape = target.shapes[pair.target], aux.shapes[name]
     if len(t_shape) != len(a_shape):
         raise ShapeMismatchError(f"{pair.target} {list(t_shape)} <- {name} {list(a_shape)}: different ranks")
-    index = [uniform_indices(a, t, f"size of dim {d} of {name}") for d, (a, t) in enumerate(zip(a_shape, t_shape))]
+    try:
+        index = [uniform_indices(a, t, f"dim {d} size") for d, (a, t) in enumerate(zip(a_shape, t_shape))]
+    except NarrowAuxError as e:
+        raise _with_fix(e, f"{pair.target} {list(t_shape)} <- {name} {list(a_shape)}") from None
     dims = "x".join(map(str, t_shape)) + "/" + "x".join(map(str, a_shape))
     return Selected((name,), (pair.aux_transposed[k],), index[0], index[1], tuple(index[2:]),
                     f"select[{gate_or_up}{dims}] {_share(t_shape, [a_shape])} of aux")

@@ -142,6 +142,9 @@ def test_narrower_aux_is_refused_with_the_fix():
     with pytest.raises(NarrowAuxError, match=r"narrower than the target's .*target block 0 <- aux block 0.*skip"):
         pathway.connect(target, aux, on_shape_mismatch="select")
     assert not pathway.is_connected(target)                   # refused before anything changed
+    narrow_mlp = toys.timm_vit(dim=64, heads=4, classes=0, mlp_ratio=2.0)
+    with pytest.raises(NarrowAuxError, match=r"dim 0 size is 128, narrower than the target's 256 \(blocks.0.mlp.fc1"):
+        pathway.connect(target, narrow_mlp, on_shape_mismatch="select")
 
 
 def test_gpt2_conv1d_target_from_wider_gpt2():
