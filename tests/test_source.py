@@ -92,3 +92,25 @@ def test_sources_that_cannot_be_read_lazily_are_named(tmp_path):
     save_file({"unrelated.weight": torch.zeros(2, 2)}, str(other))
     with pytest.raises(SourceError, match="is it the right architecture"):
         open_aux(other, architecture=toys.timm_vit())
+
+
+def test_engine_checkpoint_read_into_the_engine_model_built_on_meta(tmp_path):
+    from pathway.train.config import load_recipe
+    from pathway.train.model import build_adapter, build_transformer
+
+    def recipe(dim: int, heads: int):
+        return load_recipe("recipes/demo/image.yaml", [f"model.embed_dim={dim}", f"model.num_heads={heads}",
+                                                       "model.depth=2", "pathway.on_shape_mismatch=select"])
+
+    small, wide = recipe(32, 2), recipe(64, 4)
+    adapter = build_adapter(wide, need_data=False)
+    aux = build_transformer(wide, adapter)
+    file = tmp_path / "encoder.safetensors"
+    save_file({k: v.contiguous() for k, v in aux.state_dict().items()}, str(file),
+              metadata={"format": "pathway", "layout": "TransformerModel"})
+    source = open_aux(file, architecture=lambda: build_transformer(wide, adapter, aux=True))
+    target = build_transformer(small, build_adapter(small, need_data=False))
+    report = pathway.connect(target, source, **small.connect_options())
+    assert report.coverage == (8, 8) and len(source.tensors_read) == 8
+    expected = aux.blocks[1].mlp.fc2.weight[torch.arange(0, 64, 2)][:, torch.arange(0, 256, 2)]
+    assert torch.equal(aux_tensors(target)["blocks.1.mlp.fc2.weight"], expected)
