@@ -47,7 +47,7 @@ def materialise(pair: Pair, aux_params: Mapping[str, torch.Tensor], selected: Se
     if selected is None:
         tensor = apply_layout(pair, stacked)
     else:
-        (t_layout, a_layout), (t_heads, a_heads) = pair.layout, pair.heads
+        t_layout, a_layout = pair.layout
         if a_layout:
             stacked = apply_layout(dataclasses.replace(pair, layout=("", a_layout), out_slice=(0, len(stacked))),
                                    stacked)
@@ -95,6 +95,7 @@ def resolve(report: Report, target: nn.Module, aux: nn.Module, opts: Options) ->
     """Under ``on_shape_mismatch='select'``: the report naming each pair's selection, and the selections."""
     if opts.on_shape_mismatch != "select":
         return report, {}
+    # a plain fc1 takes a gated MLP's "up" unless the options (gated_mlp, where plan.py defines it) say "gate"
     return select_report(report, target, aux, getattr(opts, "gated_mlp", "up"))
 
 

@@ -125,18 +125,17 @@ def open_aux(path: str | os.PathLike, architecture: Architecture = None) -> AuxS
         raise SourceError(f"aux path {path} does not exist")
     if path.is_dir():
         files = _directory_files(path)
-        model = _build(architecture) if architecture is not None else _from_config(path)
-    else:
-        if architecture is None:
-            raise SourceError(f"{path} is a single weights file: pass the architecture it holds, "
-                              f"open_aux(path, architecture='vit_base_patch16_224') (a timm name), an nn.Module "
-                              f"built under torch.device('meta'), or a callable returning one")
-        files = [path]
-        model = _build(architecture)
-    if path.suffix not in ("", ".safetensors") or not all(f.suffix == ".safetensors" for f in files):
+    elif architecture is None:
+        raise SourceError(f"{path} is a single weights file: pass the architecture it holds, "
+                          f"open_aux(path, architecture='vit_base_patch16_224') (a timm name), an nn.Module "
+                          f"built under torch.device('meta'), or a callable returning one")
+    elif path.suffix != ".safetensors":
         raise SourceError(f"{path}: only safetensors files can be read tensor by tensor; convert the checkpoint "
                           f"first (safetensors.torch.save_file(torch.load(file, weights_only=True), "
                           f"'model.safetensors'))")
+    else:
+        files = [path]
+    model = _build(architecture) if architecture is not None else _from_config(path)
     keys, sizes = _file_keys(files)
     table = _key_map(model, keys, path)
     return AuxSource(path, model.eval(), table, {name: sizes[key] for name, (_, key) in table.items()})

@@ -83,6 +83,9 @@ def test_sources_that_cannot_be_read_lazily_are_named(tmp_path):
         open_aux(tmp_path / "w.safetensors")
     with pytest.raises(SourceError, match="not a readable safetensors file"):
         open_aux(tmp_path / "w.safetensors", architecture=toys.timm_vit())
+    (tmp_path / "w.pt").write_bytes(b"")
+    with pytest.raises(SourceError, match="only safetensors files can be read tensor by tensor"):
+        open_aux(tmp_path / "w.pt", architecture=toys.timm_vit())
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "pytorch_model.bin").write_bytes(b"")
