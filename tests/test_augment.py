@@ -80,6 +80,12 @@ def test_unreadable_files_are_counted_and_too_many_stop_the_run(image_root: Path
         [strict_share[i] for i in range(len(strict_share))]
     with pytest.raises(ValueError, match="max_unreadable_share"):
         adapters.get("image")(image_root, max_unreadable_share=5)
+    loader = torch.utils.data.DataLoader(  # the share is counted over the workers; the error keeps its class
+        adapters.get("image")(image_root, img_size=32, max_unreadable_share=0.1).dataset("train", train=False),
+        batch_size=2, num_workers=2)
+    with warnings.catch_warnings(), pytest.raises(TooManyUnreadableFilesError, match="max_unreadable_share=0.1"):
+        warnings.simplefilter("ignore")
+        list(loader)
 
 
 # ---------------------------------------------------------------- audio (AudioMAE dataset.py)
