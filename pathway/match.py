@@ -125,9 +125,11 @@ def unit_pairs(t: Unit, a: Unit, aux_block: int | None, same_code: bool = False)
     """
     unread = [m for m in (*t.members, *a.members) if m.role == "qkv" and m.layout is None]
     if unread and not (same_code and all(m.role == "qkv" for m in (*t.members, *a.members))):
-        return [], "; ".join(f"{m.name} {list(m.shape)}" for m in unread) + (
-            ": a fused attention projection whose row layout ([q | k | v] or per head [head, (q, k, v), "
-            "head_dim]) its forward does not show (no view or split of its output into q, k and v) [layout]")
+        return [], "; ".join(
+            f"{m.name} {list(m.shape)}: a fused attention projection whose row layout ([q | k | v] or per head "
+            f"[head, (q, k, v), head_dim]) cannot be read: "
+            + (m.layout_note or "its forward shows no view, split or slices of its output into q, k and v")
+            for m in unread) + " [layout]"
     t_rest, a_rest = t.shape[1:], a.shape[1:]
     if t_rest != a_rest or t.shape[0] != a.shape[0]:
         grouped = (len(t.members) > 1 or len(a.members) > 1) and t_rest == a_rest

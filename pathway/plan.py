@@ -6,6 +6,7 @@ model is never left half-connected (PEFT's rule for ``inject_adapter``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -95,13 +96,18 @@ class Options:
 
 
 def read_model(model: nn.Module, inputs: Any, tracer: str, kinds: tuple[str, ...], side: str) -> ModelView:
-    """Trace ``model`` (torch.fx first, the runtime recorder where fx fails) and build its units."""
+    """Trace ``model`` and build its units.
+
+    Under ``tracer='auto'`` torch.fx reads first; the runtime recorder reads where fx fails, where fx
+    sees weights only inside functions it does not open, or where it cannot read a fused q/k/v
+    layout (slice bounds fx only knows as traced values). Should the recorder fail on a model fx
+    did read, the fx reading stands and the report says what it lacks.
+    """
     model = getattr(model, "_orig_mod", model)   # torch.compile wrapper
     names = plain_names(model)
     plain_shapes = {n: tuple(p.shape) for n, p in plain_parameters(model).items()}
     shapes = {raw: tuple(p.shape) for raw, p in model.named_parameters(remove_duplicate=False)} | plain_shapes
-    trace: Trace | None = None
-    fx_problem = ""
+    fx_trace, problem = None, ""
     if tracer in ("auto", "fx"):
         try:
             ops, consts = read_fx(model)
@@ -109,36 +115,53 @@ def read_model(model: nn.Module, inputs: Any, tracer: str, kinds: tuple[str, ...
             if tracer == "fx":
                 raise TraceError(f"torch.fx cannot trace the {side} model {type(model).__name__}: "
                                  f"{type(e).__name__}: {e}. Use tracer='runtime' with example inputs.") from e
-            fx_problem = f"torch.fx failed first: {type(e).__name__}"
+            problem = f"torch.fx failed first: {type(e).__name__}"
         else:
-            trace = Trace("torch.fx (no example inputs needed)", *analyse(ops, consts, shapes, names))
-            if trace.hidden and tracer == "auto":
-                example = next((n for n in trace.hidden if n.endswith("weight")), trace.hidden[0])
-                fx_problem = (f"torch.fx saw {len(trace.hidden)} weight(s) only inside functions it does not open, "
-                              f"e.g. {example}")
-                trace = None
-    if trace is None:
-        source = "given"
-        if inputs is None:
-            try:
-                inputs, source = derive_inputs(model)
-            except LookupError as e:
-                raise TraceError(f"cannot derive example inputs for the {side} model {type(model).__name__}; pass "
-                                 f"{side}_inputs=... (a tensor, a tuple of args or a dict of kwargs)"
-                                 + (f" ({fx_problem})" if fx_problem else "")) from e
+            fx_trace = Trace("torch.fx (no example inputs needed)", *analyse(ops, consts, shapes, names))
+            problem = "" if tracer == "fx" else _fx_shortfall(fx_trace)
+    if fx_trace is not None and not problem:
+        trace = fx_trace
+    else:
         try:
-            ops, consts = read_runtime(model, inputs)
-        except Exception as e:
-            why = f" ({fx_problem})" if fx_problem else ""
-            raise TraceError(
-                f"the {side} model {type(model).__name__} could not run on example inputs {describe(inputs)} "
-                f"({source}){why}: {type(e).__name__}: {e}. Pass inputs it accepts: connect(target, aux, "
-                f"{side}_inputs=...) as a tensor, a tuple of positional args or a dict of keyword args.") from e
-        reader = f"runtime recorder on {describe(inputs)} ({source})" + (f"; {fx_problem}" if fx_problem else "")
-        trace = Trace(reader, *analyse(ops, consts, shapes, names))
+            trace = _runtime_trace(model, inputs, shapes, names, side, problem)
+        except TraceError as e:
+            if fx_trace is None:
+                raise
+            trace = dataclasses.replace(fx_trace, reader=f"{fx_trace.reader}; {problem}, and the runtime recorder "
+                                                         f"could not run: {e}")
     blocks = find_blocks(model)
     units, depth = build_units(trace, blocks, kinds)
     return ModelView(type(model).__name__, trace, units, depth, blocks if len(blocks) == depth else [], plain_shapes)
+
+
+def _fx_shortfall(trace: Trace) -> str:
+    """What an fx reading misses that the runtime recorder may see, in words; empty if nothing."""
+    if trace.hidden:
+        example = next((n for n in trace.hidden if n.endswith("weight")), trace.hidden[0])
+        return f"torch.fx saw {len(trace.hidden)} weight(s) only inside functions it does not open, e.g. {example}"
+    unread = [u.name for u in trace.uses if u.role == "qkv" and u.layout is None]
+    return f"torch.fx could not read the q/k/v row layout of {unread[0]}" if unread else ""
+
+
+def _runtime_trace(model: nn.Module, inputs: Any, shapes: dict[str, tuple[int, ...]], names: dict[str, str | None],
+                   side: str, fx_problem: str) -> Trace:
+    source = "given"
+    why = f" ({fx_problem})" if fx_problem else ""
+    if inputs is None:
+        try:
+            inputs, source = derive_inputs(model)
+        except LookupError as e:
+            raise TraceError(f"cannot derive example inputs for the {side} model {type(model).__name__}; pass "
+                             f"{side}_inputs=... (a tensor, a tuple of args or a dict of kwargs){why}") from e
+    try:
+        ops, consts = read_runtime(model, inputs)
+    except Exception as e:
+        raise TraceError(
+            f"the {side} model {type(model).__name__} could not run on example inputs {describe(inputs)} "
+            f"({source}){why}: {type(e).__name__}: {e}. Pass inputs it accepts: connect(target, aux, "
+            f"{side}_inputs=...) as a tensor, a tuple of positional args or a dict of keyword args.") from e
+    reader = f"runtime recorder on {describe(inputs)} ({source})" + (f"; {fx_problem}" if fx_problem else "")
+    return Trace(reader, *analyse(ops, consts, shapes, names))
 
 
 def _check_models(target: nn.Module, aux: nn.Module, lazy: bool = False) -> None:

@@ -100,6 +100,7 @@ class WeightUse:
     heads: int | None = None       # heads its output is viewed as (query heads of a fused qkv)
     kv_heads: int | None = None    # key/value heads of a fused qkv
     layout: str | None = None      # fused qkv rows: "" as [q | k | v], "heads" as [head, (q, k, v), dim]; None: unread
+    layout_note: str = ""          # why a fused qkv's layout was not read, where the dataflow tells
 
     @property
     def role(self) -> str | None:
@@ -164,6 +165,27 @@ def _split_info(name: str, args: tuple, kwargs: dict, ndim: int | None, parts: i
             size if isinstance(size, int) else None)
 
 
+def _last_dim_slice(index: Any) -> tuple[int | None, int | None] | None:
+    """``(start, stop)`` of ``x[..., a:b]`` (only the last dim sliced, by ints); None for other indices."""
+    items = index if isinstance(index, tuple) else (index,)
+    if len(items) < 2 or items[0] is not Ellipsis and not all(i == slice(None) for i in items[:-1]):
+        return None
+    if items[0] is Ellipsis and len(items) != 2 or not isinstance(items[-1], slice) or items[-1] == slice(None):
+        return None
+    last = items[-1]
+    if last.step not in (None, 1) or not all(v is None or isinstance(v, int) for v in (last.start, last.stop)):
+        return None
+    return last.start, last.stop
+
+
+def _index_info(index: Any) -> tuple[int, ...]:
+    """``(k,)`` for an index that picks one position ``k`` of one dim (``x[..., 0, :]``), else ``()``."""
+    items = index if isinstance(index, tuple) else (index,)
+    ints = [i for i in items if isinstance(i, int) and not isinstance(i, bool)]
+    plain = all(isinstance(i, (int, slice)) or i is Ellipsis for i in items)
+    return (ints[0],) if plain and len(ints) == 1 else ()
+
+
 def _make_op(name: str, args: tuple, kwargs: dict, ref: Callable[[Any], Ref | None], outputs: tuple[int, ...],
              result: Any = None) -> Op:
     """Bind a call's arguments into the canonical slots of its kind; shared by both readers.
@@ -206,6 +228,11 @@ def _make_op(name: str, args: tuple, kwargs: dict, ref: Callable[[Any], Ref | No
         ndim = x.dim() if isinstance(x, torch.Tensor) else None
         parts = len(result) if isinstance(result, (tuple, list)) else None
         return Op(kind, (ref(x),), touched, outputs, info=_split_info(name, args, kwargs, ndim, parts))
+    elif kind == "shape" and name in ("__getitem__", "getitem") and len(args) == 2:
+        rows = _last_dim_slice(args[1])
+        if rows is not None:
+            return Op("slice", (ref(args[0]),), touched, outputs, info=rows)
+        return Op(kind, (ref(args[0]),), touched, outputs, info=_index_info(args[1]))
     elif kind in ("shape", "transpose"):
         slots = (args[0] if args else None,)
     else:
@@ -470,6 +497,7 @@ def analyse(ops: list[Op], consts: set[int], shapes: dict[str, tuple[int, ...]],
                 produced = record(left, "linear", False, right, call, None)
             elif is_activation(left) and is_activation(right):
                 _attention_roles_from_matmul(tags.get(left, frozenset()), tags.get(right, frozenset()), uses)
+                heads.at_matmul(left, right)
         elif op.kind == "mha":
             x = op.args[0]
             for weight, role in op.mha_weights:
@@ -478,6 +506,7 @@ def analyse(ops: list[Op], consts: set[int], shapes: dict[str, tuple[int, ...]],
                     heads.from_mha(produced, role, op.info[0])
         elif op.kind == "sdpa":
             for slot, r in zip("qkv", op.args):
+                heads.reached(r, slot)
                 t = tags.get(r, frozenset()) if isinstance(r, int) else frozenset()
                 if len(t) == 1:
                     uses[next(iter(t))].roles.add(slot)
@@ -490,6 +519,8 @@ def analyse(ops: list[Op], consts: set[int], shapes: dict[str, tuple[int, ...]],
             heads.step(op)
         elif op.kind == "other" and len(acts) == 1:   # a bias added, a scale: still the projection's rows
             heads.follow(acts[0], op.outputs)
+        elif op.kind == "other":
+            heads.carry(acts, op.outputs)
         if produced is not None:
             for out in op.outputs:
                 tags[out] = frozenset([produced])
@@ -515,7 +546,7 @@ def analyse(ops: list[Op], consts: set[int], shapes: dict[str, tuple[int, ...]],
     return uses, sequence, touched, [n for n in opaque_reads if n not in first]
 
 
-_RESHAPES = ("view", "split", "shape", "transpose")
+_RESHAPES = ("view", "split", "shape", "transpose", "slice")
 
 
 def _factors(sizes: tuple[int | None, ...], rows: int) -> tuple[int, ...] | None:
@@ -567,16 +598,34 @@ class _HeadReader:
         self.split: dict[int, str] = {}            # use -> "rows" (before a view) or "head_dim" (after it)
         self.part_heads: dict[int, int] = {}
         self.attention_heads: dict[int, tuple[int, int]] = {}
+        self.parts: dict[int, tuple[int, int]] = {}          # value -> (use, which of its 3 parts / first row)
+        self.part_roles: dict[int, dict[int, str]] = {}      # use -> {part: attention slot it reached}
+        self.slices: dict[int, set[tuple[int, int]]] = {}    # use -> row ranges taken by x[..., a:b]
 
     def start(self, use: int, outputs: tuple[int, ...]) -> None:
         for out in outputs:
             self.chain[out] = (use, 0, self.uses[use].shape[0])
 
     def step(self, op: Op) -> None:
-        link = self.chain.get(op.args[0]) if op.args and isinstance(op.args[0], int) else None
+        source = op.args[0] if op.args and isinstance(op.args[0], int) else None
+        if source in self.parts:
+            self._carry_part(source, op.outputs)
+        link = self.chain.get(source)
         if link is None:
             return
         use, stage, last = link
+        if op.kind == "split" and len(op.outputs) == 3 and stage < 2 or op.kind == "shape" and op.info and stage == 1:
+            for k, out in enumerate(op.outputs):   # q, k, v as they leave the fused rows, in row order
+                self.parts[out] = (use, op.info[0] % 3 if op.kind == "shape" else k)
+        if op.kind == "slice" and stage == 0:      # Phi-3: qkv[..., :q], qkv[..., q:q + kv], qkv[..., q + kv:]
+            rows = self.uses[use].shape[0]
+            start, stop = (0 if v is None else v + rows if v < 0 else min(v, rows)
+                           for v in (op.info[0], rows if op.info[1] is None else op.info[1]))
+            self.slices.setdefault(use, set()).add((start, stop))
+            for out in op.outputs:
+                self.parts[out] = (use, start)
+                self.chain[out] = (use, 2, None)
+            return
         if op.kind == "view":
             f = _factors(op.info, last) if last else None
             if stage == 0 and f is not None and len(f) > 1:
@@ -595,7 +644,34 @@ class _HeadReader:
         else:
             self._extend(op, use, stage, last)
 
+    def _carry_part(self, value: int, outputs: tuple[int, ...]) -> None:
+        for out in outputs:
+            self.parts.setdefault(out, self.parts[value])
+
+    def reached(self, value: Ref | None, slot: str) -> None:
+        """Attention read ``value`` as its ``slot`` (q, k or v); notes which fused part it was."""
+        part = self.parts.get(value) if isinstance(value, int) else None
+        if part is not None:
+            self.part_roles.setdefault(part[0], {})[part[1]] = slot
+
+    def at_matmul(self, left: Ref | None, right: Ref | None) -> None:
+        """``q @ k^T`` (parts on both sides) or ``probs @ v`` (a part on the right only)."""
+        if left in self.parts and right in self.parts:
+            self.reached(left, "q")
+            self.reached(right, "k")
+        elif right in self.parts:
+            self.reached(right, "v")
+
+    def carry(self, values: list[int], outputs: tuple[int, ...]) -> None:
+        """An op mixing one part with values of no part (rotary: ``q * cos + rotate_half(q) * sin``) keeps it."""
+        found = {self.parts[v] for v in values if v in self.parts}
+        if len(found) == 1:
+            for out in outputs:
+                self.parts.setdefault(out, next(iter(found)))
+
     def follow(self, value: int, outputs: tuple[int, ...]) -> None:
+        if value in self.parts:
+            self._carry_part(value, outputs)
         link = self.chain.get(value)
         if link is not None:
             for out in outputs:
@@ -628,10 +704,37 @@ class _HeadReader:
                     use.layout, use.heads = "", self.part_heads.get(i)
                 use.kv_heads = use.heads
                 q_heads, kv_heads = self.attention_heads.get(i, (None, None))
-                if f and len(f) == 2 and q_heads and kv_heads < q_heads and f[0] == q_heads + 2 * kv_heads:
+                narrower = q_heads and kv_heads < q_heads and use.shape[0] % (q_heads + 2 * kv_heads) == 0
+                if narrower and (f and len(f) == 2 and f[0] == q_heads + 2 * kv_heads or not f and split == "rows"):
                     use.layout, use.heads, use.kv_heads = "", q_heads, kv_heads   # [q | k | v], k/v narrower (MQA)
+                reached = self.part_roles.get(i, {})
+                if i in self.slices:
+                    _read_slices(use, self.slices[i], q_heads, kv_heads, reached)
+                elif any("qkv"[k] != slot for k, slot in reached.items()):
+                    use.layout = None   # its parts feed attention in another order than q, k, v: not read
+                    use.layout_note = "its three parts reach attention as " + ", ".join(
+                        f"part {k} -> {slot}" for k, slot in sorted(reached.items()))
             elif use.role in ("q", "k", "v") and f and len(f) == 2:
                 use.heads = f[0]
+
+
+def _read_slices(use: WeightUse, taken: set[tuple[int, int]], q_heads: int | None, kv_heads: int | None,
+                 reached: dict[int, str]) -> None:
+    """Rows sliced into three contiguous ranges are ``[q | k | v]`` if attention saw them in that order."""
+    bounds = sorted(taken)
+    contiguous = [b[0] for b in bounds] == [0, bounds[0][1], bounds[1][1]] and bounds[-1][1] == use.shape[0]
+    order = {start: "qkv"[k] for k, (start, _) in enumerate(bounds)}
+    if len(bounds) != 3 or not contiguous or bounds[1][1] - bounds[1][0] != bounds[2][1] - bounds[2][0]:
+        use.layout, use.layout_note = None, f"its output is sliced into rows {bounds}, not three contiguous parts"
+        return
+    if any(order[start] != slot for start, slot in reached.items()):
+        use.layout, use.layout_note = None, "its row slices reach attention as " + ", ".join(
+            f"rows {start}: -> {slot}" for start, slot in sorted(reached.items()))
+        return
+    q_rows, kv_rows = bounds[0][1], bounds[1][1] - bounds[1][0]
+    heads = q_heads or use.heads
+    use.layout, use.heads = "", heads
+    use.kv_heads = kv_heads if kv_heads else heads * kv_rows // q_rows if heads else None
 
 
 def _attention_roles_from_matmul(left: frozenset[int], right: frozenset[int], uses: list[WeightUse]) -> None:

@@ -74,10 +74,17 @@ def gptj():
                                       rotary_dim=8))
 
 
-def llama_gqa():
+def llama(kv_heads: int = HEADS):
     tf = _tf()
-    return tf.LlamaModel(tf.LlamaConfig(hidden_size=DIM, num_attention_heads=HEADS, num_key_value_heads=2,
+    return tf.LlamaModel(tf.LlamaConfig(hidden_size=DIM, num_attention_heads=HEADS, num_key_value_heads=kv_heads,
                                         num_hidden_layers=2, intermediate_size=4 * DIM, vocab_size=100))
+
+
+def phi3():
+    tf = _tf()
+    return tf.Phi3Model(tf.Phi3Config(hidden_size=DIM, num_hidden_layers=2, num_attention_heads=HEADS,
+                                      num_key_value_heads=HEADS, intermediate_size=4 * DIM, vocab_size=100,
+                                      pad_token_id=0))
 
 
 def t5_encoder():
@@ -153,6 +160,7 @@ VIT = Rows(("blocks.{i}.attn.qkv.weight",))
 BERT = split("encoder.layer.{i}.attention.self", "query", "key", "value")
 NEOX = Rows(("layers.{i}.attention.query_key_value.weight",), interleaved=True)
 BLOOM = Rows(("h.{i}.self_attention.query_key_value.weight",), interleaved=True)
+LLAMA = split("layers.{i}.self_attn", "q_proj", "k_proj", "v_proj")
 
 
 @dataclass(frozen=True)
@@ -176,6 +184,9 @@ PAIRED = [
     Case("phi (parallel attention + mlp) <- timm vit", phi, vit, split("layers.{i}.self_attn", "q_proj", "k_proj", "v_proj"),
          VIT, 12),
     Case("gpt-j (parallel attention + mlp) <- bert", gptj, bert, split("h.{i}.attn", "q_proj", "k_proj", "v_proj"), BERT, 12),
+    Case("phi-3 (qkv sliced into [q | k | v]) <- llama", phi3, llama, Rows(("layers.{i}.self_attn.qkv_proj.weight",)),
+         LLAMA, 8),
+    Case("llama <- phi-3", llama, phi3, LLAMA, Rows(("layers.{i}.self_attn.qkv_proj.weight",)), 14),
     Case("t5 encoder (block 0 holds the position bias) <- bert", t5_encoder, lambda: bert(4),
          split("encoder.block.{i}.layer.0.SelfAttention", "q", "k", "v"), BERT, 24),
     Case("whisper encoder <- timm vit", whisper_encoder, vit, split("layers.{i}.self_attn", "q_proj", "k_proj", "v_proj"),
@@ -300,12 +311,16 @@ def test_t5_block_zero_is_a_block():
     pytest.param(lambda: falcon(multi_query=True), vit, pathway.ShapeMismatchError,
                  r"multi-query attention \(MQA: 4 query heads, 1 key/value head\).*on_shape_mismatch='select'",
                  id="falcon-7b (MQA) <- timm vit"),
-    pytest.param(llama_gqa, vit, pathway.GroupSizeError,
+    pytest.param(lambda: llama(kv_heads=2), vit, pathway.GroupSizeError,
                  r"grouped-query attention \(GQA: 4 query heads, 2 key/value heads\)", id="llama GQA <- timm vit"),
-    pytest.param(vit, llama_gqa, pathway.GroupSizeError, r"the aux uses grouped-query attention",
+    pytest.param(vit, lambda: llama(kv_heads=2), pathway.GroupSizeError, r"the aux uses grouped-query attention",
                  id="timm vit <- llama GQA"),
-    pytest.param(vit, toys.SlicedQKVNet, LayoutError, r"blocks\.0\.qkv\.weight \[192, 64\].*row layout",
-                 id="timm vit <- fused qkv sliced by index (layout unreadable)"),
+    pytest.param(vit, toys.SlicedQKVNet, LayoutError, r"blocks\.0\.qkv\.weight \[192, 64\].*no view, split or slices",
+                 id="timm vit <- fused qkv cut by narrow (layout unreadable)"),
+    pytest.param(vit, lambda: toys.SlicedQKVNet(split="chunk", order="kqv"), LayoutError,
+                 r"part 0 -> k, part 1 -> q, part 2 -> v", id="timm vit <- fused qkv chunked as k, q, v"),
+    pytest.param(vit, lambda: toys.SlicedQKVNet(split="slice", order="kqv"), LayoutError,
+                 r"rows 0: -> k, rows 64: -> q, rows 128: -> v", id="timm vit <- fused qkv sliced as k, q, v"),
 ])
 def test_family_refused_with_what_it_is(make_target, make_aux, error, message):
     with pytest.raises(error, match=re.compile(message, re.S)):
@@ -317,7 +332,7 @@ def test_grouped_query_pairs_are_kept_flagged_under_select():
     qkv = next(p for p in report.pairs if p.target == "h.0.self_attention.query_key_value.weight")
     assert qkv.aux == ("blocks.0.attn.qkv.weight",) and {"shape_mismatch", "gqa"} <= set(qkv.flags)
     assert qkv.heads == (4, 4) and qkv.kv_heads == (1, 4)
-    report = pathway.plan(llama_gqa(), vit(), on_shape_mismatch="select", exclude=[r"\.mlp\."])
+    report = pathway.plan(llama(kv_heads=2), vit(), on_shape_mismatch="select", exclude=[r"\.mlp\."])
     roles = {p.target.split(".")[-2]: (p.out_slice, "gqa" in p.flags) for p in report.pairs if p.target_block == 0}
     assert roles["q_proj"] == ((0, 64), False) and roles["k_proj"] == ((64, 128), True)
     assert roles["v_proj"] == ((128, 192), True)

@@ -219,26 +219,34 @@ class BareNet(nn.Module):
 
 
 class SlicedQKVBlock(nn.Module):
-    """A fused qkv whose output is sliced by index: its row layout does not show in the dataflow."""
+    """A fused qkv split by ``narrow`` (a layout the dataflow does not show), by slices or by chunk,
+    its three parts read as ``order`` (``"kqv"``: the first rows are the keys)."""
 
-    def __init__(self, dim: int = 64, heads: int = 4):
+    def __init__(self, dim: int = 64, heads: int = 4, split: str = "narrow", order: str = "qkv"):
         super().__init__()
-        self.dim, self.heads = dim, heads
+        self.dim, self.heads, self.split, self.order = dim, heads, split, order
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         qkv = self.qkv(x)
-        q, k, v = (qkv[..., i * d:(i + 1) * d].reshape(b, n, self.heads, -1).transpose(1, 2) for i in range(3))
+        if self.split == "narrow":
+            parts = [qkv.narrow(-1, i * d, d) for i in range(3)]
+        elif self.split == "slice":
+            parts = [qkv[..., i * d:(i + 1) * d] for i in range(3)]
+        else:
+            parts = list(qkv.chunk(3, dim=-1))
+        named = dict(zip(self.order, parts))
+        q, k, v = (named[r].reshape(b, n, self.heads, -1).transpose(1, 2) for r in "qkv")
         return x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
 
 
 class SlicedQKVNet(nn.Module):
-    def __init__(self, dim: int = 64, depth: int = 2):
+    def __init__(self, dim: int = 64, depth: int = 2, **split):
         super().__init__()
         self.embed = nn.Linear(8, dim)
-        self.blocks = nn.ModuleList(SlicedQKVBlock(dim) for _ in range(depth))
+        self.blocks = nn.ModuleList(SlicedQKVBlock(dim, **split) for _ in range(depth))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.embed(x)
