@@ -297,6 +297,8 @@ class FileDataset(Dataset):
                 except (LayoutError, OptionError):
                     raise
                 except UnreadableFileError as unreadable:  # decoded lazily, inside the transform
+                    if isinstance(unreadable, TooManyUnreadableFilesError) or self.adapter.options["strict"]:
+                        raise  # a stop raised for another file read inside the transform (a mixup partner)
                     self.mark_unreadable(i, unreadable)
                     break
                 except Exception as failed:

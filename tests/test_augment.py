@@ -176,3 +176,23 @@ def test_video_test_views_start_where_videomae_starts_them():
     assert [ad.test_clip_start(300, k) for k in range(5)] == [0, 14 * 4, 29 * 4, 44 * 4, 59 * 4]
     assert ad.test_views() == [(k, pos) for k in range(5) for pos in (0.0, 0.5, 1.0)]
     assert adapters.get("video").spec(400, test_clips=1).test_clip_start(100, 0) == (100 - 64) // 2
+
+
+def test_an_unreadable_mixup_partner_is_marked_not_the_clip(audio_root: Path):
+    mf.write_audio(audio_root / "clips" / "c.wav")
+    mf.corrupt(audio_root / "clips" / "c.wav", "garbage")
+    (audio_root / "train.csv").write_text("path,labels\nclips/a.wav,/m/speech\nclips/b.wav,/m/dog\nclips/c.wav,/m/dog\n")
+    ad = adapters.get("audio")(audio_root, target_length=64, freqm=0, timem=0, mixup=1.0, max_unreadable_share=0.5)
+    ds = ad.dataset("train", train=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for seed in range(6):  # partners drawn at random: c.wav is drawn and found unreadable on the way
+            SeededItems(ds, seed=seed)[0]
+    assert [ds.samples[i][0].name for i in range(3) if ds._bad[i]] == ["c.wav"] and ds.unreadable_count() == 1
+    none = adapters.get("audio")(audio_root, target_length=64, mixup=1.0, max_unreadable_share=0.0)
+    ds = none.dataset("train", train=True)
+    with warnings.catch_warnings(), pytest.raises(TooManyUnreadableFilesError, match=r"latest: \S*c\.wav"):
+        warnings.simplefilter("ignore")
+        for seed in range(6):
+            SeededItems(ds, seed=seed)[0]
+    assert ds.unreadable_count() == 1 and not ds._bad[0]  # the clip being mixed is not blamed
