@@ -249,6 +249,17 @@ def read_part_txt(path: Path, in_chans: int) -> tuple[np.ndarray, np.ndarray]:
     return data[:, :in_chans], data[:, -1].astype(np.int64)
 
 
+def partnet_categories(root: Path, split: str = "train") -> list[str]:
+    """The PartNet categories that have a ``split`` list under ``root/stats/train_val_test_split``: PartNet is
+    trained and scored one category at a time (``category`` option), then averaged
+    (:func:`pathway.train.metrics.average_over_categories`)."""
+    folder = root / "stats" / "train_val_test_split"
+    found = sorted(p.name[: -len(f".{split}.json")] for p in folder.glob(f"*.{split}.json"))
+    if not found:
+        raise LayoutError(f"no PartNet split lists {folder}/<Category>.{split}.json; expected PartNet's stats folder")
+    return found
+
+
 def read_partnet(root: Path, category: str, split: str) -> list[tuple[Path, Path]]:
     """``[(points_file, labels_file)]`` of one PartNet category and split.
 

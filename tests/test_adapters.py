@@ -368,7 +368,7 @@ def test_segmentation_head_interpolates_from_three_nearest_centres():
 def test_partnet_reader(tmp_path: Path):
     import json
 
-    from pathway.adapters.point import read_partnet
+    from pathway.adapters.point import partnet_categories, read_partnet
 
     split = tmp_path / "stats" / "train_val_test_split"
     split.mkdir(parents=True)
@@ -378,6 +378,9 @@ def test_partnet_reader(tmp_path: Path):
     np.savetxt(folder / "pts-10000.txt", mf.sphere_points(300))
     np.savetxt(folder / "label-10000.txt", np.arange(300) % 3, fmt="%d")
     assert read_partnet(tmp_path, "Chair", "train") == [(folder / "pts-10000.txt", folder / "label-10000.txt")]
+    assert partnet_categories(tmp_path) == ["Chair"]
+    with pytest.raises(LayoutError, match="no PartNet split lists"):
+        partnet_categories(tmp_path / "nowhere")
     ad = adapters.get("point_part")(tmp_path, layout="partnet", category="Chair", num_points=128, num_groups=8, group_size=8)
     x, y = ad.dataset("train", False)[0]
     assert ad.num_classes == 3 and x.shape == (128, 3) and set(y.tolist()) == {0, 1, 2}
