@@ -12,8 +12,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import load_model, save_model
 from torch.nn.utils import parametrize
 
 from .errors import NotConnectedError, PathwayError
@@ -45,12 +43,17 @@ def save(model: nn.Module, path: str | Path) -> None:
     if not is_connected(model):
         raise NotConnectedError(f"{type(model).__name__} is not connected; save a plain model with "
                                 f"safetensors.torch.save_model instead")
+    from safetensors.torch import save_model   # imported here: ``import pathway`` loads torch alone
+
     metadata = {"pathway": json.dumps({"version": FORMAT_VERSION, "sites": _spec(model)})}
     save_model(model, str(path), metadata=metadata)
 
 
 def load(target: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
     """Re-create the pathways stored in ``path`` on the plain ``target`` and load every tensor."""
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata() or {}
     if "pathway" not in metadata:

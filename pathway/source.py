@@ -32,7 +32,6 @@ from typing import Callable, Iterable, Union
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
 
 from .errors import PathwayError
 from .modules import plain_parameters
@@ -68,6 +67,8 @@ class AuxSource:
 
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """The named aux tensors (plain parameter names), as stored (dtype of the file), on the CPU."""
+        from safetensors import SafetensorError, safe_open   # here: ``import pathway`` loads torch alone
+
         out = {}
         for name in names:
             file, key = self._where(name)
@@ -197,6 +198,8 @@ def _build(architecture: Architecture) -> nn.Module:
 
 def _file_keys(files: list[Path]) -> tuple[dict[str, Path], dict[str, int]]:
     """Every key of ``files`` -> its file, and -> its size in bytes (headers only: no tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
     keys: dict[str, Path] = {}
     sizes: dict[str, int] = {}
     for file in files:
