@@ -168,7 +168,7 @@ class Case:
     id: str
     target: Callable[[], nn.Module]
     aux: Callable[[], nn.Module]
-    target_rows: Rows | None       # None: no attention to check head by head (or same code, paired by name)
+    target_rows: Rows | None       # None: nothing to check head by head (paired by name, or k/v heads selected)
     aux_rows: Rows | None
     body: int                      # body weights of the connected kinds the target's forward reads
     options: dict[str, Any] = field(default_factory=dict)
@@ -187,6 +187,10 @@ PAIRED = [
     Case("phi-3 (qkv sliced into [q | k | v]) <- llama", phi3, llama, Rows(("layers.{i}.self_attn.qkv_proj.weight",)),
          LLAMA, 8),
     Case("llama <- phi-3", llama, phi3, LLAMA, Rows(("layers.{i}.self_attn.qkv_proj.weight",)), 14),
+    Case("falcon-7b (MQA, parallel block) <- timm vit, on_shape_mismatch='select'", lambda: falcon(multi_query=True),
+         vit, None, None, 8, {"on_shape_mismatch": "select"}),
+    Case("llama GQA <- timm vit, on_shape_mismatch='select'", lambda: llama(kv_heads=2), vit, None, None, 8,
+         {"on_shape_mismatch": "select", "exclude": [r"\.mlp\."]}),
     Case("t5 encoder (block 0 holds the position bias) <- bert", t5_encoder, lambda: bert(4),
          split("encoder.block.{i}.layer.0.SelfAttention", "q", "k", "v"), BERT, 24),
     Case("whisper encoder <- timm vit", whisper_encoder, vit, split("layers.{i}.self_attn", "q_proj", "k_proj", "v_proj"),
