@@ -84,9 +84,10 @@ class AuxSource:
 
     def nbytes(self, names: Iterable[str]) -> int:
         """Bytes :meth:`read` would take from disk for ``names``, each counted once."""
-        for name in names:
+        unique = list(dict.fromkeys(names))
+        for name in unique:
             self._where(name)
-        return sum(self.sizes[n] for n in dict.fromkeys(names))
+        return sum(self.sizes[n] for n in unique)
 
     def describe_reads(self, names: Iterable[str]) -> str:
         """One line for a dry run: how many tensors, bytes and files a connect would read, of how many."""
