@@ -106,3 +106,13 @@ def test_batch_mixup_on_multilabel_or_segmentation_is_refused_by_name():
     with pytest.raises(OptionError, match="train.label_smoothing"):
         build_mixup(r, 4, "multilabel")
     assert build_mixup(r, 4, "classification") is None  # smoothing without mixup: the loss applies it
+
+
+def test_a_lambda_before_the_body_takes_layer_0():
+    r = recipe(lr=1e-3, lambda_lr=1e-2, layer_decay=DECAY)
+    spec = adapters.get("timeseries").spec(3, in_chans=2, length=32, patch_size=8)
+    target, aux = build_transformer(r, spec), build_transformer(r, spec, aux=True)
+    pathway.connect(target, aux, train_aux=False, segments=["pre", "body"], kinds=["linear", "conv"])
+    scales = lambda_scales(build_optimizer(target, r, 1e-3, log=lambda _: None), target)
+    assert scales["tokenizer.proj.weight"] == pytest.approx(10 * DECAY ** (DEPTH + 1))  # the patch embedding's layer
+    assert scales["blocks.0.attn.qkv.weight"] == pytest.approx(10 * DECAY ** DEPTH)

@@ -67,15 +67,21 @@ def freeze_all_but_head_and_lambdas(model: nn.Module) -> list[str]:
 
 
 def lambda_layer_groups(model: nn.Module, groups: list[dict[str, Any]], layer_decay: float) -> list[dict[str, Any]]:
-    """``groups`` with the lambda group split by block: block i's lambdas get block i's lr scale
-    ``layer_decay ** (n_layers - (i + 1))`` (times the lambda group's own scale), as the official code."""
-    import pathway
+    """``groups`` with the lambda group split by layer: block i's lambdas get block i's lr scale
+    ``layer_decay ** (n_layers - (i + 1))`` (times the lambda group's own scale), as the official code; lambdas
+    outside the body take the layer of their place, as ``pathway.param_groups`` numbers the other weights
+    (before the body 0, after it the last)."""
     from pathway.modules import block_of, find_blocks
 
     model = getattr(model, "_orig_mod", model)
     blocks = find_blocks(model)
     n_layers = len(blocks) + 1
-    block_by_scale = {id(p): block_of(name, blocks) for name, p in pathway.lambdas(model).items()}
+    layer_of: dict[int, int] = {}
+    body_started = False
+    for raw, p in model.named_parameters():
+        block = block_of(raw, blocks)
+        body_started = body_started or block is not None
+        layer_of[id(p)] = block + 1 if block is not None else (n_layers if body_started else 0)
     out: list[dict[str, Any]] = []
     for g in groups:
         if g["name"] != "lambda":
@@ -83,12 +89,11 @@ def lambda_layer_groups(model: nn.Module, groups: list[dict[str, Any]], layer_de
             continue
         by_layer: dict[int, dict[str, Any]] = {}
         for p in g["params"]:
-            block = block_by_scale.get(id(p))
-            layer = block + 1 if block is not None else n_layers
+            layer = layer_of[id(p)]
             if layer not in by_layer:
-                scale = g["lr_scale"] * layer_decay ** (n_layers - layer)
-                by_layer[layer] = {**g, "name": f"lambda_layer{layer}", "params": [], "lr_scale": scale,
-                                   "lr": g["lr"] * layer_decay ** (n_layers - layer)}
+                decay = layer_decay ** (n_layers - layer)
+                by_layer[layer] = {**g, "name": f"lambda_layer{layer}", "params": [], "lr_scale": g["lr_scale"] * decay,
+                                   "lr": g["lr"] * decay}
             by_layer[layer]["params"].append(p)
         out += [by_layer[k] for k in sorted(by_layer)]
     return out
