@@ -92,6 +92,8 @@ class ModelConfig:
     mlp_ratio: float = 4.0  # hidden width of the MLP = mlp_ratio * D
     drop_path: float = 0.1  # stochastic depth rate of the last block (linear from 0 over the depth)
     cls_token: bool = False  # prepend a learned class token (official checkpoints fold their cls pos-embed into it)
+    fc_norm: bool = False  # MAE / VideoMAE / AudioMAE global pooling: mean of the patch tokens, then a LayerNorm
+    #   (fc_norm), then the Linear; no norm after the blocks (their pretraining norm goes unused, as there)
     checkpoint: str = ""  # initial weights of the target ("" = random init, i.e. from scratch)
     checkpoint_format: str = "auto"  # "auto" | "pathway" | a format known to pathway.train.layouts (e.g. "mae")
 

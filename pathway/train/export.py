@@ -32,10 +32,11 @@ def timm_vit_kwargs(model: nn.Module, adapter: Any) -> dict[str, Any]:
     """
     o = adapter.options
     cls = model.cls_token is not None
+    fc_norm = isinstance(model.norm, nn.Identity)  # model.fc_norm: pooled, then normalised (MAE's global pool)
     return dict(
         img_size=o["img_size"], patch_size=o["patch_size"], in_chans=o["in_chans"], num_classes=adapter.num_classes,
         embed_dim=model.embed_dim, depth=model.depth, num_heads=model.num_heads, mlp_ratio=model.mlp_ratio,
-        global_pool="token" if cls else "avg", fc_norm=False, class_token=cls, no_embed_class=True,
+        global_pool="token" if cls and not fc_norm else "avg", fc_norm=fc_norm, class_token=cls, no_embed_class=True,
         pos_embed=o.get("pos_embed", "learn"),
     )
 
@@ -54,6 +55,11 @@ def save_folded(model: nn.Module, adapter: Any, run_dir: Path, log: Callable[[st
     out["model"] = str(path)
     log(f"saved folded model: {path}")
     if getattr(adapter, "name", "") != "image":
+        return out
+    beyond_linear = [k for k in model.state_dict() if k.startswith("head.") and not k.startswith(("head.fc.", "head.fc_norm."))]
+    if beyond_linear:  # e.g. the linear-probe head's BatchNorm: timm's VisionTransformer head is one Linear
+        log(f"no timm export: timm's VisionTransformer head is a single Linear, this head also has "
+            f"{', '.join(beyond_linear[:3])}; model.safetensors holds the model")
         return out
     kwargs = timm_vit_kwargs(model, adapter)
     timm_path = run_dir / "model_timm.safetensors"

@@ -150,8 +150,8 @@ def write_shapenetpart(root: Path, rng: np.random.Generator, per_split: dict[str
     (root / "train_test_split").mkdir(exist_ok=True)
     for split, count in per_split.items():
         listing = []
-        for _, synset, parts in SHAPENET_PARTS:
-            for _ in range(count):
+        for k, (_, synset, parts) in enumerate(SHAPENET_PARTS):
+            for _ in range(count + k % 2):  # unequal categories: instance and class mIoU differ
                 shape_id = "".join(rng.choice(list("0123456789abcdef"), 32))
                 xyz, normals, labels = _cloud(points, rng, parts)
                 (root / synset).mkdir(exist_ok=True)
@@ -261,7 +261,12 @@ def _vit_blocks(prefix: str, depth: int, dim: int, generator: torch.Generator, q
 
 
 def _body(model_sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v.clone() for k, v in model_sd.items() if k.startswith(("blocks.", "norm."))}
+    """Blocks and the norm after them (which pretraining files always hold, also for a ``model.fc_norm`` model)."""
+    body = {k: v.clone() for k, v in model_sd.items() if k.startswith(("blocks.", "norm."))}
+    if "norm.weight" not in body:
+        dim = model_sd["blocks.0.norm1.weight"].shape[0]
+        body |= {"norm.weight": torch.ones(dim), "norm.bias": torch.zeros(dim)}
+    return body
 
 
 def _with_cls_position(model_sd: dict[str, Tensor], g: torch.Generator) -> dict[str, Tensor]:
@@ -284,7 +289,7 @@ def audio_mae_pretrain(model_sd: dict[str, Tensor], g: torch.Generator, decoder_
     sd = mae_encoder(model_sd, g)["model"]
     n, patch = sd["pos_embed"].shape[1], sd["patch_embed.proj.weight"].shape[-1]
     sd |= {"mask_token": torch.zeros(1, 1, decoder_dim),
-           "decoder_embed.weight": torch.randn(decoder_dim, sd["norm.weight"].shape[0], generator=g) * 0.02,
+           "decoder_embed.weight": torch.randn(decoder_dim, sd["blocks.0.norm1.weight"].shape[0], generator=g) * 0.02,
            "decoder_embed.bias": torch.zeros(decoder_dim), "decoder_pos_embed": torch.zeros(1, n, decoder_dim),
            "decoder_norm.weight": torch.ones(decoder_dim), "decoder_norm.bias": torch.zeros(decoder_dim),
            "decoder_pred.weight": torch.randn(patch * patch, decoder_dim, generator=g) * 0.02,
@@ -297,7 +302,7 @@ def audio_mae_pretrain(model_sd: dict[str, Tensor], g: torch.Generator, decoder_
 def video_mae_pretrain(model_sd: dict[str, Tensor], g: torch.Generator, decoder_dim: int = 16) -> dict:
     """VideoMAE ``checkpoint.pth`` of run_mae_pretraining.py: ``{"model": encoder.* + decoder.*}``; the qkv
     Linear has no bias but ``q_bias``/``v_bias``; the sin-cos table is not a tensor of the module."""
-    enc = {}
+    enc = {k: v for k, v in _body(model_sd).items() if k.startswith("norm.")}
     for key, value in model_sd.items():
         if key.startswith("tokenizer.proj."):
             enc["encoder.patch_embed.proj." + key[len("tokenizer.proj."):]] = value.clone()
@@ -305,7 +310,7 @@ def video_mae_pretrain(model_sd: dict[str, Tensor], g: torch.Generator, decoder_
             q, _, v = value.chunk(3)
             enc["encoder." + key.replace("qkv.bias", "q_bias")] = q.clone()
             enc["encoder." + key.replace("qkv.bias", "v_bias")] = v.clone()
-        elif key.startswith(("blocks.", "norm.")):
+        elif key.startswith("blocks."):
             enc["encoder." + key] = value.clone()
     patch = model_sd["tokenizer.proj.weight"]
     out_dim = patch[0].numel()
@@ -328,7 +333,7 @@ def point_mae_pretrain(model_sd: dict[str, Tensor], g: torch.Generator) -> dict:
     keep = {k: v for k, v in model_sd.items() if k.startswith(tuple(s for s, _ in swaps))
             and not re.match(r"blocks\.\d+\.attn\.qkv\.bias$", k)}
     sd = _rename(keep, swaps)
-    dim = model_sd["norm.weight"].shape[0]
+    dim = model_sd["blocks.0.norm1.weight"].shape[0]
     sd |= {"mask_token": torch.zeros(1, 1, dim), "decoder_pos_embed.0.weight": torch.randn(128, 3, generator=g) * 0.02,
            "decoder_pos_embed.0.bias": torch.zeros(128), "decoder_pos_embed.2.weight": torch.randn(dim, 128, generator=g) * 0.02,
            "decoder_pos_embed.2.bias": torch.zeros(dim), "MAE_decoder.norm.weight": torch.ones(dim),
@@ -343,7 +348,7 @@ def m2pt_aux(model_sd: dict[str, Tensor], g: torch.Generator) -> dict:
     """An M2PT model-zoo aux file ({Point,Video,Audio,Image}_ViT_B16.pth): timm ``vit_base_patch16_224`` keys
     (image patch embedding, 14 x 14 + 1 positions, 1000-class head) at the rehearsal's width; only the
     blocks take part in the pathway."""
-    dim = model_sd["norm.weight"].shape[0]
+    dim = model_sd["blocks.0.norm1.weight"].shape[0]
     sd = {"cls_token": torch.randn(1, 1, dim, generator=g) * 0.02, "pos_embed": torch.randn(1, 197, dim, generator=g) * 0.02,
           "patch_embed.proj.weight": torch.randn(dim, 3, 16, 16, generator=g) * 0.02, "patch_embed.proj.bias": torch.zeros(dim),
           "head.weight": torch.randn(1000, dim, generator=g) * 0.02, "head.bias": torch.zeros(1000)}
@@ -354,6 +359,42 @@ CHECKPOINT_WRITERS: dict[str, Callable[[dict[str, Tensor], torch.Generator], dic
     "mae": mae_encoder, "audio_mae": audio_mae_pretrain, "video_mae": video_mae_pretrain,
     "point_mae": point_mae_pretrain, "timm": m2pt_aux,
 }
+
+
+def _videomae_blocks(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """VideoMAE's attention: a qkv Linear without bias, ``q_bias`` and ``v_bias`` (k's bias is fixed at zero; a
+    bias on k adds the same amount to every score of a query, which softmax ignores, so dropping it is exact)."""
+    out = {}
+    for key, value in sd.items():
+        if re.match(r"blocks\.\d+\.attn\.qkv\.bias$", key):
+            q, _, v = value.chunk(3)
+            out[key.replace("qkv.bias", "q_bias")], out[key.replace("qkv.bias", "v_bias")] = q.clone(), v.clone()
+        else:
+            out[key] = value.clone()
+    return out
+
+
+def official_finetuned(fmt: str, model_sd: dict[str, Tensor]) -> dict:
+    """A fine-tuned model of the official code base of ``fmt``, from a ``model.fc_norm`` TransformerModel's state
+    dict (a run's ``model.safetensors``): MAE / AudioMAE ``models_vit.VisionTransformer(global_pool=True)``
+    (``cls_token``, ``pos_embed`` with its cls slot, ``fc_norm``, ``head``; no ``norm``), VideoMAE
+    ``modeling_finetune.VisionTransformer(use_mean_pooling=True)`` (no cls token, fixed position table not
+    stored, ``q_bias``/``v_bias``, ``fc_norm``, ``head``); as their ``save_model`` writes it, ``{"model": ...}``."""
+    from .layouts import engine_to_timm
+
+    if "head.fc_norm.weight" not in model_sd:
+        raise ValueError("official_finetuned: the model has no fc_norm head (model.fc_norm: true)")
+    sd = engine_to_timm(model_sd)
+    if fmt in ("mae", "audio_mae"):
+        if "cls_token" not in sd:  # models_vit always has one; a cls-less engine model gets an unused one
+            dim = sd["fc_norm.weight"].shape[0]
+            sd["cls_token"] = torch.zeros(1, 1, dim)
+        sd["pos_embed"] = torch.cat([torch.zeros_like(sd["pos_embed"][:, :1]), sd["pos_embed"]], dim=1)
+        return {"model": sd}
+    if fmt == "video_mae":
+        sd.pop("pos_embed", None)
+        return {"model": _videomae_blocks(sd)}
+    raise ValueError(f"no official fine-tuned layout written for format {fmt!r} (mae, audio_mae, video_mae)")
 
 
 def write_checkpoint(fmt: str, model_sd: dict[str, Tensor], path: Path, seed: int = 0) -> Path:

@@ -74,13 +74,14 @@ _PRETRAIN_ONLY = {
 # The engine's TransformerModel keys and timm VisionTransformer keys (MAE's and AudioMAE's are timm's), prefix
 # for prefix: the one table that loading reads right to left and the timm export (export.py) left to right. A
 # key's rest is kept. cls_token and pos_embed also differ in content: loading folds a cls position
-# (`_cls_and_pos`). MAE global-pool fine-tunes' `fc_norm.*` has no engine counterpart: reported unexpected.
+# (`_cls_and_pos`). MAE global-pool fine-tunes' `fc_norm.*` is the head's LayerNorm of a `model.fc_norm` model.
 TIMM_VIT_KEYS = (
     ("tokenizer.proj.", "patch_embed.proj."),
     ("tokenizer.pos_embed", "pos_embed"),
     ("cls_token", "cls_token"),
     ("blocks.", "blocks."),
     ("norm.", "norm."),
+    ("head.fc_norm.", "fc_norm."),  # global-pool fine-tunes (MAE, AudioMAE; VideoMAE's use_mean_pooling)
     ("head.fc.", "head."),
 )
 ENGINE_BODY = "blocks."  # the repeated blocks: all that an aux model of another modality contributes
@@ -510,7 +511,7 @@ def _model_keys(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 
 # Official heads -> the adapters' ClassificationHead (adapters/heads.py), a Linear `head.fc` after the model's
-# own `norm`. MAE global-pool fine-tunes also keep an `fc_norm`, which has no counterpart there.
+# own `norm` (a `model.fc_norm` model's head holds `fc_norm` and `fc`, TIMM_VIT_KEYS renames both).
 _HEAD_ALIASES = (("head.", "head.fc."),)
 
 
@@ -604,6 +605,10 @@ def load_checkpoint(
             report.dropped[src] = f"outside {only}* (only those are loaded)"
             continue
         target = _place(key, model_sd, alias)
+        if target is None and key.startswith("norm.") and "head.fc_norm.weight" in model_sd:
+            report.dropped[src] = ("the model pools before its LayerNorm (model.fc_norm, MAE's global pool): the "
+                                   "norm after the blocks is not used, as in MAE's fine-tuning (models_vit.py)")
+            continue
         if target is None and key == "cls_token":
             report.dropped["cls_token"] = f"the model has no cls token (global pooling); was {src}"
             report.notes = [n for n in report.notes if "folded into cls_token" not in n]

@@ -50,6 +50,7 @@ class TransformerModel(nn.Module):
         mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
         cls_token: bool = False,
+        fc_norm: bool = False,
     ) -> None:
         super().__init__()
         self.embed_dim, self.depth, self.num_heads, self.mlp_ratio = embed_dim, depth, num_heads, mlp_ratio
@@ -60,7 +61,7 @@ class TransformerModel(nn.Module):
         self.blocks = nn.Sequential(
             *[Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=r, norm_layer=norm) for r in rates]
         )
-        self.norm = norm(embed_dim)
+        self.norm = nn.Identity() if fc_norm else norm(embed_dim)  # fc_norm: the head normalises after pooling
         self.head = head
         beyond = [i for i in getattr(head, "feature_blocks", ()) if not 0 <= i < depth]
         if beyond:
@@ -96,6 +97,23 @@ class TransformerModel(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "tokenizer.pos_embed"}
+
+
+class PooledNormHead(nn.Module):
+    """The global-pool classifier of MAE, VideoMAE and AudioMAE fine-tuning (``models_vit.py``,
+    ``global_pool=True`` / ``use_mean_pooling``): the mean of the patch tokens (a class token left out), a
+    LayerNorm ``fc_norm``, a Linear ``fc``. The model then has no norm after its blocks (``model.fc_norm``)."""
+
+    def __init__(self, embed_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.fc = nn.Linear(embed_dim, num_classes)
+
+    def forward(self, tokens: Tensor, out: Any = None) -> Tensor:
+        from pathway.adapters.heads import has_cls_token
+
+        patches = tokens[:, 1:] if has_cls_token(tokens, out) else tokens
+        return self.fc(self.fc_norm(patches.mean(dim=1)))
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -137,15 +155,20 @@ def build_transformer(recipe: Recipe, adapter: Adapter, *, aux: bool = False) ->
     m, a = recipe.model, recipe.aux
     pick = (lambda own, fallback: fallback if own is None else own) if aux else (lambda own, fallback: fallback)
     dim = pick(a.embed_dim, m.embed_dim)
+    fc_norm = m.fc_norm and not aux  # only the target's head is used
+    if fc_norm and adapter.task not in ("classification", "multilabel"):
+        raise RecipeError(f"{recipe.source}: 'model.fc_norm' = true is the global-pool classifier of MAE-family "
+                          f"fine-tuning; the '{adapter.name}' adapter's task is {adapter.task}: set model.fc_norm: false")
     return TransformerModel(
         adapter.tokenizer(dim),
-        adapter.head(dim),
+        PooledNormHead(dim, adapter.num_classes) if fc_norm else adapter.head(dim),
         embed_dim=dim,
         depth=pick(a.depth, m.depth),
         num_heads=pick(a.num_heads, m.num_heads),
         mlp_ratio=pick(a.mlp_ratio, m.mlp_ratio),
         drop_path=0.0 if aux else m.drop_path,
         cls_token=m.cls_token,
+        fc_norm=fc_norm,
     )
 
 

@@ -73,6 +73,7 @@ class Rehearsal:
     eval_of_export: dict[str, float]
     fold_max_abs_diff: float | None
     checkpoint_fold_max_abs_diff: float
+    official_eval: str | None  # the official fine-tuned layout the weights were also scored in by pathway eval
     files: dict[str, str]
     seconds: float
     plan: str
@@ -86,8 +87,9 @@ class Rehearsal:
             shown += "; multi-view test " + ", ".join(f"{k} {v:.4g}" for k, v in self.test_metrics.items() if k != "loss")
         fold = "no pathway" if self.fold_max_abs_diff is None else f"fold max diff {self.fold_max_abs_diff:.2g}"
         return (f"rehearsal ok: {self.recipe} ({self.layout} layout, {self.plan}; {self.steps} steps on "
-                f"{self.world} process(es); {shown}; {fold}; model.safetensors re-evaluated, last checkpoint "
-                f"folded to the same weights; {self.seconds:.1f} s)")
+                f"{self.world} process(es); {shown}; {fold}; model.safetensors re-evaluated"
+                + (f" (also as an official {self.official_eval} fine-tuned file)" if self.official_eval else "")
+                + f", last checkpoint folded to the same weights; {self.seconds:.1f} s)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -254,8 +256,32 @@ def _max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: 
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a) if a else 0.0
 
 
-def _check_outputs(small: Recipe, result: dict[str, Any], scratch: Path) -> tuple[dict[str, float], float]:
-    """Re-evaluate the exported model as ``pathway eval`` does; fold the last checkpoint as ``pathway fold`` does."""
+OFFICIAL_FINETUNED = ("mae", "audio_mae", "video_mae")  # code bases whose fine-tuned files pathway eval reads
+
+
+def _check_official_file(small: Recipe, exported: Path, evaluated: dict[str, float], scratch: Path) -> str | None:
+    """Write the exported weights as the official code base's fine-tuned file and score it with ``pathway eval``:
+    it must score what the export scores. Returns the format checked (None where there is no such layout)."""
+    from safetensors.torch import load_file
+
+    from .evaluate import evaluate_weights
+    from .fixtures import official_finetuned
+
+    fmt = small.model.checkpoint_format
+    if fmt not in OFFICIAL_FINETUNED or not small.model.fc_norm or not evaluated:
+        return None
+    path = scratch / f"official-{fmt}-finetuned.pth"
+    torch.save(official_finetuned(fmt, load_file(str(exported))), path)
+    theirs = evaluate_weights(small, path)
+    if abs(theirs["loss"] - evaluated["loss"]) > 1e-4 * max(1.0, abs(evaluated["loss"])):
+        raise RehearsalError(f"{small.source}: pathway eval of the weights as an official {fmt} fine-tuned file gives "
+                             f"loss {theirs['loss']:.6g}, of model.safetensors {evaluated['loss']:.6g}")
+    return fmt
+
+
+def _check_outputs(small: Recipe, result: dict[str, Any], scratch: Path) -> tuple[dict[str, float], float, str | None]:
+    """Re-evaluate the exported model as ``pathway eval`` does (also as an official fine-tuned file); fold the last
+    checkpoint as ``pathway fold`` does."""
     from safetensors.torch import load_file
 
     from .checkpoint import list_checkpoints
@@ -280,7 +306,7 @@ def _check_outputs(small: Recipe, result: dict[str, Any], scratch: Path) -> tupl
     diff = _max_abs_diff(load_file(str(folded)), load_file(str(exported)), f"{last[-1]} folded vs {exported}")
     if diff > 1e-5:
         raise RehearsalError(f"{small.source}: folding {last[-1]} gives weights {diff:.3g} away from {exported}")
-    return evaluated, diff
+    return evaluated, diff, _check_official_file(small, exported, evaluated, scratch)
 
 
 def _plan_text(small: Recipe, files: dict[str, str], world: int) -> str:
@@ -327,13 +353,13 @@ def rehearse(path: str | Path, overrides: list[str] | None = None, *, world: int
         result = _train(small, world)
         if rank != 0:
             dist.barrier()
-            return Rehearsal(recipe.run_name, layout, world, result["step"], {}, {}, {}, {}, None, 0.0, {}, 0.0, "")
-        evaluated, ckpt_diff = _check_outputs(small, result, scratch)
+            return Rehearsal(recipe.run_name, layout, world, result["step"], {}, {}, {}, {}, None, 0.0, None, {}, 0.0, "")
+        evaluated, ckpt_diff, official = _check_outputs(small, result, scratch)
         if dist.is_initialized():
             dist.barrier()
         return Rehearsal(
             recipe=recipe.run_name, layout=layout, world=world, steps=result["step"], metrics=result.get("metrics") or {},
             test_metrics=result.get("test_metrics") or {}, best=result.get("best") or {},
             eval_of_export=evaluated, fold_max_abs_diff=result.get("fold_max_abs_diff"),
-            checkpoint_fold_max_abs_diff=ckpt_diff, files=files, seconds=time.perf_counter() - start,
+            checkpoint_fold_max_abs_diff=ckpt_diff, official_eval=official, files=files, seconds=time.perf_counter() - start,
             plan=_plan_text(small, files, world))
