@@ -14,8 +14,15 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable
 
-from .errors import (CompetingPairsError, DepthMismatchError, GroupSizeError, LayoutError, NoPairsError, OptionError,
-                     ShapeMismatchError)
+from .errors import (
+    CompetingPairsError,
+    DepthMismatchError,
+    GroupSizeError,
+    LayoutError,
+    NoPairsError,
+    OptionError,
+    ShapeMismatchError,
+)
 from .report import Pair
 from .trace import Trace, WeightUse
 from .units import Unit
@@ -237,11 +244,11 @@ def _attention_note(t: Unit, a: Unit) -> str:
         if _narrow_kv(unit):
             rows = unit.role_rows()
             q, k = rows["q"][1] - rows["q"][0], rows["k"][1] - rows["k"][0]
-            kind = "multi-query" if unit.kv_heads == 1 else "grouped-query"
-            heads = f"{unit.heads} query heads, {unit.kv_heads} key/value heads" if unit.heads and unit.kv_heads \
-                else f"q {q} rows, k and v {k} rows each"
-            notes.append(f"the {side} uses {kind} attention ({'MQA' if unit.kv_heads == 1 else 'GQA'}: {heads})"
-                         .replace("1 key/value heads", "1 key/value head"))
+            mqa = unit.kv_heads == 1
+            heads = (f"{unit.heads} query heads, {unit.kv_heads} key/value head{'' if mqa else 's'}"
+                     if unit.heads and unit.kv_heads else f"q {q} rows, k and v {k} rows each")
+            notes.append(f"the {side} uses {'multi' if mqa else 'grouped'}-query attention "
+                         f"({'MQA' if mqa else 'GQA'}: {heads})")
     return f" ({'; '.join(notes)})" if notes else ""
 
 

@@ -10,7 +10,7 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Union
+from typing import Any, Callable
 
 import torch.nn as nn
 
@@ -186,7 +186,7 @@ def _check_models(target: nn.Module, aux: nn.Module, lazy: bool = False) -> None
                                   f"aux.to({t.dtype})")
 
 
-AuxLike = Union[nn.Module, str, os.PathLike]
+AuxLike = nn.Module | str | os.PathLike
 """An aux model object, or the path of one that :func:`pathway.source.open_aux` reads lazily."""
 
 
@@ -199,7 +199,7 @@ def aux_module(aux: Any) -> tuple[nn.Module, bool]:
     if isinstance(aux, nn.Module):
         return aux, False
     if isinstance(aux, (str, os.PathLike)):
-        from .source import open_aux   # the lazy reader lives beside the injection, imported on demand
+        from .source import open_aux  # the lazy reader lives beside the injection, imported on demand
         aux = open_aux(aux)
     if isinstance(getattr(aux, "model", None), nn.Module) and callable(getattr(aux, "read", None)):
         return aux.model, True

@@ -10,12 +10,11 @@ import pickle
 import pytest
 import torch
 import torch.nn as nn
+import toy_models as toys
 
 import pathway
-import toy_models as toys
 from pathway.inject import materialise
-from pathway.modules import plain_parameters
-from pathway.modules import owners
+from pathway.modules import owners, plain_parameters
 
 CASES = [  # (name, make target, make aux, example input)
     ("timm_vit", lambda: toys.timm_vit(), lambda: toys.timm_vit(classes=0), lambda: torch.randn(2, 3, 32, 32)),

@@ -22,10 +22,10 @@ import timm
 import torch
 import torch.nn as nn
 import torchvision
+import toy_models as toys
 from torch.utils._pytree import tree_flatten
 
 import pathway
-import toy_models as toys
 from pathway.errors import LayoutError
 from pathway.inputs import derive_inputs
 from pathway.modules import pathway_sites, plain_parameters
@@ -327,7 +327,7 @@ def test_t5_block_zero_is_a_block():
                  r"rows 0: -> k, rows 64: -> q, rows 128: -> v", id="timm vit <- fused qkv sliced as k, q, v"),
 ])
 def test_family_refused_with_what_it_is(make_target, make_aux, error, message):
-    with pytest.raises(error, match=re.compile(message, re.S)):
+    with pytest.raises(error, match=re.compile(message, re.DOTALL)):
         pathway.plan(make_target(), make_aux())
 
 

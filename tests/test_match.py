@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
+import toy_models as toys
 
 import pathway
-import toy_models as toys
 from pathway.inject import materialise
-from pathway.modules import plain_parameters
 from pathway.match import map_blocks
+from pathway.modules import plain_parameters
 
 
 def pair_map(report) -> dict[str, tuple[tuple[str, ...], str]]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 import toy_models as toys
+
 from pathway.inputs import derive_inputs
 from pathway.modules import find_blocks, plain_names
 from pathway.trace import analyse, read_fx, read_runtime
@@ -83,7 +83,7 @@ def test_fx_fails_on_data_dependent_branch_and_recorder_reports_the_path_taken()
     with pytest.raises(Exception):
         read_fx(model)
     x = toys.tokens(1)
-    uses, _, touched, _ = uses_of(model, "runtime", x)
+    _, _, touched, _ = uses_of(model, "runtime", x)
     expert_used = {n for n in touched if n.startswith("experts.")}
     assert len(expert_used) == 2     # one expert's weight and bias; the other never ran
     assert {n.split(".")[1] for n in expert_used} in ({"0"}, {"1"})
