@@ -29,6 +29,8 @@ def test_fx_and_runtime_recorder_give_the_same_uses(make, inputs):
     assert fx_hidden == rt_hidden == []
     assert [u.name for u in fx_uses] == [u.name for u in rt_uses]
     assert [(u.role, u.transposed, u.shape) for u in fx_uses] == [(u.role, u.transposed, u.shape) for u in rt_uses]
+    heads = lambda uses: [(u.heads, u.kv_heads, u.layout) for u in uses]
+    assert heads(fx_uses) == heads(rt_uses)
     assert fx_seq == rt_seq and fx_touched == rt_touched
     # siblings: the same grouping of input activations on both sides
     group = lambda uses: [sorted(u.name for u in uses if u.input == x) for x in dict.fromkeys(u.input for u in uses)]
@@ -94,3 +96,14 @@ def test_blocks_found_without_name_conventions():
     assert find_blocks(toys.tv_vit(depth=2)) == ["encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1"]
     assert find_blocks(toys.hf_gpt2(depth=2)) == ["h.0", "h.1"]
     assert find_blocks(toys.SharedNet()) == []
+
+
+def test_heads_and_row_layout_come_from_the_views_after_each_projection():
+    vit_uses, *_ = uses_of(toys.timm_vit(depth=1), "fx")              # reshape(B, N, 3, heads, head_dim)
+    assert (vit_uses[1].role, vit_uses[1].heads, vit_uses[1].layout) == ("qkv", 4, "")
+    gqa = toys.GQANet(dim=64, depth=1)
+    gqa_uses, *_ = uses_of(gqa, "runtime", torch.randn(1, 5, 8))     # view(b, n, heads, head_dim) each
+    assert [(u.role, u.heads) for u in gqa_uses[1:4]] == [("q", 4), ("k", 2), ("v", 2)]
+    for split, layout in (("chunk", ""), ("slice", ""), ("narrow", None)):
+        uses, *_ = uses_of(toys.SlicedQKVNet(depth=1, split=split), "runtime", torch.randn(1, 5, 8))
+        assert (uses[1].role, uses[1].layout) == ("qkv", layout), split
