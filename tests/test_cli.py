@@ -95,3 +95,29 @@ def test_train_then_eval_and_fold_from_the_command_line(tmp_path, capsys):
 def test_python_dash_m_pathway():
     run = subprocess.run([sys.executable, "-m", "pathway", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0 and "Multimodal Pathway" in run.stdout
+
+
+def test_dry_run_prints_the_batch_plan_for_the_world_size(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert main(["train", str(ROOT / "recipes/paper/imagenet_mae_baseline.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "batch: world size 8, per-process batch 128, accumulation 1, global batch 1024" in out
+    assert "optim: AdamW lr 0.002 (blr 0.0005 x 1024 / 256)" in out
+
+
+def test_dry_run_refuses_a_global_batch_the_world_does_not_divide(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert main(["train", str(ROOT / "recipes/paper/imagenet_mae_baseline.yaml"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "'data.global_batch' = 1024 is not a whole number of micro-batches" in err and len(err.splitlines()) <= 2
+
+
+def test_rehearse_prints_one_closing_line(capsys):
+    assert main(["train", str(ROOT / "recipes/paper/imagenet_mae_baseline.yaml"), "--rehearse", "--no-progress"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("rehearsal ok: imagenet_mae_baseline (imagenet layout")
+
+
+def test_world_without_rehearse_is_refused(capsys):
+    assert main(["train", str(ROOT / "recipes/paper/imagenet_mae_baseline.yaml"), "--world", "2"]) == 2
+    assert "--world and --keep go with --rehearse" in capsys.readouterr().err

@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 
 import pathway
-
 from pathway.train.config import (RecipeError, check_adapter, check_data, load_recipe, parse_overrides,
                                   recipe_from_dict)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write(path: Path, text: str) -> Path:
@@ -81,3 +82,36 @@ def test_parse_overrides_nested_yaml_values():
         "a": {"b": 1, "c": ["x", "y"]}, "d": {"e": None}, "f": {"g": ""}}
     with pytest.raises(RecipeError, match="expected section.key=value"):
         parse_overrides(["novalue"])
+
+
+# -- the global batch is the recipe's contract (issue 10, 2.3) ------------------------------------
+
+
+def test_global_batch_fixes_accumulation_and_lr_whatever_the_world_size():
+    from pathway.train.config import batch_plan
+    from pathway.train.optim import base_lr
+
+    recipe = load_recipe(ROOT / "recipes/paper/imagenet_mae_baseline.yaml")
+    one, eight = batch_plan(recipe, 1), batch_plan(recipe, 8)
+    assert (one.per_process, one.accum_steps, one.global_batch) == (128, 8, 1024)
+    assert (eight.per_process, eight.accum_steps, eight.global_batch) == (128, 1, 1024)  # main: 8192, lr 8x
+    assert base_lr(recipe, eight.global_batch) == pytest.approx(5e-4 * 1024 / 256)
+    with pytest.raises(RecipeError, match=r"'data.global_batch' = 1024 .* 'data.batch_size' = 128 on 3 process"):
+        batch_plan(recipe, 3)
+
+
+def test_global_batch_and_accum_steps_are_not_both_set():
+    with pytest.raises(RecipeError, match="'data.global_batch' = 1024 and 'optim.accum_steps' = 4 are both set"):
+        load_recipe(ROOT / "recipes/paper/imagenet_mae_baseline.yaml", ["optim.accum_steps=4"])
+
+
+def test_without_a_global_batch_accumulation_is_as_given():
+    from pathway.train.config import batch_plan
+
+    recipe = load_recipe(ROOT / "recipes/demo/image.yaml", ["optim.accum_steps=3"])
+    assert batch_plan(recipe, 2).global_batch == recipe.data.batch_size * 3 * 2
+
+
+def test_every_paper_recipe_states_its_global_batch():
+    recipes = sorted((ROOT / "recipes/paper").rglob("*.yaml"))
+    assert recipes and all(load_recipe(p).data.global_batch for p in recipes)

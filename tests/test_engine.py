@@ -229,3 +229,46 @@ def test_pruning_never_keeps_an_unreadable_later_checkpoint_in_place_of_good_one
         save_checkpoint(tmp_path, {**base, "step": step}, step, keep_last=1)
     assert load_latest(tmp_path, log=lambda _: None)[1]["step"] == 5
     assert "ckpt-00000005.pt" in {p.name for p in tmp_path.iterdir()}
+
+
+# -- evaluation streams views; unreadable files are counted (issue 10, 2.6 and 2.1) -------------------
+
+
+def test_multiview_evaluation_streams_views_and_averages_probabilities():
+    """Views arrive one per row, in any order and batching; an item's softmax probabilities are averaged."""
+    from pathway.train.engine import Context, evaluate
+
+    class Table(torch.nn.Module):  # logits looked up by the first value of x
+        def __init__(self, rows):
+            super().__init__()
+            self.rows = torch.nn.Parameter(torch.tensor(rows))
+
+        def forward(self, x):
+            return self.rows[x[:, 0].long()]
+
+    # item 0 (label 1): one confident wrong view, two mild right ones; item 1 (label 0): one right view.
+    rows = [[4.0, 0.0], [0.0, 1.0], [0.0, 1.2], [2.0, 0.0]]
+    views = [(torch.tensor([[0.0], [1.0]]), torch.tensor([1, 1]), torch.tensor([0, 0])),
+             (torch.tensor([[3.0], [2.0]]), torch.tensor([0, 1]), torch.tensor([1, 0]))]
+    out = evaluate(Table(rows), views, Context(torch.device("cpu")), "top1", "classification")
+    item0 = torch.tensor(rows[:3])
+    assert item0.mean(0).argmax() == 0 and item0.softmax(1).mean(0).argmax() == 1  # the two rules disagree
+    assert out["top1"] == 100.0  # by the probability mean (VideoMAE's merge) both items are right
+
+
+def test_unreadable_files_are_counted_in_logs_and_result(image_data, tmp_path):
+    import shutil
+
+    from pathway.train.engine import train
+
+    data = tmp_path / "data"
+    shutil.copytree(image_data, data)
+    victim = sorted((data / "train").rglob("*.png"))[0]
+    victim.write_bytes(b"not an image")
+    r = load_recipe(IMAGE, tiny(data, tmp_path, "skips", "train.log_every=1", "data.num_workers=0"))
+    with pytest.warns(UserWarning, match="skipping unreadable file"):
+        result = train(r, progress=False)
+    assert result["unreadable_files"] == 1
+    rows = [json.loads(line) for line in (tmp_path / "skips" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["unreadable_files"] for r in rows if r["kind"] == "train"][-1] == 1
+    assert json.loads((tmp_path / "skips" / "result.json").read_text())["unreadable_files"] == 1

@@ -148,3 +148,18 @@ def test_a_clip_decord_misreads_is_decoded_by_pyav_not_skipped(tmp_path: Path):
     adapter = VideoAdapter(tmp_path, num_frames=4, img_size=32, strict=True)
     clip, _ = adapter.dataset("train", train=True)[0]
     assert clip.shape == (3, 4, 32, 32)
+
+
+@pytest.mark.slow
+def test_two_processes_rehearse_on_gloo_with_the_recipes_global_batch(cache: Path):
+    result = rehearse(PAPER / "imagenet_mae_point.yaml", world=2, cache=cache, log=lambda _: None)
+    assert result.world == 2 and result.steps > 0
+    assert "global batch 8 = 2 per process x 2 accumulation x 2 process(es)" in result.line
+    assert result.checkpoint_fold_max_abs_diff <= 1e-5
+
+
+def test_a_world_size_the_global_batch_does_not_divide_is_refused(cache: Path):
+    from pathway.train.config import RecipeError
+
+    with pytest.raises(RecipeError, match=r"'data.global_batch' = 1024 .* on 3 process\(es\)"):
+        rehearse(PAPER / "imagenet_mae_baseline.yaml", world=3, cache=cache, log=lambda _: None)
