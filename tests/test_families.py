@@ -160,7 +160,8 @@ VIT = Rows(("blocks.{i}.attn.qkv.weight",))
 BERT = split("encoder.layer.{i}.attention.self", "query", "key", "value")
 NEOX = Rows(("layers.{i}.attention.query_key_value.weight",), interleaved=True)
 BLOOM = Rows(("h.{i}.self_attention.query_key_value.weight",), interleaved=True)
-LLAMA = split("layers.{i}.self_attn", "q_proj", "k_proj", "v_proj")
+PROJ = split("layers.{i}.self_attn", "q_proj", "k_proj", "v_proj")          # LLaMA, Phi, Whisper
+SPEECH = split("encoder.layers.{i}.attention", "q_proj", "k_proj", "v_proj")   # wav2vec2, HuBERT
 
 
 @dataclass(frozen=True)
@@ -181,24 +182,20 @@ PAIRED = [
     Case("bert <- gpt_neox (split <- interleaved)", bert, neox, BERT, NEOX, 12),
     Case("bloom <- timm vit", bloom, vit, BLOOM, VIT, 8),
     Case("falcon-rw <- bert", falcon, bert, BLOOM, BERT, 8),
-    Case("phi (parallel attention + mlp) <- timm vit", phi, vit, split("layers.{i}.self_attn", "q_proj", "k_proj", "v_proj"),
-         VIT, 12),
+    Case("phi (parallel attention + mlp) <- timm vit", phi, vit, PROJ, VIT, 12),
     Case("gpt-j (parallel attention + mlp) <- bert", gptj, bert, split("h.{i}.attn", "q_proj", "k_proj", "v_proj"), BERT, 12),
     Case("phi-3 (qkv sliced into [q | k | v]) <- llama", phi3, llama, Rows(("layers.{i}.self_attn.qkv_proj.weight",)),
-         LLAMA, 8),
-    Case("llama <- phi-3", llama, phi3, LLAMA, Rows(("layers.{i}.self_attn.qkv_proj.weight",)), 14),
+         PROJ, 8),
+    Case("llama <- phi-3", llama, phi3, PROJ, Rows(("layers.{i}.self_attn.qkv_proj.weight",)), 14),
     Case("falcon-7b (MQA, parallel block) <- timm vit, on_shape_mismatch='select'", lambda: falcon(multi_query=True),
          vit, None, None, 8, {"on_shape_mismatch": "select"}),
     Case("llama GQA <- timm vit, on_shape_mismatch='select'", lambda: llama(kv_heads=2), vit, None, None, 8,
          {"on_shape_mismatch": "select", "exclude": [r"\.mlp\."]}),
     Case("t5 encoder (block 0 holds the position bias) <- bert", t5_encoder, lambda: bert(4),
          split("encoder.block.{i}.layer.0.SelfAttention", "q", "k", "v"), BERT, 24),
-    Case("whisper encoder <- timm vit", whisper_encoder, vit, split("layers.{i}.self_attn", "q_proj", "k_proj", "v_proj"),
-         VIT, 12),
-    Case("wav2vec2 <- timm vit", lambda: _speech("wav2vec2"), vit,
-         split("encoder.layers.{i}.attention", "q_proj", "k_proj", "v_proj"), VIT, 12),
-    Case("hubert <- bert", lambda: _speech("hubert"), bert,
-         split("encoder.layers.{i}.attention", "q_proj", "k_proj", "v_proj"), BERT, 12),
+    Case("whisper encoder <- timm vit", whisper_encoder, vit, PROJ, VIT, 12),
+    Case("wav2vec2 <- timm vit", lambda: _speech("wav2vec2"), vit, SPEECH, VIT, 12),
+    Case("hubert <- bert", lambda: _speech("hubert"), bert, SPEECH, BERT, 12),
     Case("ast <- timm vit", lambda: toys.hf_ast(dim=DIM, heads=HEADS), vit,
          split("layers.{i}.attention", "q_proj", "k_proj", "v_proj"), VIT, 12),
     Case("nn.TransformerEncoder batch_first <- timm vit", lambda: torch_encoder(True), vit,
