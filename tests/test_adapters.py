@@ -358,11 +358,11 @@ def test_segmentation_head_interpolates_from_three_nearest_centres():
     expect1 = (w * torch.tensor([1.0, 2, 3])).sum() / w.sum()
     torch.testing.assert_close(got[0, :, 0], torch.stack([expect0, expect1]))
     head = SegmentationHead(1, 3)
-    out = TokenizerOutput(feats, feats, feats, {"centers": centers, "points": points})
+    out = TokenizerOutput(feats, feats, {"centers": centers, "points": points})
     with_cls = torch.cat([torch.zeros(1, 1, 1), feats], dim=1)
     torch.testing.assert_close(head(with_cls, out), head(feats, out))  # a class token is ignored
     with pytest.raises(ValueError, match="centers"):
-        head(feats, TokenizerOutput(feats, feats, feats, {}))
+        head(feats, TokenizerOutput(feats, feats, {}))
 
 
 def test_partnet_reader(tmp_path: Path):
@@ -488,8 +488,9 @@ def test_timeseries_adapter(tmp_path: Path):
     assert torch.equal(items[1][0][:, 40:], torch.zeros(3, 24))  # zero padding to length
     tok = ad.tokenizer(16)
     assert isinstance(tok, TimeSeriesPatchTokenizer) and tok.proj.weight.shape == (16, 3, 8)
-    out = tok.encode(torch.stack([x for x, _ in items]))
-    assert out.tokens.shape == (3, 8, 16) and out.targets.shape == (3, 8, 24)
+    batch = torch.stack([x for x, _ in items])
+    out = tok.encode(batch)
+    assert out.tokens.shape == (3, 8, 16) and tok.reconstruction_targets(batch, out).shape == (3, 8, 24)
     with pytest.raises(LayoutError, match="has 3 channels but in_chans=2"):
         adapters.get("timeseries")(tmp_path, in_chans=2, length=64, patch_size=8, strict=True).dataset("train", False)[0]
 

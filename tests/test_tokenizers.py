@@ -57,7 +57,7 @@ def test_image_targets_are_mae_patchify():
     tok = ImagePatchTokenizer(img_size=32, patch_size=8, embed_dim=16)
     x = torch.randn(2, 3, 32, 32)
     ref = torch.einsum("nchpwq->nhwpqc", x.reshape(2, 3, 4, 8, 4, 8)).reshape(2, 16, 8 * 8 * 3)
-    torch.testing.assert_close(tok.encode(x).targets, ref, rtol=0, atol=0)
+    torch.testing.assert_close(tok.reconstruction_targets(x, tok.encode(x)), ref, rtol=0, atol=0)
     assert tok.reconstruction_loss == "mse"
 
 
@@ -164,13 +164,14 @@ def test_point_group_tokenizer_outputs():
     pts = torch.cat([cloud(2, 256), torch.randn(2, 256, 3)], dim=-1)
     out = tok.encode(pts)
     assert out.tokens.shape == (2, 16, 32) and out.pos.shape == (2, 16, 32)
-    assert out.targets.shape == (2, 16, 8 * 3) and tok.reconstruction_loss == "chamfer"
+    assert tok.reconstruction_targets(pts, out).shape == (2, 16, 8 * 3) and tok.reconstruction_loss == "chamfer"
     centers, nbr = out.extras["centers"], out.extras["neighbours"]
     assert centers.shape == (2, 16, 3) and nbr.shape == (2, 16, 8)
     # targets are each group's xyz relative to its centre; the centre is its own nearest neighbour
     b, g = 1, 5
-    torch.testing.assert_close(out.targets[b, g].reshape(8, 3), pts[b, nbr[b, g], :3] - centers[b, g])
-    torch.testing.assert_close(out.targets[b, g, :3], torch.zeros(3))
+    targets = tok.reconstruction_targets(pts, out)
+    torch.testing.assert_close(targets[b, g].reshape(8, 3), pts[b, nbr[b, g], :3] - centers[b, g])
+    torch.testing.assert_close(targets[b, g, :3], torch.zeros(3))
     # parameter names follow Point-MAE's encoder so its checkpoints load by renaming
     assert set(tok.state_dict()) >= {"first_conv.0.weight", "first_conv.3.weight", "second_conv.0.weight",
                                      "second_conv.3.weight", "pos_embed.0.weight", "pos_embed.2.weight"}
@@ -211,7 +212,7 @@ def test_video_tubelets_match_videomae_layout():
     # VideoMAE: proj(x).flatten(2).transpose(1, 2) + the sinusoid table of 2*2*2 positions
     ref = tok.proj(x).flatten(2).transpose(1, 2) + sinusoid_table(8, 24)
     torch.testing.assert_close(out.tokens, ref, rtol=0, atol=1e-6)
-    assert out.targets.shape == (2, 8, 2 * 16 * 16 * 3) and not tok.pos_embed.requires_grad
+    assert tok.reconstruction_targets(x, out).shape == (2, 8, 2 * 16 * 16 * 3) and not tok.pos_embed.requires_grad
     assert tok.encode(torch.randn(1, 3, 8, 32, 32)).pos.shape == (1, 16, 24)  # more frames: table recomputed
 
 
@@ -225,4 +226,4 @@ def test_audio_patches_match_audiomae_layout():
     ref = tok.proj(spec.unsqueeze(1)).flatten(2).transpose(1, 2) + torch.from_numpy(mae_2d_sincos(16, 4, 2)).float()
     torch.testing.assert_close(out.tokens, ref, rtol=0, atol=1e-6)
     torch.testing.assert_close(tok(spec.unsqueeze(1)), out.tokens)
-    assert out.targets.shape == (2, 8, 256)
+    assert tok.reconstruction_targets(spec, out).shape == (2, 8, 256)

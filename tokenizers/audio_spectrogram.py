@@ -44,6 +44,9 @@ class AudioSpectrogramTokenizer(PatchTokenizer):
             out.tokens = drop_time_freq(out.tokens, out.extras["grid"], self.mask_t_prob, self.mask_f_prob)
         return out
 
+    def reconstruction_targets(self, x: Tensor, out: TokenizerOutput) -> Tensor:
+        return super().reconstruction_targets(x.unsqueeze(1) if x.ndim == 3 else x, out)
+
 
 def drop_time_freq(tokens: Tensor, grid: tuple[int, int], mask_t_prob: float, mask_f_prob: float) -> Tensor:
     """``[B, T*F, D]`` (row-major over the ``(T, F)`` grid) -> ``[B, T'*F', D]``: per row, a random subset of

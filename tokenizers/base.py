@@ -27,13 +27,11 @@ class TokenizerOutput:
     Attributes:
         tokens: ``[B, N, D]``, position embedding already added.
         pos: ``[B or 1, N, D]``, the position embedding that was added (MAE decoders reuse it).
-        targets: ``[B, N, P]``, what MAE reconstructs per token (patch pixels, group points, ...).
         extras: modality-specific tensors, e.g. ``{"centers": [B, G, 3], "neighbours": [B, G, K]}``.
     """
 
     tokens: Tensor
     pos: Tensor
-    targets: Tensor
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -45,6 +43,13 @@ class Tokenizer(nn.Module):
 
     def encode(self, x: Tensor) -> TokenizerOutput:
         raise NotImplementedError(f"{type(self).__name__} must implement encode(x) -> TokenizerOutput")
+
+    def reconstruction_targets(self, x: Tensor, out: TokenizerOutput) -> Tensor:
+        """``[B, N, P]``: what MAE reconstructs per token of ``encode(x)`` (patch pixels, group points, ...).
+
+        A method rather than a field of the output, so that fine-tuning, which never reads it, never builds it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement reconstruction_targets(x, out) for MAE")
 
     def forward(self, x: Tensor) -> Tensor:
         """Tokens ``[B, N, D]`` with the position embedding added."""

@@ -135,4 +135,8 @@ class PatchTokenizer(Tokenizer):
         grid = tuple(t.shape[2:])
         t = self.norm(t.flatten(2).transpose(1, 2))  # [B, D, *grid] -> [B, N, D]
         pos = self.pos_for(grid).to(t.dtype)
-        return TokenizerOutput(tokens=t + pos, pos=pos, targets=patchify(x, self.patch_size), extras={"grid": grid})
+        return TokenizerOutput(tokens=t + pos, pos=pos, extras={"grid": grid})
+
+    def reconstruction_targets(self, x: Tensor, out: TokenizerOutput) -> Tensor:
+        """The pixels (or samples) of each patch, ``[B, N, prod(patch) * C]`` (MAE's ``patchify``)."""
+        return patchify(x, self.patch_size)

@@ -178,8 +178,12 @@ class PointGroupTokenizer(Tokenizer):
         centers, neighbours, groups = self.group(x)
         tokens = self.encode_groups(groups)
         pos = self.pos_embed(centers.to(tokens.dtype))
-        targets = groups[..., :3].reshape(groups.shape[0], groups.shape[1], -1)  # [B, G, K*3]
-        extras = {"centers": centers, "neighbours": neighbours, "points": x[..., :3]}
+        extras = {"centers": centers, "neighbours": neighbours, "points": x[..., :3], "groups": groups}
         if category is not None:
             extras["category"] = category
-        return TokenizerOutput(tokens=tokens + pos, pos=pos, targets=targets, extras=extras)
+        return TokenizerOutput(tokens=tokens + pos, pos=pos, extras=extras)
+
+    def reconstruction_targets(self, x: Tensor, out: TokenizerOutput) -> Tensor:
+        """Each group's xyz relative to its centre, ``[B, G, K*3]``."""
+        groups = out.extras["groups"]
+        return groups[..., :3].reshape(groups.shape[0], groups.shape[1], -1)

@@ -1,10 +1,11 @@
 """MAE pretraining of the engine's transformer for any adapter (He et al., 2022; Point-MAE for points).
 
 The tokenizer gives everything masked autoencoding needs (contracts.md section 2): ``tokens``
-(position already added), ``pos`` (reused by the decoder), ``targets`` (what each token
+(position already added), ``pos`` (reused by the decoder), ``reconstruction_targets`` (what each token
 reconstructs) and ``reconstruction_loss`` (``"mse"`` for patches, ``"chamfer"`` for point groups)::
 
-    out = tokenizer.encode(x)                           tokens, pos [B, N, D]; targets [B, N, P]
+    out = tokenizer.encode(x)                           tokens, pos [B, N, D]
+    targets = tokenizer.reconstruction_targets(x, out)  [B, N, P], built only here, never in fine-tuning
     keep = random subset of (1 - mask_ratio) * N tokens per item
     latent = norm(blocks(tokens[keep]))                 the encoder sees visible tokens only
     y = decoder(scatter(latent, mask_token) + pos)      small transformer, width/depth from the recipe
@@ -98,7 +99,7 @@ class MaskedAutoencoder(nn.Module):
         full.scatter_(1, keep[..., None].expand(-1, -1, full.shape[-1]), latent)
         full = full + self.decoder_pos(out.pos.expand(b, -1, -1))
         pred = self.decoder_pred(self.decoder_norm(self.decoder_blocks(full)))  # [B, N, P]
-        target = out.targets
+        target = enc.tokenizer.reconstruction_targets(x, out)
         if self.loss_kind == "chamfer":
             pts = target.shape[-1] // 3
             return chamfer_l2(pred[mask].view(-1, pts, 3), target[mask].view(-1, pts, 3))
@@ -127,8 +128,9 @@ def pretrain(recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:
     seed_everything(t.seed)
     encoder = build_transformer(recipe, adapter)
     with torch.no_grad():  # the reconstruction target's size per token
-        probe = encoder.tokenizer.encode(adapter.example_input()[None])
-    mae = MaskedAutoencoder(encoder, probe.targets.shape[-1], decoder_dim=p.decoder_dim, decoder_depth=p.decoder_depth,
+        probe = adapter.example_input()[None]
+        target_dim = encoder.tokenizer.reconstruction_targets(probe, encoder.tokenizer.encode(probe)).shape[-1]
+    mae = MaskedAutoencoder(encoder, target_dim, decoder_dim=p.decoder_dim, decoder_depth=p.decoder_depth,
                             decoder_heads=p.decoder_heads, mask_ratio=p.mask_ratio, norm_targets=p.norm_targets)
     mae.to(ctx.device).train()
     plan = batch_plan(recipe, ctx.world)
