@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.parametrize("script, expect", [
     ("quickstart.py", r"max \|folded - connected\| = (\S+); parameters (\d+) \(plain: (\d+)\)"),
     ("hf_trainer.py", r"folded: connected=(False)"),
+    ("lazy_aux.py", r"max \|folded - connected\| = (\S+)"),
 ])
 def test_example_runs(script, expect):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
@@ -26,3 +27,5 @@ def test_example_runs(script, expect):
     if script == "quickstart.py":
         difference, params, plain = found.groups()
         assert float(difference) < 1e-5 and params == plain
+    if script == "lazy_aux.py":
+        assert float(found.group(1)) < 1e-5
