@@ -383,23 +383,48 @@ def _resolve(name: str, view: ModelView, side: str) -> str:
     raise ShapeMismatchError(f"pairs: the {side} model has no weight '{name}'" + (f"; similar: {close}" if close else ""))
 
 
-_OVERRIDE_KEYS = ("aux", "layout", "heads", "aux_layout", "aux_heads")
+_OVERRIDE_KEYS = ("aux", "rows", "layout", "heads", "aux_layout", "aux_heads")
 
 
-def _override_spec(t_name: str, spec: str | list[str] | dict) -> tuple[list[str], tuple[str, str], tuple[int | None, int | None]]:
-    """``pairs={}`` value -> (aux names, (target, aux) layout, (target, aux) heads)."""
+@dataclass(frozen=True)
+class _Override:
+    """One ``pairs={}`` entry: aux weights, the rows taken of their stack, and per-head layouts."""
+
+    aux: list[str]
+    rows: tuple[int, int] | None = None
+    layout: tuple[str, str] = ("", "")
+    heads: tuple[int | None, int | None] = (None, None)
+
+
+def _override_spec(t_name: str, spec: str | list[str] | dict) -> _Override:
+    """``pairs={}`` value: a name, a list of names, or a dict (see ``_OVERRIDE_KEYS``)."""
     if not isinstance(spec, dict):
-        return ([spec] if isinstance(spec, str) else list(spec)), ("", ""), (None, None)
+        return _Override([spec] if isinstance(spec, str) else list(spec))
     unknown = sorted(set(spec) - set(_OVERRIDE_KEYS))
     layouts = (spec.get("layout", ""), spec.get("aux_layout", ""))
     heads = (spec.get("heads"), spec.get("aux_heads"))
+    rows = spec.get("rows")
     if unknown or "aux" not in spec or any(v not in ("", "heads") for v in layouts) or any(
-            lay == "heads" and not isinstance(h, int) for lay, h in zip(layouts, heads)):
+            lay == "heads" and not isinstance(h, int) for lay, h in zip(layouts, heads)) or rows is not None and not (
+            len(rows) == 2 and all(isinstance(r, int) for r in rows) and 0 <= rows[0] < rows[1]):
         raise OptionError(f"pairs['{t_name}'] = {spec!r}: a dict takes 'aux' (a name or a list of names) and optionally "
-                          f"'layout'/'aux_layout' ('' for rows [q | k | v], 'heads' for rows [head, (q, k, v), head_dim]) "
-                          f"with 'heads'/'aux_heads' (the number of heads) wherever a layout is 'heads'")
+                          f"'rows' ([first, stop) of the stacked aux rows), 'layout'/'aux_layout' ('' for rows "
+                          f"[q | k | v], 'heads' for rows [head, (q, k, v), head_dim]) with 'heads'/'aux_heads' (the "
+                          f"number of heads) wherever a layout is 'heads'")
     aux = spec["aux"]
-    return ([aux] if isinstance(aux, str) else list(aux)), layouts, heads
+    return _Override([aux] if isinstance(aux, str) else list(aux), tuple(rows) if rows else None, layouts, heads)
+
+
+def _as_override(pair: Pair) -> str | list[str] | dict:
+    """The ``pairs={}`` entry that sets ``pair`` by hand (what a CompetingPairsError suggests)."""
+    aux: str | list[str] = pair.aux[0] if len(pair.aux) == 1 else list(pair.aux)
+    spec: dict = {"aux": aux}
+    if pair.transform.startswith("split_out"):
+        spec["rows"] = list(pair.out_slice)
+    for key, layout, heads in (("layout", pair.layout[0], pair.heads[0]), ("aux_layout", pair.layout[1], pair.heads[1])):
+        if layout:
+            spec[key], spec[key.replace("layout", "heads")] = layout, heads
+    return spec if len(spec) > 1 else aux
 
 
 def _apply_overrides(pairs: list[Pair], overrides: dict, replaced: dict[str, Pair], target: ModelView,
@@ -409,8 +434,8 @@ def _apply_overrides(pairs: list[Pair], overrides: dict, replaced: dict[str, Pai
         return pairs
     by_target = {p.target: p for p in pairs}
     for t_name, spec in overrides.items():
-        a_list, layouts, heads = _override_spec(t_name, spec)
-        a_list = [_resolve(n, aux, "aux") for n in a_list]
+        hand = _override_spec(t_name, spec)
+        a_list = [_resolve(n, aux, "aux") for n in hand.aux]
         t_use = target.use(t_name)
         t_transposed = bool(t_use and t_use.transposed)
         parts = [aux.use(n) for n in a_list]
@@ -418,22 +443,25 @@ def _apply_overrides(pairs: list[Pair], overrides: dict, replaced: dict[str, Pai
         canon = [aux.shapes[n][::-1] if tr and len(aux.shapes[n]) == 2 else aux.shapes[n] for n, tr in zip(a_list, a_transposed)]
         t_shape = target.shapes[t_name]
         t_canon = t_shape[::-1] if t_transposed and len(t_shape) == 2 else t_shape
-        rows = sum(c[0] for c in canon)
-        if any(c[1:] != t_canon[1:] for c in canon) or rows != t_canon[0]:
-            raise ShapeMismatchError(f"pairs: target '{t_name}' {list(t_canon)} cannot take aux {a_list} "
-                                     f"{[list(c) for c in canon]} (stacked along the output dimension).")
-        for (layout, n), side_rows in zip(zip(layouts, heads), (t_canon[0], rows)):
+        stacked = sum(c[0] for c in canon)
+        lo, hi = hand.rows or (0, stacked)
+        if any(c[1:] != t_canon[1:] for c in canon) or hi - lo != t_canon[0] or hi > stacked:
+            raise ShapeMismatchError(f"pairs: target '{t_name}' {list(t_canon)} cannot take rows {lo}:{hi} of aux "
+                                     f"{a_list} {[list(c) for c in canon]} (stacked along the output dimension).")
+        for (layout, n), side_rows in zip(zip(hand.layout, hand.heads), (t_canon[0], stacked)):
             if layout == "heads" and side_rows % (3 * n):
                 raise OptionError(f"pairs['{t_name}']: {side_rows} rows cannot be {n} heads of (q, k, v)")
         old = replaced.get(t_name)
-        regroup = "".join(f"+{step}[{n}]" for step, lay, n in zip(("to_heads", "from_heads"), layouts, heads) if lay)
+        regroup = "".join(f"+{step}[{n}]" for step, lay, n in zip(("to_heads", "from_heads"), hand.layout, hand.heads)
+                          if lay)
         by_target[t_name] = Pair(
             target=t_name, aux=tuple(a_list),
-            transform="override" + (f" concat_out[{len(a_list)}]" if len(a_list) > 1 else "") + regroup,
+            transform="override" + (f" concat_out[{len(a_list)}]" if len(a_list) > 1 else "")
+                      + (f" rows {lo}:{hi}" if hand.rows else "") + regroup,
             role=old.role if old else None, segment=old.segment if old else "body",
             target_block=old.target_block if old else None, aux_block=old.aux_block if old else None,
-            aux_transposed=a_transposed, out_slice=(0, rows), target_transposed=t_transposed, flags=("override",),
-            layout=layouts, heads=heads)
+            aux_transposed=a_transposed, out_slice=(lo, hi), target_transposed=t_transposed, flags=("override",),
+            layout=hand.layout, heads=hand.heads)
         unpaired.pop(t_name, None)
     order = {p.target: i for i, p in enumerate([*pairs, *replaced.values()])}
     return sorted(by_target.values(), key=lambda p: order.get(p.target, len(order)))
@@ -449,7 +477,7 @@ def _check_competition(pairs: list[Pair]) -> None:
     clashes = {name: found for name, found in sources.items() if len(found) > 1}
     if clashes:
         shown = "\n  ".join(f"{name} <- {' | '.join(p.source for p in found)}" for name, found in clashes.items())
-        fix = {name: list(found[0].aux) if len(found[0].aux) > 1 else found[0].aux[0] for name, found in clashes.items()}
+        fix = {name: _as_override(found[0]) for name, found in clashes.items()}
         raise CompetingPairsError(
             f"{len(clashes)} target weight(s) would each receive several aux weights (the target reuses them in "
             f"several blocks, so each use found its own counterpart):\n  {shown}\nFix: pairs={fix!r} keeps the "

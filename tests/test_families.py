@@ -353,12 +353,15 @@ def test_an_unreadable_layout_is_set_by_hand_with_pairs():
             "aux": "blocks.0.attn.qkv.weight", "layout": "heads"}})
 
 
-def test_albert_target_names_every_shared_weight_and_the_fix():
-    target, aux = albert(), bert()
+@pytest.mark.parametrize("make_aux, aux_rows", [(bert, BERT), (neox, NEOX)], ids=["bert", "gpt_neox"])
+def test_albert_target_names_every_shared_weight_and_the_fix(make_aux, aux_rows):
+    target, aux = albert(), make_aux()
     with pytest.raises(pathway.CompetingPairsError, match="6 target weight") as caught:
         pathway.plan(target, aux)
     fix = ast.literal_eval(re.search(r"pairs=(\{.*?\}) keeps", str(caught.value)).group(1))
     assert len(fix) == 6 and all(name in str(caught.value) for name in fix)
-    report = pathway.connect(target, aux, pairs=fix)
+    report = pathway.connect(target, aux, pairs=fix)     # the fix as printed: whole weights, rows, layouts
     assert report.coverage == (6, 6)
-    assert all(p.aux[0].startswith("encoder.layer.0.") for p in report.pairs)
+    shared = split("encoder.albert_layer_groups.0.albert_layers.0.attention", "query", "key", "value")
+    got, want = shared.roles(placed_aux(target), 0), aux_rows.roles(plain_parameters(aux), 0)
+    assert all(torch.equal(got[r], want[r]) for r in "qkv")
