@@ -164,12 +164,13 @@ def _split_info(name: str, args: tuple, kwargs: dict, ndim: int | None, parts: i
             size if isinstance(size, int) else None)
 
 
-def _last_dim_slice(index: Any) -> tuple[int | None, int | None] | None:
-    """``(start, stop)`` of ``x[..., a:b]`` (only the last dim sliced, by ints); None for other indices."""
+def _last_dim_slice(index: Any, ndim: int | None) -> tuple[int | None, int | None] | None:
+    """``(start, stop)`` of ``x[..., a:b]`` or ``x[:, :, a:b]`` (``ndim`` items): only the last dim
+    sliced, by ints; None for other indices."""
     items = index if isinstance(index, tuple) else (index,)
-    if len(items) < 2 or items[0] is not Ellipsis and not all(i == slice(None) for i in items[:-1]):
-        return None
-    if items[0] is Ellipsis and len(items) != 2 or not isinstance(items[-1], slice) or items[-1] == slice(None):
+    ellipsis = len(items) == 2 and items[0] is Ellipsis
+    full = len(items) == ndim and all(i == slice(None) for i in items[:-1])
+    if not (ellipsis or full) or not isinstance(items[-1], slice) or items[-1] == slice(None):
         return None
     last = items[-1]
     if last.step not in (None, 1) or not all(v is None or isinstance(v, int) for v in (last.start, last.stop)):
@@ -177,12 +178,18 @@ def _last_dim_slice(index: Any) -> tuple[int | None, int | None] | None:
     return last.start, last.stop
 
 
-def _index_info(index: Any) -> tuple[int, ...]:
-    """``(k,)`` for an index that picks one position ``k`` of one dim (``x[..., 0, :]``), else ``()``."""
+def _index_info(index: Any, ndim: int | None) -> tuple[int, ...]:
+    """``(k, dim)`` for an index that picks position ``k`` of one dim (``x[..., 0, :]``), the dim
+    counted from the end (None where it cannot be told: fx's ``getitem`` of a split's parts); ``()``
+    for other indices."""
     items = index if isinstance(index, tuple) else (index,)
-    ints = [i for i in items if isinstance(i, int) and not isinstance(i, bool)]
-    plain = all(isinstance(i, (int, slice)) or i is Ellipsis for i in items)
-    return (ints[0],) if plain and len(ints) == 1 else ()
+    picks = [n for n, i in enumerate(items) if isinstance(i, int) and not isinstance(i, bool)]
+    if len(picks) != 1 or not all(isinstance(i, (int, slice)) or i is Ellipsis for i in items):
+        return ()
+    at = picks[0]
+    if items[0] is Ellipsis:
+        return items[at], at - len(items)
+    return items[at], at - ndim if ndim is not None else None
 
 
 def _make_op(name: str, args: tuple, kwargs: dict, ref: Callable[[Any], Ref | None], outputs: tuple[int, ...],
@@ -228,10 +235,11 @@ def _make_op(name: str, args: tuple, kwargs: dict, ref: Callable[[Any], Ref | No
         parts = len(result) if isinstance(result, (tuple, list)) else None
         return Op(kind, (ref(x),), touched, outputs, info=_split_info(name, args, kwargs, ndim, parts))
     elif kind == "shape" and name in ("__getitem__", "getitem") and len(args) == 2:
-        rows = _last_dim_slice(args[1])
+        rows = _last_dim_slice(args[1], args[0].dim() if isinstance(args[0], torch.Tensor) else None)
         if rows is not None:
             return Op("slice", (ref(args[0]),), touched, outputs, info=rows)
-        return Op(kind, (ref(args[0]),), touched, outputs, info=_index_info(args[1]))
+        return Op(kind, (ref(args[0]),), touched, outputs,
+                  info=_index_info(args[1], args[0].dim() if isinstance(args[0], torch.Tensor) else None))
     elif kind in ("shape", "transpose"):
         slots = (args[0] if args else None,)
     else:
@@ -600,6 +608,7 @@ class _HeadReader:
         self.parts: dict[int, tuple[int, int]] = {}          # value -> (use, which of its 3 parts / first row)
         self.part_roles: dict[int, dict[int, str]] = {}      # use -> {part: attention slot it reached}
         self.slices: dict[int, set[tuple[int, int]]] = {}    # use -> row ranges taken by x[..., a:b]
+        self.unpacked: dict[int, int] = {}                   # fx split node -> use (getitem picks its parts)
 
     def start(self, use: int, outputs: tuple[int, ...]) -> None:
         for out in outputs:
@@ -609,13 +618,19 @@ class _HeadReader:
         source = op.args[0] if op.args and isinstance(op.args[0], int) else None
         if source in self.parts:
             self._carry_part(source, op.outputs)
+        if source in self.unpacked and op.kind == "shape" and op.info:   # fx: getitem(split, k) is part k
+            self.parts[op.outputs[0]] = (self.unpacked[source], op.info[0] % 3)
         link = self.chain.get(source)
         if link is None:
             return
         use, stage, last = link
-        if op.kind == "split" and len(op.outputs) == 3 and stage < 2 or op.kind == "shape" and op.info and stage == 1:
+        picked = (op.kind == "shape" and op.info and stage == 1 and op.info[1] is not None
+                  and -op.info[1] <= len(self.factors[use]) and self.factors[use][op.info[1]] == 3)
+        if op.kind == "split" and len(op.outputs) == 3 and stage < 2 or picked:
             for k, out in enumerate(op.outputs):   # q, k, v as they leave the fused rows, in row order
-                self.parts[out] = (use, op.info[0] % 3 if op.kind == "shape" else k)
+                self.parts[out] = (use, op.info[0] % 3 if picked else k)
+        elif op.kind == "split" and len(op.outputs) == 1 and stage < 2:   # fx: one node, its parts picked later
+            self.unpacked[op.outputs[0]] = use
         if op.kind == "slice" and stage == 0:      # Phi-3: qkv[..., :q], qkv[..., q:q + kv], qkv[..., q + kv:]
             rows = self.uses[use].shape[0]
             start, stop = (0 if v is None else v + rows if v < 0 else min(v, rows)

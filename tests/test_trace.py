@@ -107,3 +107,11 @@ def test_heads_and_row_layout_come_from_the_views_after_each_projection():
     for split, layout in (("chunk", ""), ("slice", ""), ("narrow", None)):
         uses, *_ = uses_of(toys.SlicedQKVNet(depth=1, split=split), "runtime", torch.randn(1, 5, 8))
         assert (uses[1].role, uses[1].layout) == ("qkv", layout), split
+
+
+@pytest.mark.parametrize("reader", ["fx", "runtime"])
+def test_fused_parts_read_in_another_order_leave_the_layout_unread(reader):
+    right, *_ = uses_of(toys.SlicedQKVNet(depth=1, split="chunk"), reader, torch.randn(1, 5, 8))
+    swapped, *_ = uses_of(toys.SlicedQKVNet(depth=1, split="chunk", order="kvq"), reader, torch.randn(1, 5, 8))
+    assert right[1].layout == "" and swapped[1].layout is None
+    assert swapped[1].layout_note == "its three parts reach attention as part 0 -> k, part 1 -> v, part 2 -> q"

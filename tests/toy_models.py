@@ -236,7 +236,8 @@ class SlicedQKVBlock(nn.Module):
         elif self.split == "slice":
             parts = [qkv[..., i * d:(i + 1) * d] for i in range(3)]
         else:
-            parts = list(qkv.chunk(3, dim=-1))
+            chunks = qkv.chunk(3, dim=-1)
+            parts = [chunks[i] for i in range(3)]
         named = dict(zip(self.order, parts))
         q, k, v = (named[r].reshape(b, n, self.heads, -1).transpose(1, 2) for r in "qkv")
         return x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
