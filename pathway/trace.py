@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-
 Ref = Union[int, str]
 """An op argument: an ``int`` value id (activation or constant) or a ``str`` raw parameter name."""
 
