@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "recipes" / "paper"
 RECIPES = sorted(PAPER.rglob("*.yaml"))
 METRIC_KEY = {"imagenet": "top1", "kinetics400": "top1", "modelnet40": "top1", "audioset": "map",
-              "shapenetpart": "inst_miou", "partnet": "inst_miou"}
+              "shapenetpart": "inst_miou", "partnet": "part_miou"}
 
 # Failures the rehearsal found in files of other owners, until fixed there; strict, so a fix shows up here.
 KNOWN: dict[str, str] = {}
