@@ -727,6 +727,11 @@ class _HeadReader:
                     use.layout = None   # its parts feed attention in another order than q, k, v: not read
                     use.layout_note = "its three parts reach attention as " + ", ".join(
                         f"part {k} -> {slot}" for k, slot in sorted(reached.items()))
+                if use.layout is None and f and not use.layout_note:
+                    grouped = len(f) == 3 and f[1] > 3
+                    use.layout_note = (f"its rows are viewed as {list(f)}, neither [3, heads, head_dim] nor [heads, 3, "
+                                       f"head_dim]" + (" (grouped-query attention with [queries, key, value] rows per "
+                                                       "group, as Falcon-40B)" if grouped else ""))
             elif use.role in ("q", "k", "v") and f and len(f) == 2:
                 use.heads = f[0]
 

@@ -62,6 +62,13 @@ def falcon(multi_query: bool = False):
                                           parallel_attn=multi_query, alibi=not multi_query, bias=not multi_query))
 
 
+def falcon40b():
+    """The new decoder architecture: grouped-query rows [group, (queries, key, value), head_dim]."""
+    tf = _tf()
+    return tf.FalconModel(tf.FalconConfig(hidden_size=DIM, num_attention_heads=HEADS, num_kv_heads=2, num_hidden_layers=2,
+                                          vocab_size=100, new_decoder_architecture=True))
+
+
 def phi():
     tf = _tf()
     return tf.PhiModel(tf.PhiConfig(hidden_size=DIM, num_attention_heads=HEADS, num_hidden_layers=2,
@@ -316,6 +323,8 @@ def test_t5_block_zero_is_a_block():
                  r"grouped-query attention \(GQA: 4 query heads, 2 key/value heads\)", id="llama GQA <- timm vit"),
     pytest.param(vit, lambda: llama(kv_heads=2), pathway.GroupSizeError, r"the aux uses grouped-query attention",
                  id="timm vit <- llama GQA"),
+    pytest.param(falcon40b, vit, LayoutError, r"viewed as \[2, 4, 16\].*grouped-query attention",
+                 id="falcon-40b (GQA rows per group) <- timm vit"),
     pytest.param(vit, toys.SlicedQKVNet, LayoutError, r"blocks\.0\.qkv\.weight \[192, 64\].*no view, split or slices",
                  id="timm vit <- fused qkv cut by narrow (layout unreadable)"),
     pytest.param(vit, lambda: toys.SlicedQKVNet(split="chunk", order="kqv"), LayoutError,
