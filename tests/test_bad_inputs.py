@@ -82,7 +82,7 @@ CASES = [
     ("run folder is the user's folder", lambda w: _train(f"data.root={w['data']}", f"output.dir={w['base']}",
                                                         "output.name=my_data"), "holds files pathway did not write"),
     ("batch larger than the data", lambda w: _train(f"data.root={w['data']}", "data.batch_size=100000",
-                                                   f"output.dir={w['base'] / 'runs'}"), "make no full step"),
+                                                   f"output.dir={w['base'] / 'runs'}"), "make no full optimizer step"),
     ("corrupt target checkpoint", lambda w: _train(f"data.root={w['data']}", f"model.checkpoint={w['base'] / 'garbage.pt'}",
                                                   f"output.dir={w['base'] / 'runs'}"), "garbage.pt"),
     ("resume of an empty run folder", lambda w: _train(f"data.root={w['data']}", f"output.dir={w['base'] / 'runs'}",

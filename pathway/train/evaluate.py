@@ -42,7 +42,10 @@ def load_run_model(recipe: Recipe, weights: Path, adapter, state: dict | None = 
         model = build_transformer(recipe, adapter)
         tensors, args = read_checkpoint(weights)
         if not is_engine_layout(list(tensors)):  # an official code base's own file: convert, then check every key
-            load_checkpoint(model, tensors, format=recipe.model.checkpoint_format, args=args, allow_missing=())
+            try:
+                load_checkpoint(model, tensors, format=recipe.model.checkpoint_format, args=args, allow_missing=())
+            except CheckpointError as err:
+                raise CheckpointError(f"{weights}: {err}") from None
             return model
     try:
         model.load_state_dict(tensors, strict=True)
