@@ -10,8 +10,9 @@ never shadows AdapterHub's ``adapters`` for code started in the repo root): impo
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from pathway.errors import OptionError
 

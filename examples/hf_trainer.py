@@ -47,8 +47,9 @@ class Shapes(torch.utils.data.Dataset):
 
 def main(steps: int) -> None:
     torch.manual_seed(0)
-    make = lambda classes: timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4,
-                                             num_classes=classes)
+    def make(classes: int) -> torch.nn.Module:
+        return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, num_classes=classes)
+
     target, aux = make(4), make(0)          # aux: any model trained on another modality, here random
     pathway.connect(target, aux)
     model = Classifier(target)

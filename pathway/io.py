@@ -43,7 +43,7 @@ def save(model: nn.Module, path: str | Path) -> None:
     if not is_connected(model):
         raise NotConnectedError(f"{type(model).__name__} is not connected; save a plain model with "
                                 f"safetensors.torch.save_model instead")
-    from safetensors.torch import save_model   # imported here: ``import pathway`` loads torch alone
+    from safetensors.torch import save_model  # imported here: ``import pathway`` loads torch alone
 
     metadata = {"pathway": json.dumps({"version": FORMAT_VERSION, "sites": _spec(model)})}
     save_model(model, str(path), metadata=metadata)

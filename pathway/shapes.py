@@ -33,8 +33,8 @@ under the one lambda that also scales the real aux weights, which is not the met
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -197,7 +197,7 @@ class Side:
     shapes: dict[str, tuple[int, ...]]        # plain weight name -> canonical [out, in, ...] shape
 
     @classmethod
-    def of(cls, model: nn.Module, transposed: dict[str, bool]) -> "Side":
+    def of(cls, model: nn.Module, transposed: dict[str, bool]) -> Side:
         shapes = {}
         for name, p in plain_parameters(getattr(model, "_orig_mod", model)).items():
             shape = tuple(p.shape)

@@ -26,9 +26,9 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Union
 
 import torch
 import torch.nn as nn
@@ -36,7 +36,7 @@ import torch.nn as nn
 from .errors import PathwayError
 from .modules import plain_parameters
 
-Architecture = Union[None, str, nn.Module, Callable[[], nn.Module]]
+Architecture = None | str | nn.Module | Callable[[], nn.Module]
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
@@ -67,7 +67,7 @@ class AuxSource:
 
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """The named aux tensors (plain parameter names), as stored (dtype of the file), on the CPU."""
-        from safetensors import SafetensorError, safe_open   # here: ``import pathway`` loads torch alone
+        from safetensors import SafetensorError, safe_open  # here: ``import pathway`` loads torch alone
 
         out = {}
         for name in names:

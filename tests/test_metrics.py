@@ -7,12 +7,17 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pathway.adapters.registry as adapters
 import pytest
 import torch
 
-import pathway.adapters.registry as adapters
-from pathway.train.metrics import (MetricAccumulator, average_over_categories, merge_views, part_category_miou,
-                                   shapenetpart_miou)
+from pathway.train.metrics import (
+    MetricAccumulator,
+    average_over_categories,
+    merge_views,
+    part_category_miou,
+    shapenetpart_miou,
+)
 
 
 def scores(preds: list[list[int]], num_classes: int, decoys: dict[tuple[int, int], int] | None = None) -> torch.Tensor:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import toy_models as toys
 from safetensors.torch import save_file
 
 import pathway
-import toy_models as toys
 from pathway.modules import pathway_sites
 from pathway.source import SourceError, open_aux
 

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
-
+from pathway.tokenizers.base import Tokenizer, TokenizerOutput
 from pathway.tokenizers.image_patch import ImagePatchTokenizer
 from pathway.tokenizers.patch import PatchTokenizer, patchify
 from pathway.tokenizers.point_group import PointGroupTokenizer, farthest_point_sample, knn
-from pathway.tokenizers.base import Tokenizer, TokenizerOutput
 from pathway.tokenizers.pos_embed import resample_pos_embed, sincos_pos_embed, sinusoid_table
 
 
@@ -43,7 +40,7 @@ def test_image_tokens_match_timm_patch_embed():
 
 
 def test_image_pos_embed_interpolates_like_timm():
-    timm = pytest.importorskip("timm")
+    pytest.importorskip("timm")
     from timm.layers import resample_abs_pos_embed
 
     tok = ImagePatchTokenizer(img_size=32, patch_size=8, embed_dim=16)
