@@ -594,7 +594,14 @@ class _HeadReader:
     GPT-NeoX), a split of the rows into 3 before any view is ``[q | k | v]`` (GPT-2), and a
     ``view(.., H, hd)`` of one projection gives its heads (q/k/v, grouped k/v included), and
     ``view(.., H + 2 * Hkv, hd)`` with SDPA seeing H query and Hkv key/value heads is ``[q | k | v]``
-    of multi-/grouped-query attention (Falcon-7B).
+    of multi-/grouped-query attention (Falcon-7B), and three contiguous row slices ``x[..., a:b]``
+    are ``[q | k | v]`` too (Phi-3).
+
+    The order is checked, not assumed: each of a fused projection's three parts (a chunk, split or
+    unbind, an index on its axis of 3, a row slice) is followed, through reshapes and through ops
+    that mix it only with values of no other part (rotary embeddings), to the attention slot it
+    reaches (SDPA's q/k/v, ``q @ k^T``, ``probs @ v``). Parts that reach attention in another order
+    than q, k, v leave the layout unread, with a note saying how they were read.
     """
 
     def __init__(self, uses: list[WeightUse]):
@@ -740,11 +747,11 @@ def _read_slices(use: WeightUse, taken: set[tuple[int, int]], q_heads: int | Non
                  reached: dict[int, str]) -> None:
     """Rows sliced into three contiguous ranges are ``[q | k | v]`` if attention saw them in that order."""
     bounds = sorted(taken)
-    contiguous = [b[0] for b in bounds] == [0, bounds[0][1], bounds[1][1]] and bounds[-1][1] == use.shape[0]
-    order = {start: "qkv"[k] for k, (start, _) in enumerate(bounds)}
-    if len(bounds) != 3 or not contiguous or bounds[1][1] - bounds[1][0] != bounds[2][1] - bounds[2][0]:
+    three = len(bounds) == 3 and [b[0] for b in bounds] == [0, bounds[0][1], bounds[1][1]]
+    if not three or bounds[-1][1] != use.shape[0] or bounds[1][1] - bounds[1][0] != bounds[2][1] - bounds[2][0]:
         use.layout, use.layout_note = None, f"its output is sliced into rows {bounds}, not three contiguous parts"
         return
+    order = {start: "qkv"[k] for k, (start, _) in enumerate(bounds)}
     if any(order[start] != slot for start, slot in reached.items()):
         use.layout, use.layout_note = None, "its row slices reach attention as " + ", ".join(
             f"rows {start}: -> {slot}" for start, slot in sorted(reached.items()))
