@@ -31,13 +31,11 @@ import random
 from pathlib import Path
 
 import numpy as np
-
 import torch
-from torch import Tensor
-from torch.utils.data import Dataset
-
 from pathway.tokenizers.audio_spectrogram import AudioSpectrogramTokenizer
 from pathway.tokenizers.base import Tokenizer
+from torch import Tensor
+from torch.utils.data import Dataset
 
 from .base import Adapter, FileDataset, OptionError, UnreadableFileError
 from .registry import register
@@ -46,7 +44,9 @@ AUDIO_EXTENSIONS = ("wav", "flac", "mp3", "ogg")
 AUDIOSET_MEAN, AUDIOSET_STD = -4.2677393, 4.5689974
 
 
-def kaldi_mel_banks(num_bins: int, num_fft: int, sample_rate: int, low_freq: float = 20.0, high_freq: float = 0.0) -> Tensor:
+def kaldi_mel_banks(
+    num_bins: int, num_fft: int, sample_rate: int, low_freq: float = 20.0, high_freq: float = 0.0
+) -> Tensor:
     """Kaldi's triangular filters, built on the mel scale ``1127 ln(1 + f/700)``; ``[num_bins, num_fft // 2 + 1]``."""
     nyquist = sample_rate / 2
     high_freq = high_freq if high_freq > 0 else nyquist + high_freq
@@ -131,7 +131,9 @@ class AudioAdapter(Adapter):
         o = self.options
         for key in ("mixup", "mask_t_prob", "mask_f_prob"):
             if not 0 <= o[key] < (1.0001 if key == "mixup" else 1):
-                raise OptionError(f"AudioAdapter: {key}={o[key]} must be a share in [0, 1{']' if key == 'mixup' else ')'}")
+                raise OptionError(
+                    f"AudioAdapter: {key}={o[key]} must be a share in [0, 1{']' if key == 'mixup' else ')'}"
+                )
         for key in ("target_length", "num_mel_bins"):
             if o[key] % o["patch_size"]:
                 raise OptionError(f"AudioAdapter: {key}={o[key]} must be a multiple of patch_size={o['patch_size']}")
@@ -200,8 +202,8 @@ class AudioAdapter(Adapter):
 
     def tokenizer(self, embed_dim: int) -> Tokenizer:
         o = self.options
-        return AudioSpectrogramTokenizer(o["target_length"], o["num_mel_bins"], o["patch_size"], embed_dim, o["pos_embed"],
-                                         mask_t_prob=o["mask_t_prob"], mask_f_prob=o["mask_f_prob"])
+        return AudioSpectrogramTokenizer(o["target_length"], o["num_mel_bins"], o["patch_size"], embed_dim,
+                                         o["pos_embed"], mask_t_prob=o["mask_t_prob"], mask_f_prob=o["mask_f_prob"])
 
 
 def mix_waveforms(wave: Tensor, partner: Tensor) -> tuple[Tensor, float]:

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from pathway.tokenizers.base import Tokenizer
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from pathway.errors import OptionError, PathwayError
-from pathway.tokenizers.base import Tokenizer
 
 from .heads import ClassificationHead, LinearProbeHead
 
@@ -70,7 +70,9 @@ class Adapter:
         "head": "linear",  # one of `heads`: "linear" (pooled tokens -> Linear), "probe" (MAE's linear-probe head)
     }
     # head option -> head class, called as cls(embed_dim, num_classes); adapters with other outputs replace it
-    heads: ClassVar[dict[str, Callable[[int, int], nn.Module]]] = {"linear": ClassificationHead, "probe": LinearProbeHead}
+    heads: ClassVar[dict[str, Callable[[int, int], nn.Module]]] = {
+        "linear": ClassificationHead, "probe": LinearProbeHead
+    }
     num_classes: int
     classes: list[str]
 
@@ -170,7 +172,9 @@ class Adapter:
     def dataset(self, split: str, train: bool) -> Dataset:
         """Items ``(x, y)`` of ``split``; ``train`` turns on augmentation."""
         if self.root is None:
-            raise LayoutError(f"{type(self).__name__}.spec(...) has no data; build it with {type(self).__name__}(root, ...)")
+            raise LayoutError(
+                f"{type(self).__name__}.spec(...) has no data; build it with {type(self).__name__}(root, ...)"
+            )
         return self.build_dataset(split, train)
 
     def build_dataset(self, split: str, train: bool) -> Dataset:
@@ -284,7 +288,8 @@ class FileDataset(Dataset):
             raise TooManyUnreadableFilesError(
                 f"{type(self.adapter).__name__}: {self.unreadable_count()} of the {len(self.samples)} files under "
                 f"{self.adapter.root} are unreadable, more than max_unreadable_share={limit:g}; the latest: {path} "
-                f"({type(error).__name__}: {error}). Fix or remove the files, or raise data.options.max_unreadable_share"
+                f"({type(error).__name__}: {error}). Fix or remove the files, or raise "
+                f"data.options.max_unreadable_share"
             ) from error
 
     def __getitem__(self, index: int) -> tuple[Tensor, Any]:
@@ -305,7 +310,7 @@ class FileDataset(Dataset):
                     error = failed
             else:
                 raise AugmentationError(
-                    f"{type(self.adapter).__name__}: the augmentation failed {1 + self.redraws} times on {self.samples[i][0]}, "
-                    f"a readable file (last: {type(error).__name__}: {error}); the file is kept, the transform needs a fix "
-                    f"(turn the failing augmentation off in data.options meanwhile)"
+                    f"{type(self.adapter).__name__}: the augmentation failed {1 + self.redraws} times on "
+                    f"{self.samples[i][0]}, a readable file (last: {type(error).__name__}: {error}); the file is kept, "
+                    f"the transform needs a fix (turn the failing augmentation off in data.options meanwhile)"
                 ) from error

@@ -20,11 +20,11 @@
 from __future__ import annotations
 
 import torch
+from pathway.tokenizers.base import TokenizerOutput
+from pathway.tokenizers.point_group import interpolate_to_points
 from torch import Tensor, nn
 
 from pathway.errors import OptionError
-from pathway.tokenizers.base import TokenizerOutput
-from pathway.tokenizers.point_group import interpolate_to_points
 
 
 def has_cls_token(tokens: Tensor, out: TokenizerOutput | None) -> bool:
@@ -105,7 +105,9 @@ class PointMAESegmentationHead(nn.Module):
         label = 64 if num_categories else 0
         if num_categories:
             self.label_conv = conv_bn(num_categories, label, nn.LeakyReLU(0.2), bias=False)
-        self.propagation = nn.Sequential(conv_bn(levels + 3, 4 * embed_dim, nn.ReLU()), conv_bn(4 * embed_dim, 1024, nn.ReLU()))
+        self.propagation = nn.Sequential(
+            conv_bn(levels + 3, 4 * embed_dim, nn.ReLU()), conv_bn(4 * embed_dim, 1024, nn.ReLU())
+        )
         self.mlp = nn.Sequential(
             conv_bn(1024 + 2 * levels + label, 512, nn.ReLU()), nn.Dropout(0.5),
             conv_bn(512, 256, nn.ReLU()), nn.Conv1d(256, num_classes, 1),
@@ -120,7 +122,8 @@ class PointMAESegmentationHead(nn.Module):
                 f"after the final norm) come from the model, category from a tokenizer built with num_categories")
         centers, points = out.extras["centers"], out.extras["points"]
         g, n = centers.shape[1], points.shape[1]
-        levels = torch.cat([f[:, -g:] for f in out.extras["block_features"]], dim=-1)  # [B, G, L*D], class token dropped
+        # [B, G, L*D], class token dropped
+        levels = torch.cat([f[:, -g:] for f in out.extras["block_features"]], dim=-1)
         pooled = [levels.amax(dim=1), levels.mean(dim=1)]  # [B, L*D] each
         if self.num_categories:
             pooled.append(self.label_conv(out.extras["category"].to(levels.dtype).unsqueeze(-1)).squeeze(-1))

@@ -13,11 +13,11 @@ the transforms this adapter builds.
 from __future__ import annotations
 
 from pathlib import Path
+
+from pathway.tokenizers.base import Tokenizer
+from pathway.tokenizers.image_patch import ImagePatchTokenizer
 from torch import Tensor
 from torch.utils.data import Dataset
-
-from pathway.tokenizers.image_patch import ImagePatchTokenizer
-from pathway.tokenizers.base import Tokenizer
 
 from .base import Adapter, FileDataset, OptionError
 from .registry import register
@@ -61,7 +61,9 @@ class ImageAdapter(Adapter):
         def augment(image, label: int, index: int) -> tuple[Tensor, int]:
             return transform(image), label
 
-        return FileDataset(self.folder_samples(split), lambda path, label: read_image(path, o["in_chans"]), augment, self)
+        return FileDataset(
+            self.folder_samples(split), lambda path, label: read_image(path, o["in_chans"]), augment, self
+        )
 
     def transform(self, train: bool):
         """timm's train / eval transform for this adapter's options (PIL image -> normalised tensor)."""
@@ -78,7 +80,8 @@ class ImageAdapter(Adapter):
                 hflip=o["hflip"], scale=tuple(o["scale"]),
             ))
         return create_transform(
-            o["img_size"], is_training=False, interpolation=o["interpolation"], crop_pct=o["crop_pct"], mean=mean, std=std
+            o["img_size"], is_training=False, interpolation=o["interpolation"], crop_pct=o["crop_pct"],
+            mean=mean, std=std,
         )
 
     def input_shape(self) -> tuple[int, ...]:
@@ -106,7 +109,8 @@ def keep_zero_bit_posterize(transform):
     from timm.data import auto_augment
 
     for t in getattr(transform, "transforms", [transform]):
-        ops = list(getattr(t, "ops", [])) + [op for sub in getattr(t, "policy", []) for op in sub]  # RandAugment, AutoAugment
+        # RandAugment, AutoAugment
+        ops = list(getattr(t, "ops", [])) + [op for sub in getattr(t, "policy", []) for op in sub]
         for op in ops:
             if isinstance(op, auto_augment.AugmentOp) and op.name.startswith("Posterize"):
                 op.aug_fn = posterize_keeping_zero_bits

@@ -26,11 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pathway.tokenizers.base import Tokenizer
+from pathway.tokenizers.point_group import PointGroupTokenizer
 from torch import Tensor, nn
 from torch.utils.data import Dataset
-
-from pathway.tokenizers.point_group import PointGroupTokenizer
-from pathway.tokenizers.base import Tokenizer
 
 from .base import Adapter, FileDataset, LayoutError, OptionError, UnreadableFileError
 from .heads import PointMAESegmentationHead, SegmentationHead
@@ -119,7 +118,9 @@ def read_points(path: Path, in_chans: int = 3, mesh_points: int = 8192) -> np.nd
         parts = [xyz]
         if in_chans > 3:
             if not cloud.has_normals():
-                raise LayoutError(f"{path} has no normals but in_chans={in_chans}; use in_chans=3 or files with normals")
+                raise LayoutError(
+                    f"{path} has no normals but in_chans={in_chans}; use in_chans=3 or files with normals"
+                )
             parts.append(np.asarray(cloud.normals, dtype=np.float32))
         data = np.concatenate(parts, axis=1)
     if data.shape[1] < in_chans:
@@ -146,7 +147,8 @@ def sample_indices(have: int, want: int, rng: np.random.Generator) -> np.ndarray
 
 
 def augment(points: np.ndarray, rng: np.random.Generator, up_axis: int | None, rotate: bool, jitter: float,
-            scale_range: tuple[float, float] = (2 / 3, 3 / 2), isotropic: bool = False, translate: float = 0.2) -> np.ndarray:
+            scale_range: tuple[float, float] = (2 / 3, 3 / 2), isotropic: bool = False,
+            translate: float = 0.2) -> np.ndarray:
     """Point-MAE-style scale / translate, plus optional rotation about ``up_axis`` and jitter."""
     out = points.copy()
     scale = rng.uniform(*scale_range, 1 if isotropic else 3).astype(np.float32)
@@ -274,7 +276,9 @@ def read_partnet(root: Path, category: str, split: str) -> list[tuple[Path, Path
     """
     listing = root / "stats" / "train_val_test_split" / f"{category}.{split}.json"
     if not listing.is_file():
-        raise LayoutError(f"PartNet split list {listing} not found; expected root/stats/train_val_test_split/<Category>.<split>.json")
+        raise LayoutError(
+            f"PartNet split list {listing} not found; expected root/stats/train_val_test_split/<Category>.<split>.json"
+        )
     pairs = []
     for entry in json.loads(listing.read_text()):
         folder = root / "data_v0" / str(entry["anno_id"]) / "point_sample"
@@ -304,8 +308,8 @@ def shapenetpart_files(root: Path, split: str) -> list[Path]:
     for part in COMBINED_SPLITS.get(split, (split,)):
         listing = root / "train_test_split" / f"shuffled_{part}_file_list.json"
         if not listing.is_file():
-            raise LayoutError(f"ShapeNetPart split list {listing} not found (layout='shapenetpart'; splits: train, val, "
-                              f"test, or trainval = train + val)")
+            raise LayoutError(f"ShapeNetPart split list {listing} not found (layout='shapenetpart'; splits: train, "
+                              f"val, test, or trainval = train + val)")
         files += [root / Path(*Path(e).parts[1:]).with_suffix(".txt") for e in json.loads(listing.read_text())]
     missing = [f for f in files if not f.is_file()]
     if missing:
@@ -424,10 +428,15 @@ class PointPartAdapter(_PointAdapterBase):
         def read(path: Path, labels_file: Path | None) -> tuple[np.ndarray, np.ndarray, str]:
             points, labels = self.read(path, labels_file)
             if labels.min() < 0 or labels.max() >= self.num_classes:
-                raise LayoutError(f"{path}: part labels {labels.min()}..{labels.max()} outside 0..{self.num_classes - 1}; set num_classes")
+                raise LayoutError(
+                    f"{path}: part labels {labels.min()}..{labels.max()} outside 0..{self.num_classes - 1}; "
+                    f"set num_classes"
+                )
             return points, labels, path.parent.name  # ShapeNetPart: the folder is the category's synset
 
-        def augment(data: tuple[np.ndarray, np.ndarray, str], labels_file: Path | None, index: int) -> tuple[Tensor, Tensor]:
+        def augment(
+            data: tuple[np.ndarray, np.ndarray, str], labels_file: Path | None, index: int
+        ) -> tuple[Tensor, Tensor]:
             points, labels, synset = data
             x, y = self.process(points, labels, train, index)
             return (self.with_category(x, synsets, synset) if synsets else x), y

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pathway.tokenizers.base import Tokenizer
+from pathway.tokenizers.patch import PatchTokenizer
 from torch import Tensor
 from torch.utils.data import Dataset
-
-from pathway.tokenizers.patch import PatchTokenizer
-from pathway.tokenizers.base import Tokenizer
 
 from .base import Adapter, FileDataset, LayoutError, OptionError, UnreadableFileError
 from .registry import register
@@ -62,7 +61,9 @@ class TimeSeriesAdapter(Adapter):
         super().check_options()
         o = self.options
         if o["length"] % o["patch_size"]:
-            raise OptionError(f"TimeSeriesAdapter: length={o['length']} must be a multiple of patch_size={o['patch_size']}")
+            raise OptionError(
+                f"TimeSeriesAdapter: length={o['length']} must be a multiple of patch_size={o['patch_size']}"
+            )
 
     def build_dataset(self, split: str, train: bool) -> Dataset:
         o = self.options

@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pathway.tokenizers.base import Tokenizer
+from pathway.tokenizers.video_tubelet import VideoTubeletTokenizer
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from pathway.tokenizers.base import Tokenizer
-from pathway.tokenizers.video_tubelet import VideoTubeletTokenizer
 from pathway.train.data import Repeated
 
 from .base import Adapter, FileDataset, LayoutError, OptionError, UnreadableFileError
@@ -59,7 +59,9 @@ def frame_count_and_reader(path: Path):
             try:
                 return reader.get_batch(list(idx)).asnumpy()
             except Exception as error:  # decoded lazily: a failure here is still the file's
-                raise UnreadableFileError(f"{path}: decord could not decode frames ({type(error).__name__}: {error})") from error
+                raise UnreadableFileError(
+                    f"{path}: decord could not decode frames ({type(error).__name__}: {error})"
+                ) from error
 
         return n, get
     except Exception as decord_error:
@@ -153,11 +155,15 @@ class VideoAdapter(Adapter):
         super().check_options()
         o = self.options
         if int(o["num_sample"]) != o["num_sample"] or o["num_sample"] < 1:
-            raise OptionError(f"VideoAdapter: num_sample={o['num_sample']} must be a whole number >= 1 (clips per video)")
+            raise OptionError(
+                f"VideoAdapter: num_sample={o['num_sample']} must be a whole number >= 1 (clips per video)"
+            )
         if o["test_crops"] not in (1, 3):
             raise OptionError(f"VideoAdapter: test_crops={o['test_crops']} must be 1 (centre) or 3 (ends + centre)")
         if o["num_frames"] % o["tubelet_size"]:
-            raise OptionError(f"VideoAdapter: num_frames={o['num_frames']} must be a multiple of tubelet_size={o['tubelet_size']}")
+            raise OptionError(
+                f"VideoAdapter: num_frames={o['num_frames']} must be a multiple of tubelet_size={o['tubelet_size']}"
+            )
 
     def find_classes(self) -> list[str]:
         o = self.options
@@ -256,7 +262,9 @@ class VideoAdapter(Adapter):
         start = int(np.random.randint(0, max(1, n - span + 1)))
         frames = get(clip_indices(n, o["num_frames"], o["sampling_rate"], start))  # uint8 [T, H, W, 3]
         if frame_augmentation is not None:
-            frames = np.stack([np.asarray(f) for f in same_for_every_frame(frame_augmentation, [Image.fromarray(f) for f in frames])])
+            frames = np.stack([
+                np.asarray(f) for f in same_for_every_frame(frame_augmentation, [Image.fromarray(f) for f in frames])
+            ])
         clip = self._normalise(self._to_tensor(frames))
         clip = random_resized_crop(clip, o["img_size"], tuple(o["scale"]), tuple(o["ratio"]))
         if np.random.rand() < o["hflip"]:
@@ -270,7 +278,9 @@ class VideoAdapter(Adapter):
         or 1) along the long side; ``[3, T, img_size, img_size]``."""
         o = self.options
         n, get = video
-        frames = resize_short_side(self._to_tensor(get(clip_indices(n, o["num_frames"], o["sampling_rate"], start))), o["img_size"])
+        frames = resize_short_side(
+            self._to_tensor(get(clip_indices(n, o["num_frames"], o["sampling_rate"], start))), o["img_size"]
+        )
         size, (h, w) = o["img_size"], frames.shape[-2:]
         top = int((h - size) * pos) if h > w else (h - size) // 2  # VideoMAE: int(split * spatial_step)
         left = int((w - size) * pos) if w >= h else (w - size) // 2

@@ -152,7 +152,9 @@ def main() -> None:
     need = 2 * (args.layers * per_layer + 2 * args.vocab * args.hidden)
     free = shutil.disk_usage(tempfile.gettempdir()).free
     if free < 1.5 * need:
-        sys.exit(f"{tempfile.gettempdir()} has {free / 2**30:.1f} GiB free; the checkpoint needs {need / 2**30:.1f} GiB")
+        sys.exit(
+            f"{tempfile.gettempdir()} has {free / 2**30:.1f} GiB free; the checkpoint needs {need / 2**30:.1f} GiB"
+        )
     folder = Path(tempfile.mkdtemp(prefix="pathway-bench-lazy-"))
     try:
         start = time.perf_counter()
@@ -179,7 +181,8 @@ def main() -> None:
     constant = lazy["above_imports_mib"] - lazy["target_mib"] - lazy["selected_mib"]
     print(f"lazy: {lazy['tensors_read']} tensors read ({lazy['read_mib'] / (on_disk / 2**20):.1%} of the checkpoint); "
           f"peak above imports = target + selected + {constant:.0f} MiB")
-    print(f"ratios lazy / in memory: peak RSS above imports {lazy['above_imports_mib'] / full['above_imports_mib']:.3f}, "
+    print(f"ratios lazy / in memory: peak RSS above imports "
+          f"{lazy['above_imports_mib'] / full['above_imports_mib']:.3f}, "
           f"open + connect time {lazy['total_s'] / full['total_s']:.3f}")
 
 

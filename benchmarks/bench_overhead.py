@@ -158,7 +158,8 @@ def peak_memory(name: str, variant: str, device: str, batch: int) -> dict[str, f
     state = sum(p.numel() * p.element_size() * (2 if p.grad is not None else 1) for p in model.parameters())
     state += sum(t.numel() * t.element_size() for s in step.optimizer.state.values() for t in s.values()
                  if torch.is_tensor(t))
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"peak": float(peak), "state": float(state)}
 
 
@@ -202,7 +203,8 @@ def main() -> None:
         print(f"  connected vs reference step: {steps['connected'] / steps['reference']:.3f}")
         print(f"  inference: folded {infer['folded']:.3f}s vs plain {infer['plain']:.3f}s "
               f"(ratio {infer['folded'] / infer['plain']:.3f})")
-        print(f"  connect {cf['connect']:.2f}s, fold {cf['fold']:.3f}s (a batch-1 forward takes {cf['forward_batch1']:.2f}s)")
+        print(f"  connect {cf['connect']:.2f}s, fold {cf['fold']:.3f}s "
+              f"(a batch-1 forward takes {cf['forward_batch1']:.2f}s)")
     print("\njson:", json.dumps(results))
 
 

@@ -1,4 +1,5 @@
-"""FPS + KNN grouping of the point tokenizer vs open3d's ``farthest_point_down_sample`` (prints ratios, asserts nothing).
+"""FPS + KNN grouping of the point tokenizer vs open3d's ``farthest_point_down_sample``
+(prints ratios, asserts nothing).
 
 Cases: one cloud and a batch of 32 clouds of 8192 points, down to 512 and 1024 centres. open3d samples
 one cloud per call (the batch is a Python loop over clouds, as a data loader would do); ours handles the
@@ -12,9 +13,7 @@ import time
 
 import numpy as np
 import torch
-
-from pathway.tokenizers.point_group import farthest_point_sample, knn
-from pathway.tokenizers.point_group import gather_points
+from pathway.tokenizers.point_group import farthest_point_sample, gather_points, knn
 
 
 def best_of(fn, repeat: int = 3) -> float:
@@ -39,19 +38,20 @@ def main() -> None:
         pcs = [o3d.geometry.PointCloud(o3d.utility.Vector3dVector(c.astype(np.float64))) for c in clouds]
         xyz = torch.from_numpy(clouds)
         for groups in (512, 1024):
-            t_o3d = best_of(lambda: [pc.farthest_point_down_sample(groups) for pc in pcs])
-            t_fps = best_of(lambda: farthest_point_sample(xyz, groups))
+            t_o3d = best_of(lambda pcs=pcs, groups=groups: [pc.farthest_point_down_sample(groups) for pc in pcs])
+            t_fps = best_of(lambda xyz=xyz, groups=groups: farthest_point_sample(xyz, groups))
 
-            def fps_knn(x=xyz):
+            def fps_knn(x=xyz, groups=groups):
                 centres = gather_points(x, farthest_point_sample(x, groups))
                 knn(centres, x, 32)
 
             t_all = best_of(fps_knn)
-            line = (f"B={batch:2d} N=8192 G={groups:4d}: open3d FPS {t_o3d * 1e3:8.1f} ms | ours FPS {t_fps * 1e3:8.1f} ms "
-                    f"(open3d/ours {t_o3d / t_fps:5.2f}x) | ours FPS+KNN {t_all * 1e3:8.1f} ms (open3d/ours {t_o3d / t_all:5.2f}x)")
+            line = (f"B={batch:2d} N=8192 G={groups:4d}: open3d FPS {t_o3d * 1e3:8.1f} ms | "
+                    f"ours FPS {t_fps * 1e3:8.1f} ms (open3d/ours {t_o3d / t_fps:5.2f}x) | "
+                    f"ours FPS+KNN {t_all * 1e3:8.1f} ms (open3d/ours {t_o3d / t_all:5.2f}x)")
             if torch.cuda.is_available():
                 g = xyz.cuda()
-                t_gpu = best_of(lambda: fps_knn(g))
+                t_gpu = best_of(lambda g=g, fps_knn=fps_knn: fps_knn(g))
                 line += f" | CUDA FPS+KNN {t_gpu * 1e3:7.1f} ms (open3d/CUDA {t_o3d / t_gpu:6.1f}x)"
             print(line, flush=True)
 

@@ -55,7 +55,7 @@ def main(steps: int) -> None:
         loss.backward()
         optimizer.step()
         if step % 20 == 0 or step == steps - 1:
-            mean_lambda = torch.stack([l.abs().mean() for l in pathway.lambdas(target).values()]).mean()
+            mean_lambda = torch.stack([lam.abs().mean() for lam in pathway.lambdas(target).values()]).mean()
             print(f"step {step:3d}  loss {loss.item():.3f}  mean |lambda| {mean_lambda.item():.4f}")
 
     target.eval()
@@ -68,7 +68,8 @@ def main(steps: int) -> None:
     plain.load_state_dict(target.state_dict(), strict=True)
     print(f"test accuracy {(folded.argmax(1) == test_y).float().mean().item():.3f}; "
           f"max |folded - connected| = {(folded - connected).abs().max().item():.2e}; "
-          f"parameters {sum(p.numel() for p in target.parameters())} (plain: {sum(p.numel() for p in plain.parameters())})")
+          f"parameters {sum(p.numel() for p in target.parameters())} "
+          f"(plain: {sum(p.numel() for p in plain.parameters())})")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import Counter
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -121,7 +122,9 @@ def inject(target: nn.Module, aux: nn.Module | AuxSource, report: Report, opts: 
         if aux_tensor.shape != weight.shape:   # the plan checked shapes; this guards the layout logic
             raise AssertionError(f"{pair.target}: built aux tensor {list(aux_tensor.shape)} != {list(weight.shape)}")
         init = opts.lambda_init(pair.target, pair.target_block) if callable(opts.lambda_init) else opts.lambda_init
-        staged.append((sites, pair, aux_tensor, float(init), _scale_shape(weight, pair, opts.lambda_shape == "channel")))
+        staged.append(
+            (sites, pair, aux_tensor, float(init), _scale_shape(weight, pair, opts.lambda_shape == "channel"))
+        )
     staged.reverse()
     while staged:   # popped, so each built tensor is freed once its pathway holds its copy
         sites, pair, aux_tensor, init, scale_shape = staged.pop()

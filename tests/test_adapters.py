@@ -7,15 +7,13 @@ import sys
 import warnings
 from pathlib import Path
 
+import make_files as mf
 import numpy as np
+import pathway.adapters.registry as adapters
 import pytest
 import torch
-
-import pathway.adapters.registry as adapters
 from pathway.adapters.base import Adapter, LayoutError, OptionError, UnreadableFileError
 from pathway.tokenizers.base import Tokenizer
-
-import make_files as mf
 
 
 def read_all(ds) -> list:
@@ -31,7 +29,8 @@ def read_all(ds) -> list:
 def test_import_is_light_and_registry_lists_builtins():
     code = (
         "import sys, pathway.adapters as a; "
-        "print(sorted(m for m in ('PIL', 'open3d', 'librosa', 'decord', 'av', 'soundfile', 'timm') if m in sys.modules))"
+        "print(sorted(m for m in ('PIL', 'open3d', 'librosa', 'decord', 'av', 'soundfile', 'timm') "
+        "if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -90,7 +89,9 @@ def test_image_adapter_reads_and_transforms(image_root: Path):
     ref = np.asarray(Image.open(ev.samples[5][0]).convert("RGB"), dtype=np.float32) / 255
     ref = (ref - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
     ad_full = adapters.get("image")(image_root, img_size=32, crop_pct=1.0)
-    torch.testing.assert_close(ad_full.dataset("val", False)[5][0], torch.from_numpy(ref.transpose(2, 0, 1)).float(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        ad_full.dataset("val", False)[5][0], torch.from_numpy(ref.transpose(2, 0, 1)).float(), rtol=0, atol=1e-5
+    )
     xt, _ = ad.dataset("train", train=True)[0]
     assert xt.shape == (3, 32, 32)
     tok = ad.tokenizer(16)
@@ -198,7 +199,6 @@ def audio_root(tmp_path: Path) -> Path:
 
 
 def test_kaldi_fbank_matches_reference():
-    import soundfile as sf
 
     from pathway.adapters.audio import kaldi_fbank
 
@@ -212,8 +212,7 @@ def test_kaldi_fbank_matches_reference():
 
 def test_audio_adapter_multilabel_manifest(audio_root: Path):
     import librosa
-
-    from pathway.adapters.audio import AUDIOSET_MEAN, AUDIOSET_STD, kaldi_fbank
+    from pathway.adapters.audio import AUDIOSET_MEAN, AUDIOSET_STD
 
     ad = adapters.get("audio")(audio_root, target_length=128, freqm=8, timem=16)
     assert ad.classes == ["/m/speech", "/m/music", "/m/dog", "/m/cat"] and (ad.task, ad.metric) == ("multilabel", "map")
@@ -280,7 +279,7 @@ def test_point_adapter_reads_every_format(point_root: Path):
     ds = ad.dataset("train", train=False)
     items, messages = read_all(ds)
     assert len(items) == 11 and ad.skipped == 0 and not messages
-    for (x, y), (path, label) in zip(items, ds.samples):
+    for (x, y), (_, label) in zip(items, ds.samples):
         assert x.shape == (256, 3) and y == label
         torch.testing.assert_close(x.mean(0), torch.zeros(3), atol=0.15, rtol=0)  # centred on the sample
         assert 0.9 < float(x.norm(dim=1).max()) <= 1.0 + 1e-5  # inside the unit sphere
@@ -319,7 +318,9 @@ def test_point_adapter_skips_broken_files(point_root: Path, how: str):
     assert len(items) == 11 and ad.skipped == len(bad)
     assert all(sum(str(p) in m for m in messages) == 1 for p in bad)
     with pytest.raises(UnreadableFileError, match="0.ply"):
-        adapters.get("point")(point_root, num_points=64, num_groups=8, group_size=8, strict=True).dataset("train", True)[0]
+        adapters.get("point")(
+            point_root, num_points=64, num_groups=8, group_size=8, strict=True
+        ).dataset("train", True)[0]
 
 
 def test_point_part_segmentation(tmp_path: Path):
@@ -333,7 +334,10 @@ def test_point_part_segmentation(tmp_path: Path):
     assert x.shape == (256, 6) and y.shape == (256,) and y.dtype == torch.long
     # labels travel with their points: upper half of the cloud is label 1 in the file
     raw = np.loadtxt(ad.dataset("train", False).samples[0][0])
-    upper = x[:, 2] > np.median(raw[:, 2] - raw[:, :3].mean(0)[2]) / np.linalg.norm(raw[:, :3] - raw[:, :3].mean(0), axis=1).max() + 0.05
+    upper = x[:, 2] > (
+        np.median(raw[:, 2] - raw[:, :3].mean(0)[2]) / np.linalg.norm(raw[:, :3] - raw[:, :3].mean(0), axis=1).max()
+        + 0.05
+    )
     assert set(y[upper].tolist()) <= {1}
     tok, head = ad.tokenizer(32), ad.head(32)
     batch = torch.stack([x for x, _ in items])
@@ -381,7 +385,9 @@ def test_partnet_reader(tmp_path: Path):
     assert partnet_categories(tmp_path) == ["Chair"]
     with pytest.raises(LayoutError, match="no PartNet split lists"):
         partnet_categories(tmp_path / "nowhere")
-    ad = adapters.get("point_part")(tmp_path, layout="partnet", category="Chair", num_points=128, num_groups=8, group_size=8)
+    ad = adapters.get("point_part")(
+        tmp_path, layout="partnet", category="Chair", num_points=128, num_groups=8, group_size=8
+    )
     x, y = ad.dataset("train", False)[0]
     assert ad.num_classes == 3 and x.shape == (128, 3) and set(y.tolist()) == {0, 1, 2}
     with pytest.raises(LayoutError, match="Chair.val.json"):
@@ -405,7 +411,8 @@ def normalised_frames(path: Path, idx: list[int]) -> torch.Tensor:
     from pathway.adapters.video import read_all_frames_pyav
 
     frames = torch.from_numpy(read_all_frames_pyav(path)[idx]).permute(0, 3, 1, 2).float() / 255
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     return ((frames - mean) / std).permute(1, 0, 2, 3)
 
 
@@ -418,7 +425,9 @@ def test_video_adapter_clips_match_decoded_frames(video_root: Path):
     by_name = {p.name: x for (p, _), (x, _) in zip(ds.samples, items)}
     torch.testing.assert_close(by_name["a.mp4"], normalised_frames(video_root / "train" / "up" / "a.mp4", [0, 2, 4, 6]))
     # 5 frames, clip spans 8: indices loop to 0, 2, 4, 1
-    torch.testing.assert_close(by_name["c.avi"], normalised_frames(video_root / "train" / "down" / "c.avi", [0, 2, 4, 1]))
+    torch.testing.assert_close(
+        by_name["c.avi"], normalised_frames(video_root / "train" / "down" / "c.avi", [0, 2, 4, 1])
+    )
     x, _ = ad.dataset("train", train=True)[0]
     assert x.shape == (3, 4, 32, 32)
     multi = adapters.get("video")(video_root, num_frames=4, sampling_rate=1, img_size=32, test_clips=2, test_crops=3)
@@ -434,7 +443,6 @@ def test_video_adapter_clips_match_decoded_frames(video_root: Path):
 
 def test_video_falls_back_to_pyav(video_root: Path, monkeypatch):
     import decord
-
     from pathway.adapters.video import frame_count_and_reader
 
     path = video_root / "train" / "up" / "a.mp4"
@@ -452,7 +460,9 @@ def test_video_falls_back_to_pyav(video_root: Path, monkeypatch):
 
 def test_video_manifest_bad_files_and_errors(video_root: Path):
     (video_root / "train.csv").write_text("path,label\ntrain/up/a.mp4,3\ntrain/down/c.avi,0\ntrain/up/b.webm,3\n")
-    ad = adapters.get("video")(video_root, num_frames=2, sampling_rate=1, img_size=32, test_clips=1, test_crops=1, max_unreadable_share=0.8)
+    ad = adapters.get("video")(
+        video_root, num_frames=2, sampling_rate=1, img_size=32, test_clips=1, test_crops=1, max_unreadable_share=0.8
+    )
     assert ad.classes == ["0", "3"]
     for how, name in zip(("empty", "truncated", "garbage"), ("a.mp4", "c.avi", "b.webm")):
         mf.write_video(video_root / "bad" / how / name)
@@ -484,7 +494,9 @@ def test_timeseries_adapter(tmp_path: Path):
     ref = (raw - raw.mean(1, keepdims=True)) / raw.std(1, keepdims=True)
     np.testing.assert_allclose(items[0][0].numpy(), ref, atol=1e-5)
     csv = np.loadtxt(tmp_path / "train" / "wild" / "b.csv", delimiter=",", skiprows=1).T
-    np.testing.assert_allclose(items[1][0][:, :40].numpy(), (csv - csv.mean(1, keepdims=True)) / csv.std(1, keepdims=True), atol=1e-5)
+    np.testing.assert_allclose(
+        items[1][0][:, :40].numpy(), (csv - csv.mean(1, keepdims=True)) / csv.std(1, keepdims=True), atol=1e-5
+    )
     assert torch.equal(items[1][0][:, 40:], torch.zeros(3, 24))  # zero padding to length
     tok = ad.tokenizer(16)
     assert isinstance(tok, TimeSeriesPatchTokenizer) and tok.proj.weight.shape == (16, 3, 8)
@@ -492,7 +504,9 @@ def test_timeseries_adapter(tmp_path: Path):
     out = tok.encode(batch)
     assert out.tokens.shape == (3, 8, 16) and tok.reconstruction_targets(batch, out).shape == (3, 8, 24)
     with pytest.raises(LayoutError, match="has 3 channels but in_chans=2"):
-        adapters.get("timeseries")(tmp_path, in_chans=2, length=64, patch_size=8, strict=True).dataset("train", False)[0]
+        adapters.get("timeseries")(
+            tmp_path, in_chans=2, length=64, patch_size=8, strict=True
+        ).dataset("train", False)[0]
 
 
 @pytest.mark.parametrize("name, options", [

@@ -8,15 +8,14 @@ import random
 import warnings
 from pathlib import Path
 
+import make_files as mf
 import numpy as np
+import pathway.adapters.registry as adapters
 import pytest
 import torch
-
-import pathway.adapters.registry as adapters
 from pathway.adapters.base import AugmentationError, TooManyUnreadableFilesError
-from pathway.train.data import SeededItems, make_loader
 
-import make_files as mf
+from pathway.train.data import SeededItems, make_loader
 
 
 @pytest.fixture
@@ -75,8 +74,13 @@ def test_unreadable_files_are_counted_and_too_many_stop_the_run(image_root: Path
         items = [ds[i] for i in range(len(ds))]
     assert len(items) == 10 and ds.unreadable_count() == 1 and ds.unreadable_share() == 0.1 and ok.skipped == 1
     mf.corrupt(image_root / "train" / "dog" / "0.png", "truncated")
-    strict_share = adapters.get("image")(image_root, img_size=32, max_unreadable_share=0.1).dataset("train", train=False)
-    with pytest.warns(UserWarning), pytest.raises(TooManyUnreadableFilesError, match=r"2 of the 10 files .*max_unreadable_share=0.1"):
+    strict_share = adapters.get("image")(
+        image_root, img_size=32, max_unreadable_share=0.1
+    ).dataset("train", train=False)
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(TooManyUnreadableFilesError, match=r"2 of the 10 files .*max_unreadable_share=0.1"),
+    ):
         [strict_share[i] for i in range(len(strict_share))]
     with pytest.raises(ValueError, match="max_unreadable_share"):
         adapters.get("image")(image_root, max_unreadable_share=5)
@@ -148,9 +152,8 @@ def test_roll_mag_aug_and_fine_tuning_token_masking():
 
 
 def test_video_rand_augment_is_the_same_on_every_frame_and_repeated_clips_flatten(tmp_path: Path):
-    from PIL import Image
-
     from pathway.adapters.video import same_for_every_frame
+    from PIL import Image
 
     mf.write_video(tmp_path / "train" / "up" / "a.mp4", frames=8)
     mf.write_video(tmp_path / "train" / "down" / "b.mp4", frames=8, seed=1)
@@ -160,7 +163,8 @@ def test_video_rand_augment_is_the_same_on_every_frame_and_repeated_clips_flatte
     random.seed(0), np.random.seed(0)
     outs = same_for_every_frame(ra, [frame] * 4)
     assert all(np.array_equal(np.asarray(o), np.asarray(outs[0])) for o in outs)
-    assert any(not np.array_equal(np.asarray(ra(frame)), np.asarray(outs[0])) for _ in range(5))  # it does vary per clip
+    # it does vary per clip
+    assert any(not np.array_equal(np.asarray(ra(frame)), np.asarray(outs[0])) for _ in range(5))
 
     loader, _ = make_loader(ad.dataset("train", train=True), batch_size=2, num_workers=0, seed=0, shuffle=True)
     x, y = next(iter(loader))
@@ -181,7 +185,9 @@ def test_video_test_views_start_where_videomae_starts_them():
 def test_an_unreadable_mixup_partner_is_marked_not_the_clip(audio_root: Path):
     mf.write_audio(audio_root / "clips" / "c.wav")
     mf.corrupt(audio_root / "clips" / "c.wav", "garbage")
-    (audio_root / "train.csv").write_text("path,labels\nclips/a.wav,/m/speech\nclips/b.wav,/m/dog\nclips/c.wav,/m/dog\n")
+    (audio_root / "train.csv").write_text(
+        "path,labels\nclips/a.wav,/m/speech\nclips/b.wav,/m/dog\nclips/c.wav,/m/dog\n"
+    )
     ad = adapters.get("audio")(audio_root, target_length=64, freqm=0, timem=0, mixup=1.0, max_unreadable_share=0.5)
     ds = ad.dataset("train", train=True)
     with warnings.catch_warnings():

@@ -77,7 +77,9 @@ def test_fix_setting_trains_only_the_probe_head_and_lambda_with_lars():
     baseline = recipe(lr=0.5, lambda_lr=1e-3)
     baseline.pathway["freeze_target"] = True
     baseline.aux.enabled = False
-    plain = build_transformer(baseline, adapters.get("timeseries").spec(3, in_chans=2, length=32, patch_size=8, head="probe"))
+    plain = build_transformer(
+        baseline, adapters.get("timeseries").spec(3, in_chans=2, length=32, patch_size=8, head="probe")
+    )
     build_optimizer(plain, baseline, 0.5, log=lambda _: None, kind="lars")
     assert {n for n, p in plain.named_parameters() if p.requires_grad} == {"head.fc.weight", "head.fc.bias"}
 

@@ -10,9 +10,9 @@ import dataclasses
 
 import pytest
 import torch
+import toy_models as toys
 
 import pathway
-import toy_models as toys
 from pathway.shapes import NarrowAuxError, select_pairs, uniform_indices
 
 
@@ -115,7 +115,8 @@ def test_plain_fc1_takes_up_or_gate_of_a_gated_mlp():
     fc1 = dataclasses.replace(fc2, target="blocks.1.mlp.fc1.weight", aux=(gate, up), aux_transposed=(False, False))
     for choice, name in (("up", up), ("gate", gate)):
         selected = select_pairs([fc1], target, aux, gated=choice)["blocks.1.mlp.fc1.weight"]
-        assert selected.aux == (name,) and selected.transform == f"select[{choice} of a gated MLP, 256x64/384x96] 44.4% of aux"
+        assert selected.aux == (name,)
+        assert selected.transform == f"select[{choice} of a gated MLP, 256x64/384x96] 44.4% of aux"
         weight = aux.get_parameter(name)
         expected = weight[uniform_indices(384, 256)][:, uniform_indices(96, 64)]
         assert torch.equal(selected.apply(weight), expected)
@@ -172,7 +173,9 @@ def test_split_q_k_v_target_from_a_wider_fused_aux():
     built, qkv = aux_tensors(target), aux.blocks[0].attn.qkv.weight
     for part, role in enumerate(("query", "key", "value")):       # heads 0 and 2 of q, of k, of v
         rows = torch.cat([part * 64 + head * 16 + torch.arange(16) for head in (0, 2)])
-        assert torch.equal(built[f"encoder.layer.0.attention.self.{role}.weight"], qkv[rows][:, uniform_indices(64, 32)])
+        assert torch.equal(
+            built[f"encoder.layer.0.attention.self.{role}.weight"], qkv[rows][:, uniform_indices(64, 32)]
+        )
 
 
 def test_per_head_interleaved_aux_is_regrouped_before_selection():

@@ -34,7 +34,8 @@ class AudioSpectrogramTokenizer(PatchTokenizer):
         mask_f_prob: float = 0.0,
     ) -> None:
         super().__init__(
-            (num_frames, num_mel_bins), (patch_size, patch_size), 1, embed_dim, pos_embed=pos_embed, device=device, dtype=dtype
+            (num_frames, num_mel_bins), (patch_size, patch_size), 1, embed_dim,
+            pos_embed=pos_embed, device=device, dtype=dtype,
         )
         self.mask_t_prob, self.mask_f_prob = mask_t_prob, mask_f_prob
 

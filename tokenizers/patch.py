@@ -83,7 +83,9 @@ class PatchTokenizer(Tokenizer):
         self.pos_embed_kind = pos_embed
         self.grid = tuple(s // p for s, p in zip(self.input_size, self.patch_size))
         dd = {"device": device, "dtype": dtype}
-        self.proj = _CONVS[nd](in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias, **dd)
+        self.proj = _CONVS[nd](
+            in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias, **dd
+        )
         self.norm = norm_layer(embed_dim) if norm_layer is not None else nn.Identity()
         learn = pos_embed == "learn"
         table = torch.zeros(1, math.prod(self.grid), embed_dim, **dd) if learn else self.fixed_table(self.grid).to(**dd)

@@ -138,17 +138,21 @@ class PointGroupTokenizer(Tokenizer):
         self.fps_start = fps_start
         dd = {"device": device, "dtype": dtype}
         self.first_conv = nn.Sequential(
-            nn.Conv1d(in_chans, 128, 1, **dd), nn.BatchNorm1d(128, **dd), nn.ReLU(inplace=True), nn.Conv1d(128, 256, 1, **dd)
+            nn.Conv1d(in_chans, 128, 1, **dd), nn.BatchNorm1d(128, **dd), nn.ReLU(inplace=True),
+            nn.Conv1d(128, 256, 1, **dd),
         )
         self.second_conv = nn.Sequential(
-            nn.Conv1d(512, 512, 1, **dd), nn.BatchNorm1d(512, **dd), nn.ReLU(inplace=True), nn.Conv1d(512, embed_dim, 1, **dd)
+            nn.Conv1d(512, 512, 1, **dd), nn.BatchNorm1d(512, **dd), nn.ReLU(inplace=True),
+            nn.Conv1d(512, embed_dim, 1, **dd),
         )
         self.pos_embed = nn.Sequential(nn.Linear(3, 128, **dd), nn.GELU(), nn.Linear(128, embed_dim, **dd))
 
     def group(self, points: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Centres ``[B, G, 3]``, neighbour indices ``[B, G, K]`` and groups ``[B, G, K, C]`` (xyz centred)."""
         if points.ndim != 3 or points.shape[-1] != self.in_chans:
-            raise TokenizerInputError(f"PointGroupTokenizer expects points [B, N, {self.in_chans}] (xyz first), got {tuple(points.shape)}")
+            raise TokenizerInputError(
+                f"PointGroupTokenizer expects points [B, N, {self.in_chans}] (xyz first), got {tuple(points.shape)}"
+            )
         n = points.shape[1]
         if n < max(self.group_size, self.num_groups):
             raise TokenizerInputError(

@@ -86,7 +86,9 @@ def make_audio(root: Path, per_class: int, rng: np.random.Generator, sr: int = 1
         "tone": lambda: np.sin(2 * np.pi * rng.uniform(200, 2000) * t),
         "chirp": lambda: np.sin(2 * np.pi * (rng.uniform(100, 500) + rng.uniform(1000, 3000) * t / 2) * t),
         "noise": lambda: rng.normal(0, 0.5, t.shape) * (t < rng.uniform(0.3, 0.9)),
-        "am": lambda: np.sin(2 * np.pi * rng.uniform(300, 1500) * t) * (0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(2, 8) * t)),
+        "am": lambda: (
+            np.sin(2 * np.pi * rng.uniform(300, 1500) * t) * (0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(2, 8) * t))
+        ),
     }
     for name, make in kinds.items():
         for i in range(per_class):

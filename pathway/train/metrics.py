@@ -98,7 +98,10 @@ def part_miou(
         ious.append(sum(per_part) / len(per_part))
     ious_t = torch.tensor(ious)
     by_cat = [ious_t[categories == c].mean().item() for c in categories.unique().tolist()]
-    return {"inst_miou": 100 * ious_t.mean().item() if n else 0.0, "class_miou": 100 * sum(by_cat) / max(1, len(by_cat))}
+    return {
+        "inst_miou": 100 * ious_t.mean().item() if n else 0.0,
+        "class_miou": 100 * sum(by_cat) / max(1, len(by_cat)),
+    }
 
 
 def shapenetpart_miou(logits: Tensor, target: Tensor) -> dict[str, float]:

@@ -236,5 +236,7 @@ def compute_loss(logits: Tensor, y: Tensor, task: str, label_smoothing: float = 
     if task == "multilabel":
         return F.binary_cross_entropy_with_logits(logits, y.float())
     if task == "segmentation":  # logits [B, P, C], y [B, P]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1).long(), label_smoothing=label_smoothing)
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), y.reshape(-1).long(), label_smoothing=label_smoothing
+        )
     raise OptionError(f"unknown task {task!r}; allowed: 'classification', 'multilabel', 'segmentation'")
