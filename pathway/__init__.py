@@ -13,6 +13,7 @@ from .errors import (
     DepthMismatchError as DepthMismatchError,
     DeviceMismatchError as DeviceMismatchError,
     GroupSizeError as GroupSizeError,
+    LayoutError as LayoutError,
     NoPairsError as NoPairsError,
     NotConnectedError as NotConnectedError,
     OptionError as OptionError,
@@ -28,5 +29,7 @@ from .layer import PathwayWeight as PathwayWeight
 from .optim import param_groups as param_groups
 from .plan import Options as Options, plan as plan
 from .report import Pair as Pair, Report as Report
+from .shapes import NarrowAuxError as NarrowAuxError
+from .source import AuxSource as AuxSource, SourceError as SourceError, open_aux as open_aux
 
 __version__ = "0.1.0"

@@ -96,8 +96,9 @@ def resolve(report: Report, target: nn.Module, aux: nn.Module, opts: Options) ->
     """Under ``on_shape_mismatch='select'``: the report naming each pair's selection, and the selections."""
     if opts.on_shape_mismatch != "select":
         return report, {}
-    # a plain fc1 takes a gated MLP's "up" unless the options (gated_mlp, where plan.py defines it) say "gate"
-    return select_report(report, target, aux, getattr(opts, "gated_mlp", "up"))
+    # plan_with selected already (its report names each selection); selecting again gives the same
+    # selections, which inject needs as indices. A plain fc1 takes a gated MLP's gated_mlp ("up" or "gate").
+    return select_report(report, target, aux, opts.gated_mlp)
 
 
 def inject(target: nn.Module, aux: nn.Module | AuxSource, report: Report, opts: Options,

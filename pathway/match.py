@@ -5,6 +5,11 @@ the paper's reversed-order ablation). Inside a block pair, models whose relative
 (timm <-> timm) pair by name; otherwise units are aligned by graph position with a small
 Needleman-Wunsch over role and shape (zero gap cost): same role +2, role vs no role -1, equal
 shape +3, same out/in ratio +1, other shapes +0.25; different kinds or different roles never pair.
+
+A plain MLP's first linear (fc1) meeting a gated MLP's input projections (gate, up) is paired with
+both (``aux=(gate, up)``, flagged ``gated``) and takes the rows of ``up``, or of ``gate`` under
+``gated_mlp='gate'``; the reverse (a gated target, a plain aux) is refused: which of gate and up a
+single fc1 should feed is not defined.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from .errors import (
     OptionError,
     ShapeMismatchError,
 )
+from .modules import block_of
 from .report import Pair
+from .shapes import GATED_CHOICES
 from .trace import Trace, WeightUse
 from .units import Unit
 
@@ -124,11 +131,13 @@ def _label(part: WeightUse) -> str:
     return part.role if part.role in ("q", "k", "v") else part.name.rsplit(".", 2)[-2] if "." in part.name else part.name
 
 
-def unit_pairs(t: Unit, a: Unit, aux_block: int | None, same_code: bool = False) -> tuple[list[Pair], str | None]:
+def unit_pairs(t: Unit, a: Unit, aux_block: int | None, same_code: bool = False, gated_mlp: str = "up"
+               ) -> tuple[list[Pair], str | None]:
     """Pairs for every member of target unit ``t`` from aux unit ``a``, or a problem description.
 
     A fused ``qkv`` whose row layout the dataflow did not show is refused (problem ending in
     ``[layout]``) unless ``same_code``: both sides then use it through the same relative names.
+    A plain fc1 takes the ``gated_mlp`` projection (``up`` or ``gate``) of a gated aux MLP.
     """
     unread = [m for m in (*t.members, *a.members) if m.role == "qkv" and m.layout is None]
     if unread and not (same_code and all(m.role == "qkv" for m in (*t.members, *a.members))):
@@ -137,6 +146,18 @@ def unit_pairs(t: Unit, a: Unit, aux_block: int | None, same_code: bool = False)
             f"[head, (q, k, v), head_dim]) cannot be read: "
             + (m.layout_note or "its forward shows no view, split or slices of its output into q, k and v")
             for m in unread) + " [layout]"
+    if t.shape != a.shape and _plain_from_gated(t, a):
+        member = a.members[_gated_position(gated_mlp)]
+        if t.shape == member.shape:
+            return [_gated_pair(t, a, aux_block, gated_mlp, mismatch=False)], None
+        return [], (f"shapes differ: target {t.names[0]} {list(t.shape)} <- aux {member.name} {list(member.shape)}, "
+                    f"the {gated_mlp} projection of the gated MLP {'+'.join(a.names)}")
+    if t.shape != a.shape and _plain_from_gated(a, t):
+        return [], (f"the target's gated MLP {'+'.join(t.names)} {[list(m.shape) for m in t.members]} (gate, up) <- "
+                    f"aux {a.names[0]} {list(a.shape)}, the single input projection of a plain MLP: which of gate "
+                    f"and up it should feed is not defined, so it is not guessed. Fix: pairs={{"
+                    f"'{t.names[0]}': '{a.names[0]}', '{t.names[1]}': '{a.names[0]}'}} (or one of them) sets it by "
+                    f"hand; exclude=[...] leaves them out [group]")
     t_rest, a_rest = t.shape[1:], a.shape[1:]
     if t_rest != a_rest or t.shape[0] != a.shape[0]:
         grouped = (len(t.members) > 1 or len(a.members) > 1) and t_rest == a_rest
@@ -169,6 +190,30 @@ def unit_pairs(t: Unit, a: Unit, aux_block: int | None, same_code: bool = False)
     return pairs, None
 
 
+def _plain_from_gated(plain: Unit, gated: Unit) -> bool:
+    """``plain`` is one weight without an attention role, ``gated`` a gated MLP's (gate, up)."""
+    return bool(gated.gated) and len(plain.members) == 1 and plain.role is None and plain.kind == gated.kind
+
+
+def _gated_position(gated_mlp: str) -> int:
+    """Where the ``gated_mlp`` projection sits in a gated unit's (gate, up)."""
+    return GATED_CHOICES.index(gated_mlp) ^ 1
+
+
+def _gated_pair(t: Unit, a: Unit, aux_block: int | None, gated_mlp: str, mismatch: bool) -> Pair:
+    """A plain fc1 <- a gated MLP's (gate, up): its rows are those of ``gated_mlp`` in the stack ``[gate | up]``."""
+    member, k = t.members[0], _gated_position(gated_mlp)
+    lo, hi = _member_rows(a)[k]
+    if mismatch:
+        transform = f"shape_mismatch[gated {gated_mlp}]"
+    else:
+        transform = f"gated[{gated_mlp}] rows {lo}:{hi}"
+        if a.members[k].transposed != member.transposed:
+            transform += "+transpose"
+    flags = ("gated", *(("shape_mismatch",) if mismatch else ()))
+    return _pair(member, t, list(a.members), a, aux_block, transform, (lo, hi), flags)
+
+
 def _regrouping(member: WeightUse, used: list[WeightUse]) -> str:
     """``+heads[..]`` where per-head interleaved rows are regrouped; empty when both layouts agree."""
     t_layout, a_layout = _layouts(member, used)
@@ -195,13 +240,17 @@ def _pair(member: WeightUse, t: Unit, used: list[WeightUse], a: Unit, aux_block:
         layout=(t_layout, a_layout), heads=(t.heads, a.heads), kv_heads=(t.kv_heads, a.kv_heads))
 
 
-def select_pairs(t: Unit, a: Unit, aux_block: int | None) -> list[Pair]:
+def select_pairs(t: Unit, a: Unit, aux_block: int | None, gated_mlp: str = "up") -> list[Pair]:
     """``on_shape_mismatch='select'``: pairs of differing shapes, kept by role for a shape policy.
 
     Each target member takes the aux rows of its own role (all of them for a fused ``qkv``), or the
-    whole aux weight when both units hold one weight; what cannot be told apart by role stays
-    unpaired (empty list).
+    whole aux weight when both units hold one weight; a plain fc1 takes a gated MLP's (gate, up),
+    flagged ``gated``; what cannot be told apart by role stays unpaired (empty list).
     """
+    if _plain_from_gated(t, a):
+        return [_gated_pair(t, a, aux_block, gated_mlp, mismatch=True)]
+    if _plain_from_gated(a, t):
+        return []
     if len(t.members) == 1 and len(a.members) == 1 and (t.role == "qkv") == (a.role == "qkv"):
         m, other = t.members[0], a.members[0]
         return [_pair(m, t, [other], a, aux_block, "shape_mismatch", (0, other.shape[0]),
@@ -272,12 +321,15 @@ def _counterpart_by_name(m: WeightUse, target: ModelView, aux: ModelView, i: int
 
 def match(target: ModelView, aux: ModelView, *, match: str, depth: str, segments: tuple[str, ...],
           overrides: dict[str, str | list[str]], on_shape_mismatch: str, keeps: Callable[[str], bool] = lambda n: True,
-          ) -> tuple[list[Pair], dict[str, str], list[int | None], str]:
+          gated_mlp: str = "up") -> tuple[list[Pair], dict[str, str], list[int | None], str]:
     """Pair target units with aux units; returns (pairs, unpaired target weights, block map, strategy).
 
     ``keeps`` says which target weights include/exclude keep; shape problems on weights left out, or
-    on weights that ``overrides`` pair by hand, are not errors.
+    on weights that ``overrides`` pair by hand, are not errors. ``gated_mlp`` says which projection
+    of a gated aux MLP (``up`` or ``gate``) a plain fc1 takes.
     """
+    if gated_mlp not in GATED_CHOICES:
+        raise OptionError(f"gated_mlp={gated_mlp!r} is not one of {list(GATED_CHOICES)}")
     overrides = {_resolve(name, target, "target"): aux_names for name, aux_names in (overrides or {}).items()}
     block_map = map_blocks(target.depth, aux.depth, depth) if target.depth and aux.depth else [None] * target.depth
     strategy = match
@@ -321,14 +373,14 @@ def match(target: ModelView, aux: ModelView, *, match: str, depth: str, segments
     problems: list[str] = []
     layout_problems: list[str] = []
     for t, a, j in candidates:
-        built, problem = unit_pairs(t, a, j, same_code=strategy == "name")
+        built, problem = unit_pairs(t, a, j, same_code=strategy == "name", gated_mlp=gated_mlp)
         if problem and problem.endswith("[layout]"):
             if any(keeps(n) and n not in overrides for n in t.names):
                 layout_problems.append(problem[: -len(" [layout]")])
             unpaired.update({n: problem for n in t.names})
             continue
         if problem and on_shape_mismatch == "select":
-            built = select_pairs(t, a, j)
+            built = select_pairs(t, a, j, gated_mlp)
             problem = None if built else problem
         if problem:
             unpaired.update({n: problem for n in t.names})
@@ -359,7 +411,7 @@ def match(target: ModelView, aux: ModelView, *, match: str, depth: str, segments
             replaced.setdefault(p.target, p)
     pairs = [p for p in pairs if p.target not in overrides]
     _check_competition(pairs)     # before overrides: setting one pair by hand must not hide another clash
-    pairs = _apply_overrides(pairs, overrides, replaced, target, aux, unpaired)
+    pairs = _apply_overrides(pairs, overrides, replaced, target, aux, unpaired, on_shape_mismatch == "select")
     for p in pairs:
         unpaired.pop(p.target, None)
     if not pairs:
@@ -428,8 +480,12 @@ def _as_override(pair: Pair) -> str | list[str] | dict:
 
 
 def _apply_overrides(pairs: list[Pair], overrides: dict, replaced: dict[str, Pair], target: ModelView,
-                     aux: ModelView, unpaired: dict[str, str]) -> list[Pair]:
-    """Add the hand-set pairs; ``replaced`` holds the automatic pairs they replace (for role and blocks)."""
+                     aux: ModelView, unpaired: dict[str, str], select: bool = False) -> list[Pair]:
+    """Add the hand-set pairs; ``replaced`` holds the automatic pairs they replace (for role and blocks).
+
+    Under ``select`` (``on_shape_mismatch='select'``) a pair whose shapes differ is kept, flagged
+    ``shape_mismatch``, for weight selection to take the target's shape from its aux weights.
+    """
     if not overrides:
         return pairs
     by_target = {p.target: p for p in pairs}
@@ -445,22 +501,40 @@ def _apply_overrides(pairs: list[Pair], overrides: dict, replaced: dict[str, Pai
         t_canon = t_shape[::-1] if t_transposed and len(t_shape) == 2 else t_shape
         stacked = sum(c[0] for c in canon)
         lo, hi = hand.rows or (0, stacked)
-        if any(c[1:] != t_canon[1:] for c in canon) or hi - lo != t_canon[0] or hi > stacked:
+        fits = all(c[1:] == t_canon[1:] for c in canon) and hi - lo == t_canon[0] and hi <= stacked
+        mismatch = not fits and select
+        if mismatch and hand.rows:
+            raise OptionError(f"pairs['{t_name}']: target {list(t_canon)} cannot take rows {lo}:{hi} of aux {a_list} "
+                              f"{[list(c) for c in canon]}, and weight selection (on_shape_mismatch='select') takes "
+                              f"whole aux weights, not rows of them. Fix: name the aux weight(s) without 'rows' (q, "
+                              f"k and v as a list for a fused qkv), or give rows that fit the target exactly.")
+        if mismatch and any(len(c) != len(t_canon) for c in canon):
+            raise ShapeMismatchError(f"pairs: target '{t_name}' {list(t_canon)} <- aux {a_list} "
+                                     f"{[list(c) for c in canon]}: different ranks, which no selection can bridge.")
+        if not fits and not select:
             raise ShapeMismatchError(f"pairs: target '{t_name}' {list(t_canon)} cannot take rows {lo}:{hi} of aux "
-                                     f"{a_list} {[list(c) for c in canon]} (stacked along the output dimension).")
+                                     f"{a_list} {[list(c) for c in canon]} (stacked along the output dimension). "
+                                     f"Fix: on_shape_mismatch='select' takes the target's shape from a wider aux by "
+                                     f"weight selection, or name aux weights (and rows) of the target's shape.")
         for (layout, n), side_rows in zip(zip(hand.layout, hand.heads), (t_canon[0], stacked)):
             if layout == "heads" and side_rows % (3 * n):
                 raise OptionError(f"pairs['{t_name}']: {side_rows} rows cannot be {n} heads of (q, k, v)")
         old = replaced.get(t_name)
         regroup = "".join(f"+{step}[{n}]" for step, lay, n in zip(("to_heads", "from_heads"), hand.layout, hand.heads)
                           if lay)
+        role = old.role if old else None
+        t_block, a_block = (old.target_block, old.aux_block) if old else (None, None)
+        if mismatch and not old:    # selection keeps heads whole: it needs the role and the blocks of the weight
+            role = t_use.role if t_use else None
+            t_block, a_block = block_of(t_name, target.blocks), block_of(a_list[0], aux.blocks)
         by_target[t_name] = Pair(
             target=t_name, aux=tuple(a_list),
             transform="override" + (f" concat_out[{len(a_list)}]" if len(a_list) > 1 else "")
-                      + (f" rows {lo}:{hi}" if hand.rows else "") + regroup,
-            role=old.role if old else None, segment=old.segment if old else "body",
-            target_block=old.target_block if old else None, aux_block=old.aux_block if old else None,
-            aux_transposed=a_transposed, out_slice=(lo, hi), target_transposed=t_transposed, flags=("override",),
+                      + (f" rows {lo}:{hi}" if hand.rows else "") + regroup + (" shape_mismatch" if mismatch else ""),
+            role=role, segment=old.segment if old else "body",
+            target_block=t_block, aux_block=a_block,
+            aux_transposed=a_transposed, out_slice=(lo, hi), target_transposed=t_transposed,
+            flags=("override", "shape_mismatch") if mismatch else ("override",),
             layout=hand.layout, heads=hand.heads)
         unpaired.pop(t_name, None)
     order = {p.target: i for i, p in enumerate([*pairs, *replaced.values()])}

@@ -18,8 +18,9 @@ from .errors import DeviceMismatchError, NoPairsError, OptionError, SelfConnecti
 from .inputs import derive_inputs, describe
 from .match import DEPTH_POLICIES, ModelView, match
 from .modules import block_of, find_blocks, named_plain_parameters, plain_names, plain_parameters
-from .report import Report
-from .trace import Trace, analyse, read_fx, read_runtime
+from .report import Pair, Report
+from .shapes import GATED_CHOICES, select_report
+from .trace import Op, Trace, analyse, read_fx, read_runtime
 from .units import build_units
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -27,6 +28,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "depth": DEPTH_POLICIES,
     "lambda_shape": ("scalar", "channel"),
     "on_shape_mismatch": ("error", "skip", "select"),
+    "gated_mlp": GATED_CHOICES,
     "tracer": ("auto", "fx", "runtime"),
 }
 _SUBSETS: dict[str, tuple[str, ...]] = {
@@ -52,6 +54,7 @@ class Options:
     train_aux: bool = True
     freeze_target: bool = False
     on_shape_mismatch: str = "error"
+    gated_mlp: str = "up"            # which projection of a gated (SwiGLU) aux MLP a plain fc1 takes: "up" | "gate"
     allow_partial: bool = False
     target_inputs: Any = None
     aux_inputs: Any = None
@@ -107,30 +110,31 @@ def read_model(model: nn.Module, inputs: Any, tracer: str, kinds: tuple[str, ...
     names = plain_names(model)
     plain_shapes = {n: tuple(p.shape) for n, p in plain_parameters(model).items()}
     shapes = {raw: tuple(p.shape) for raw, p in model.named_parameters(remove_duplicate=False)} | plain_shapes
-    fx_trace, problem = None, ""
+    fx_trace, fx_ops, problem = None, [], ""
     if tracer in ("auto", "fx"):
         try:
-            ops, consts = read_fx(model)
+            fx_ops, consts = read_fx(model)
         except Exception as e:  # fx raises many kinds of errors on untraceable code
             if tracer == "fx":
                 raise TraceError(f"torch.fx cannot trace the {side} model {type(model).__name__}: "
                                  f"{type(e).__name__}: {e}. Use tracer='runtime' with example inputs.") from e
             problem = f"torch.fx failed first: {type(e).__name__}"
         else:
-            fx_trace = Trace("torch.fx (no example inputs needed)", *analyse(ops, consts, shapes, names))
+            fx_trace = Trace("torch.fx (no example inputs needed)", *analyse(fx_ops, consts, shapes, names))
             problem = "" if tracer == "fx" else _fx_shortfall(fx_trace)
     if fx_trace is not None and not problem:
-        trace = fx_trace
+        trace, ops = fx_trace, fx_ops
     else:
         try:
-            trace = _runtime_trace(model, inputs, shapes, names, side, problem)
+            trace, ops = _runtime_trace(model, inputs, shapes, names, side, problem)
         except TraceError as e:
             if fx_trace is None:
                 raise
             trace = dataclasses.replace(fx_trace, reader=f"{fx_trace.reader}; {problem}, and the runtime recorder "
                                                          f"could not run: {e}")
+            ops = fx_ops
     blocks = find_blocks(model)
-    units, depth = build_units(trace, blocks, kinds)
+    units, depth = build_units(trace, blocks, kinds, ops)
     return ModelView(type(model).__name__, trace, units, depth, blocks if len(blocks) == depth else [], plain_shapes)
 
 
@@ -144,7 +148,7 @@ def _fx_shortfall(trace: Trace) -> str:
 
 
 def _runtime_trace(model: nn.Module, inputs: Any, shapes: dict[str, tuple[int, ...]], names: dict[str, str | None],
-                   side: str, fx_problem: str) -> Trace:
+                   side: str, fx_problem: str) -> tuple[Trace, list[Op]]:
     source = "given"
     why = f" ({fx_problem})" if fx_problem else ""
     if inputs is None:
@@ -161,7 +165,7 @@ def _runtime_trace(model: nn.Module, inputs: Any, shapes: dict[str, tuple[int, .
             f"({source}){why}: {type(e).__name__}: {e}. Pass inputs it accepts: connect(target, aux, "
             f"{side}_inputs=...) as a tensor, a tuple of positional args or a dict of keyword args.") from e
     reader = f"runtime recorder on {describe(inputs)} ({source})" + (f"; {fx_problem}" if fx_problem else "")
-    return Trace(reader, *analyse(ops, consts, shapes, names))
+    return Trace(reader, *analyse(ops, consts, shapes, names)), ops
 
 
 def _check_models(target: nn.Module, aux: nn.Module, lazy: bool = False) -> None:
@@ -213,7 +217,7 @@ def plan_with(target: nn.Module, aux: AuxLike, opts: Options) -> Report:
     a_view = read_model(aux, opts.aux_inputs, opts.tracer, opts.kinds, "aux")
     pairs, unpaired, block_map, strategy = match(
         t_view, a_view, match=opts.match, depth=opts.depth, segments=opts.segments, overrides=opts.pairs,
-        on_shape_mismatch=opts.on_shape_mismatch, keeps=opts.keeps)
+        on_shape_mismatch=opts.on_shape_mismatch, keeps=opts.keeps, gated_mlp=opts.gated_mlp)
     overridden = {p.target for p in pairs if "override" in p.flags}
     excluded = sorted({n for n in [*unpaired, *(p.target for p in pairs)] if not opts.keeps(n) and n not in overridden})
     pairs = [p for p in pairs if opts.keeps(p.target) or p.target in overridden]
@@ -229,18 +233,34 @@ def plan_with(target: nn.Module, aux: AuxLike, opts: Options) -> Report:
                            f"exclude={list(opts.exclude)} removed all {len(excluded)} matched target weights")
     listed = {*unpaired, *(p.target for p in pairs), *excluded}
     outside = [n for u in t_view.units if u.segment not in opts.segments for n in u.names if n not in listed]
-    used_aux = {n for p in pairs for n in p.aux}
-    unused_aux = [n for u in a_view.units if u.segment == "body" for n in u.names if n not in used_aux]
     flags = sorted({f for p in pairs for f in p.flags})
     flags += [f"{u.name} is used as {u.kind} first and later as {', '.join(sorted(u.later_kinds))} (tied weights): "
               f"it is matched by its first use only" for u in t_view.trace.uses if u.later_kinds]
-    return Report(
+    report = Report(
         target=t_view.name, aux=a_view.name, target_reader=t_view.reader, aux_reader=a_view.reader,
         strategy=strategy, depth_policy=opts.depth, depth=(t_view.depth, a_view.depth), block_map=block_map,
         pairs=pairs, unpaired=unpaired_body, unpaired_outside_body=unpaired_other, excluded=excluded,
-        outside_segments=list(dict.fromkeys(outside)), unused_aux=list(dict.fromkeys(unused_aux)),
-        never_used_target=_never_used(target, t_view), never_used_aux=_never_used(aux, a_view),
-        flags=flags)
+        outside_segments=list(dict.fromkeys(outside)), never_used_target=_never_used(target, t_view),
+        never_used_aux=_never_used(aux, a_view), flags=flags)
+    if opts.on_shape_mismatch == "select":   # the selection each mismatched pair takes, a narrower aux refused here
+        report, _ = select_report(report, target, aux, opts.gated_mlp)
+    used_aux = {n for p in report.pairs for n in _aux_read(p, a_view)}
+    report.unused_aux = list(dict.fromkeys(n for u in a_view.units if u.segment == "body" for n in u.names
+                                           if n not in used_aux))
+    return report
+
+
+def _aux_read(pair: Pair, aux: ModelView) -> list[str]:
+    """The aux weights whose rows the pair's aux tensor holds (a gated pair's ``up`` only, not its ``gate``)."""
+    if "shape_mismatch" in pair.flags or pair.out_slice == (0, 0) or any(aux.use(n) is None for n in pair.aux):
+        return list(pair.aux)
+    used, start = [], 0
+    for name in pair.aux:
+        rows = aux.use(name).shape[0]
+        if start < pair.out_slice[1] and start + rows > pair.out_slice[0]:
+            used.append(name)
+        start += rows
+    return used
 
 
 def _never_used(model: nn.Module, view: ModelView) -> list[str]:

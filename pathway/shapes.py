@@ -49,7 +49,7 @@ _HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "nhead")
 _KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_head_kv")
 _HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size")
 # the two input projections of a gated MLP, (gate, up), as the codebases that have one name them
-_GATED_NAMES = (("gate_proj", "up_proj"), ("w1", "w3"), ("wi_0", "wi_1"), ("fc1_g", "fc1_x"), ("gate", "up"))
+GATED_NAMES = (("gate_proj", "up_proj"), ("w1", "w3"), ("wi_0", "wi_1"), ("fc1_g", "fc1_x"), ("gate", "up"))
 
 
 class NarrowAuxError(ShapeMismatchError):
@@ -182,7 +182,7 @@ def gated_member(names: Sequence[str], choice: str = "up") -> int:
     if choice not in GATED_CHOICES:
         raise OptionError(f"gated MLP source {choice!r} is not one of {list(GATED_CHOICES)}")
     want = GATED_CHOICES.index(choice) ^ 1        # its position in (gate, up)
-    for pattern in _GATED_NAMES:
+    for pattern in GATED_NAMES:
         hits = [i for i, n in enumerate(names) if f".{pattern[want]}." in f".{n}"]
         if len(hits) == 1:
             return hits[0]
@@ -308,8 +308,13 @@ def _per_dimension(pair: Pair, target: Side, aux: Side, gated: str) -> Selected:
     """Xu et al.'s rule on each dimension of one aux tensor (one of gate/up for a plain fc1)."""
     k, gate_or_up = 0, ""
     if len(pair.aux) == 2 and aux.shapes[pair.aux[0]] == aux.shapes[pair.aux[1]]:
-        k = gated_member(pair.aux, gated)
+        if gated not in GATED_CHOICES:
+            raise OptionError(f"gated MLP source {gated!r} is not one of {list(GATED_CHOICES)}")
+        # a pair the matcher flagged "gated" holds (gate, up) in the order it read (dataflow, names or execution)
+        k = GATED_CHOICES.index(gated) ^ 1 if "gated" in pair.flags else gated_member(pair.aux, gated)
         gate_or_up = f"{gated} of a gated MLP, "
+    elif len(pair.aux) == 1 and "gated" in pair.flags:
+        gate_or_up = f"{gated} of a gated MLP, "      # selected once already (plan); selecting again names it alike
     elif len(pair.aux) != 1:
         raise ShapeMismatchError(f"{pair.target} <- {list(pair.aux)}: selection takes one aux weight here, or the "
                                  f"two equal input projections of a gated MLP; pair it by hand with pairs={{...}}")

@@ -6,6 +6,12 @@ their dataflow roles; attention projections and the MLP of a parallel block, whi
 activation too, stay apart. Units are then placed by the body blocks the module tree shows; a model
 that applies one shared layer several times (ALBERT) has no repeated children, so its use
 sequence is unrolled into one virtual block per application.
+
+Two siblings without attention roles whose outputs meet in one product that a later weight reads
+are the input projections of a gated MLP (SwiGLU: ``down(act(gate(x)) * up(x))``). They are ordered
+(gate, up): by the dataflow where it shows which one passes through the activation before the
+product, else by known names (``gate_proj``/``up_proj``, ...), else by execution order, flagged
+``order_by_name`` or ``order_by_execution``.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ import torch
 
 from .modules import block_of
 from .report import Pair
-from .trace import Trace, WeightUse
+from .shapes import GATED_NAMES
+from .trace import Op, Trace, WeightUse
 
 _ROLE_ORDER = "qkv"
 
@@ -29,6 +36,7 @@ class Unit:
     segment: str                      # "pre" | "body" | "mid" | "post"
     block: int | None
     flags: list[str] = field(default_factory=list)
+    gated: str = ""                   # a gated MLP's (gate, up), ordered by "dataflow", "name" or "execution"
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -111,19 +119,92 @@ def _ordered(members: list[WeightUse]) -> tuple[list[WeightUse], list[str]]:
     return members, []
 
 
-def build_units(trace: Trace, blocks: list[str], kinds: tuple[str, ...]) -> tuple[list[Unit], int]:
-    """Units of ``trace`` restricted to ``kinds``, placed by ``blocks``; returns (units, depth)."""
+def build_units(trace: Trace, blocks: list[str], kinds: tuple[str, ...], ops: list[Op] | None = None
+                ) -> tuple[list[Unit], int]:
+    """Units of ``trace`` restricted to ``kinds``, placed by ``blocks``; returns (units, depth).
+
+    ``ops`` are the calls the trace was read from; they show which input projection of a gated MLP
+    is the gate (without them, names or execution order tell, flagged).
+    """
     uses = [u for u in trace.uses if u.kind in kinds]
     units = []
     for group in _group(uses):
         members, flags = _ordered(group)
+        gated = ""
+        if _is_gated(members, trace.uses):
+            members, gated = _gate_first(members, ops)
+            flags = [] if gated == "dataflow" else [f"order_by_{gated}"]
         block = block_of(members[0].name, blocks)
-        units.append(Unit(members, members[0].kind, "body" if block is not None else "", block, flags))
+        units.append(Unit(members, members[0].kind, "body" if block is not None else "", block, flags, gated))
     depth = len(blocks)
     if depth == 0:
         units, depth = _unroll(units, trace.sequence)
     _place(units)
     return units, depth
+
+
+def _is_gated(members: list[WeightUse], uses: list[WeightUse]) -> bool:
+    """Two equal linear siblings without roles whose outputs (and nothing else) a later weight reads together."""
+    if len(members) != 2 or any(m.kind != "linear" or m.role for m in members):
+        return False
+    if members[0].shape != members[1].shape:
+        return False
+    both = frozenset(m.index for m in members)
+    return any(u.input_tags == both for u in uses)
+
+
+_WEIGHT_OPS = ("linear", "conv", "embedding", "matmul", "mha", "sdpa")
+
+
+def read_gate(ops: list[Op], first: WeightUse, second: WeightUse) -> int | None:
+    """Which of two sibling projections is a gated MLP's gate (0: ``first``, 1: ``second``), from the dataflow.
+
+    Each projection's output is followed through the calls after it until the one call that reads
+    both (the product). The gate's path passes through an activation (a call that reads nothing but
+    that path: SiLU, GELU, sigmoid); the up path reaches the product without one. None where that is
+    not what the calls show: neither or both paths activated, the product not a plain call, or a path
+    read by another weight first.
+    """
+    chains = (set(ops[first.call].outputs), set(ops[second.call].outputs))
+    activated = [0, 0]
+    for op in ops[min(first.call, second.call) + 1:]:
+        refs = set(op.touched)
+        hit = [k for k in (0, 1) if chains[k] & refs]
+        if len(hit) == 2:
+            if op.kind != "other":
+                return None
+            gates = [k for k in (0, 1) if activated[k]]
+            return gates[0] if len(gates) == 1 else None
+        if not hit:
+            continue
+        k = hit[0]
+        if op.kind in _WEIGHT_OPS:
+            return None
+        chains[k].update(op.outputs)
+        if op.kind == "other" and refs <= chains[k]:
+            activated[k] += 1
+    return None
+
+
+def gate_by_name(names: list[str]) -> int | None:
+    """Which of two names is the gate by the names codebases give a gated MLP's projections; None if unknown."""
+    for gate, up in GATED_NAMES:
+        gates = [i for i, n in enumerate(names) if f".{gate}." in f".{n}"]
+        ups = [i for i, n in enumerate(names) if f".{up}." in f".{n}"]
+        if len(gates) == len(ups) == 1 and gates != ups:
+            return gates[0]
+    return None
+
+
+def _gate_first(members: list[WeightUse], ops: list[Op] | None) -> tuple[list[WeightUse], str]:
+    """A gated MLP's two projections as (gate, up), and what told their order."""
+    gate = read_gate(ops, *members) if ops else None
+    how = "dataflow"
+    if gate is None:
+        gate, how = gate_by_name([m.name for m in members]), "name"
+    if gate is None:
+        gate, how = 0, "execution"
+    return [members[gate], members[1 - gate]], how
 
 
 def _place(units: list[Unit]) -> None:
