@@ -163,3 +163,18 @@ def test_a_world_size_the_global_batch_does_not_divide_is_refused(cache: Path):
 
     with pytest.raises(RecipeError, match=r"'data.global_batch' = 1024 .* on 3 process\(es\)"):
         rehearse(PAPER / "imagenet_mae_baseline.yaml", world=3, cache=cache, log=lambda _: None)
+
+
+@pytest.mark.slow
+def test_torchrun_processes_rehearse_together():
+    import os
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          "29541", "-m", "pathway", "train", str(PAPER / "k400_videomae_baseline.yaml"), "--rehearse",
+                          "--no-progress"], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [line for line in run.stdout.splitlines() if line.startswith("rehearsal ok:")]
+    assert len(lines) == 1 and "on 2 process(es)" in lines[0] and "multi-view test top1" in lines[0]

@@ -119,7 +119,9 @@ def _cmd_train(args) -> int:
     if args.rehearse:
         from .rehearse import rehearse
 
-        print(rehearse(args.recipe, args.overrides, world=args.world, keep=args.keep).line)
+        result = rehearse(args.recipe, args.overrides, world=args.world, keep=args.keep)
+        if result is not None:  # rank 0 reports
+            print(result.line)
         return 0
     recipe = load_recipe(args.recipe, args.overrides)
     if args.dry_run:

@@ -63,12 +63,15 @@ def evaluation_set(adapter, split: str):
     return multiview_test_set(adapter, split) or adapter.dataset(split, train=False)
 
 
-def evaluate_weights(recipe: Recipe, weights: Path, split: str | None = None) -> dict[str, float]:
-    """The adapter's metric of ``weights`` on ``split`` (default ``data.val_split``), by the test protocol."""
+def evaluate_weights(recipe: Recipe, weights: Path, split: str | None = None, ctx=None) -> dict[str, float]:
+    """The adapter's metric of ``weights`` on ``split`` (default ``data.val_split``), by the test protocol.
+
+    ``ctx``: the engine ``Context`` to run in (default: set up from the recipe and the environment); one process
+    of a process group passes a single-process one to evaluate alone."""
     from .data import make_loader
     from .engine import evaluate, setup
 
-    ctx = setup(recipe)
+    ctx = ctx or setup(recipe)
     adapter = build_adapter(recipe)
     model = load_run_model(recipe, weights, adapter).to(ctx.device)
     loader, _ = make_loader(evaluation_set(adapter, split or recipe.data.val_split), batch_size=recipe.data.batch_size,

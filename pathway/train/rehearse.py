@@ -250,6 +250,13 @@ def _train(recipe: Recipe, world: int) -> dict[str, Any]:
     return json.loads((recipe.run_dir / "result.json").read_text())
 
 
+def _alone():
+    """A single-process CPU context: rank 0 checks the outputs while the other ranks wait."""
+    from .engine import Context
+
+    return Context(torch.device("cpu"))
+
+
 def _max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> float:
     if set(a) != set(b):
         raise RehearsalError(f"{what}: the key sets differ: {sorted(set(a) ^ set(b))[:6]}")
@@ -272,7 +279,7 @@ def _check_official_file(small: Recipe, exported: Path, evaluated: dict[str, flo
         return None
     path = scratch / f"official-{fmt}-finetuned.pth"
     torch.save(official_finetuned(fmt, load_file(str(exported))), path)
-    theirs = evaluate_weights(small, path)
+    theirs = evaluate_weights(small, path, ctx=_alone())
     if abs(theirs["loss"] - evaluated["loss"]) > 1e-4 * max(1.0, abs(evaluated["loss"])):
         raise RehearsalError(f"{small.source}: pathway eval of the weights as an official {fmt} fine-tuned file gives "
                              f"loss {theirs['loss']:.6g}, of model.safetensors {evaluated['loss']:.6g}")
@@ -291,7 +298,7 @@ def _check_outputs(small: Recipe, result: dict[str, Any], scratch: Path) -> tupl
     exported = run_dir / "model.safetensors"
     if not exported.is_file():
         raise RehearsalError(f"{small.source}: the run wrote no {exported}")
-    evaluated = evaluate_weights(small, exported) if small.data.val_split else {}
+    evaluated = evaluate_weights(small, exported, ctx=_alone()) if small.data.val_split else {}
     trained = result.get("test_metrics") or result.get("metrics") or {}  # pathway eval scores the test protocol
     if evaluated and "loss" in trained:
         tolerance = 1e-3 * max(1.0, abs(trained["loss"]))
@@ -323,8 +330,9 @@ def _plan_text(small: Recipe, files: dict[str, str], world: int) -> str:
 
 
 def rehearse(path: str | Path, overrides: list[str] | None = None, *, world: int | None = None,
-             cache: Path | None = None, keep: bool = False, log: Callable[[str], None] = print) -> Rehearsal:
-    """Rehearse the recipe at ``path`` (with ``--set`` overrides) and return what ran; see the module docstring."""
+             cache: Path | None = None, keep: bool = False, log: Callable[[str], None] = print) -> Rehearsal | None:
+    """Rehearse the recipe at ``path`` (with ``--set`` overrides) and return what ran (None on the ranks other
+    than 0 under torchrun); see the module docstring."""
     import torch.distributed as dist
 
     start = time.perf_counter()
@@ -351,9 +359,9 @@ def rehearse(path: str | Path, overrides: list[str] | None = None, *, world: int
         small = rehearsal_recipe(recipe, Path(data_root), Path(run_parent) / "runs" / recipe.run_name, files, world)
         log(f"rehearsal of {recipe.source}: {layout} data in {data_root}, run folder {small.run_dir}")
         result = _train(small, world)
-        if rank != 0:
+        if rank != 0:  # rank 0 checks the outputs and reports
             dist.barrier()
-            return Rehearsal(recipe.run_name, layout, world, result["step"], {}, {}, {}, {}, None, 0.0, None, {}, 0.0, "")
+            return None
         evaluated, ckpt_diff, official = _check_outputs(small, result, scratch)
         if dist.is_initialized():
             dist.barrier()
