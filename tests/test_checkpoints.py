@@ -429,3 +429,28 @@ def test_engine_loads_an_official_pth_with_args_under_format_auto(tmp_path):
     aux = image_model()
     assert "format mae" in init_from_checkpoint(aux, path, "auto", body_only=True)
     assert_blocks_equal(aux, sd)
+
+
+def test_mae_global_pool_finetune_evaluates_exactly_as_its_own_model(tmp_path):
+    """pathway eval on an MAE-style fine-tuned file (fc_norm after the pool, no norm): the recipe's
+    model.fc_norm model holds every tensor and computes what the official architecture computes."""
+    import timm.models.vision_transformer as tvit
+
+    from pathway.train.config import load_recipe
+    from pathway.train.evaluate import load_run_model
+    from pathway.train.model import build_adapter
+
+    official = tvit.VisionTransformer(img_size=32, patch_size=16, embed_dim=D, depth=DEPTH, num_heads=HEADS,
+                                      num_classes=10, global_pool="avg", fc_norm=True, class_token=True,
+                                      norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)).eval()
+    path = tmp_path / "mae_finetuned.pth"
+    torch.save({"model": official.state_dict(), "epoch": 99}, path)  # MAE's misc.save_model container
+    root = Path(__file__).resolve().parents[1]
+    recipe = load_recipe(root / "recipes/paper/imagenet_mae_baseline.yaml",
+                         [f"model.embed_dim={D}", f"model.depth={DEPTH}", f"model.num_heads={HEADS}",
+                          "data.options.img_size=32", "data.num_classes=10", "data.root="])
+    adapter = build_adapter(recipe, need_data=False)
+    model = load_run_model(recipe, path, adapter).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), official(x), rtol=1e-5, atol=1e-5)

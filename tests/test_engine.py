@@ -272,3 +272,19 @@ def test_unreadable_files_are_counted_in_logs_and_result(image_data, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "skips" / "metrics.jsonl").read_text().splitlines()]
     assert [r["unreadable_files"] for r in rows if r["kind"] == "train"][-1] == 1
     assert json.loads((tmp_path / "skips" / "result.json").read_text())["unreadable_files"] == 1
+
+
+def test_too_many_unreadable_files_stop_the_run_with_a_clear_error(image_data, tmp_path, capsys):
+    import shutil
+
+    from pathway.train.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(image_data, data)
+    for victim in sorted((data / "train").rglob("*.png"))[:3]:
+        victim.write_bytes(b"not an image")
+    sets = tiny(data, tmp_path, "broken", "data.num_workers=0", "data.options.max_unreadable_share=0.01")
+    with pytest.warns(UserWarning, match="skipping unreadable file"):
+        code = main(["train", str(IMAGE), "--no-progress"] + [a for s in sets for a in ("--set", s)])
+    err = capsys.readouterr().err
+    assert code == 2 and "are unreadable, more than max_unreadable_share=0.01" in err
