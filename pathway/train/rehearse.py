@@ -6,10 +6,12 @@ PartNet, ModelNet; ``pathway/train/fixtures.py``) and the recipe's checkpoint fi
 layouts (MAE, VideoMAE, AudioMAE, Point-MAE, M2PT aux) at a reduced width, then runs the recipe **as
 written** -- adapter options, augmentation, mixup, loss, optimizer and parameter groups, freezing, schedule
 shape, evaluation views and metric, fold and export -- changing only sizes (:data:`SIZES`: width, depth,
-heads, input size, batch, epochs; the warm-up keeps its share of the run). After training it evaluates the
-exported ``model.safetensors`` the way ``pathway eval`` does and folds the last training checkpoint the way
-``pathway fold`` does, and checks both against the run. It ends with one line ``rehearsal ok: RECIPE (...)``;
-anything that would stop the real run stops the rehearsal with the same error.
+heads, input size, batch, epochs; the warm-up keeps its share of the run; a stated global batch becomes a
+small one that still accumulates) and where it runs (the CPU, data read in the main process, a log row every
+step). After training it evaluates the exported ``model.safetensors`` the way ``pathway eval`` does, the same
+weights written as the official MAE / VideoMAE / AudioMAE fine-tuned file too, folds the last training
+checkpoint the way ``pathway fold`` does, and checks all of them against the run. It ends with one line
+``rehearsal ok: RECIPE (...)``; anything that would stop the real run stops the rehearsal with the same error.
 
 Everything is written into a temporary folder the rehearsal creates and removes (``keep`` keeps it). Tests
 pass ``cache``, a folder the rehearsal claims (``pathway/train/owned.py``) to share the data sets and
