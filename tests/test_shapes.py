@@ -205,3 +205,134 @@ def test_a_selected_connection_saves_and_loads(tmp_path):
     target.eval(), fresh.eval()
     with torch.no_grad():
         assert torch.equal(fresh(x), target(x))
+
+
+# ----------------------------------------------------------------------------- timm ViT <- Llama (GQA + SwiGLU)
+
+
+def llama(hidden: int = 96, intermediate: int = 384, heads: int = 6, kv_heads: int = 2):
+    from transformers import LlamaConfig, LlamaModel
+
+    return LlamaModel(LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+                                  num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=100,
+                                  max_position_embeddings=64))
+
+
+def body_weights(model) -> list[str]:
+    return [n for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2]
+
+
+@pytest.mark.parametrize("choice", ["up", "gate"])
+def test_vit_from_llama_gqa_swiglu_pairs_every_body_weight(choice):
+    target, aux = toys.timm_vit(dim=64, heads=4), llama()
+    body = body_weights(target)                      # qkv, proj, fc1, fc2 of both blocks
+    for layer in aux.layers:                         # up coded r*1000+c, gate the negative: each says where it came from
+        coded(layer.mlp.up_proj.weight)
+        coded(layer.mlp.down_proj.weight)
+        coded(layer.mlp.gate_proj.weight)
+        with torch.no_grad():
+            layer.mlp.gate_proj.weight.neg_().sub_(1)
+    options = {"on_shape_mismatch": "select"} | ({"gated_mlp": "gate"} if choice == "gate" else {})
+    planned = pathway.plan(target, aux, **options)
+    fc1 = next(p for p in planned.pairs if p.target == "blocks.1.mlp.fc1.weight")
+    assert fc1.aux == (f"layers.1.mlp.{choice}_proj.weight",) and {"gated", "shape_mismatch"} <= set(fc1.flags)
+    assert "order_by_execution" not in fc1.flags      # the dataflow showed which projection passes through SiLU
+    assert fc1.transform == f"select[{choice} of a gated MLP, 256x64/384x96] 44.4% of aux"
+    assert all(p.transform.startswith("select[") for p in planned.pairs)
+    other = "gate" if choice == "up" else "up"
+    assert planned.unused_aux == [f"layers.{i}.mlp.{other}_proj.weight" for i in range(2)]
+    assert f"[select[{choice} of a gated MLP" in str(planned)
+
+    report = pathway.connect(target, aux, **options)     # no allow_partial: every body weight paired
+    assert report.coverage == (8, 8) and sorted(p.target for p in report.pairs) == sorted(body)
+    assert [(p.target, p.aux, p.transform) for p in report.pairs] == [
+        (p.target, p.aux, p.transform) for p in planned.pairs]     # connect makes the selection plan showed
+    built = aux_tensors(target)
+    for i in range(2):
+        mlp = aux.layers[i].mlp
+        source = mlp.up_proj.weight if choice == "up" else mlp.gate_proj.weight
+        expected = source[uniform_indices(384, 256)][:, uniform_indices(96, 64)]
+        assert torch.equal(built[f"blocks.{i}.mlp.fc1.weight"], expected)
+        fc1_rows, fc1_cols = origin(built[f"blocks.{i}.mlp.fc1.weight"].abs() - int(choice == "gate"))
+        fc2_rows, fc2_cols = origin(built[f"blocks.{i}.mlp.fc2.weight"])
+        assert (fc1_rows[:, 0] == fc2_cols[0]).all()        # fc2 reads the hidden units fc1 took
+        assert (fc1_cols[0] == fc2_rows[:, 0]).all() and (fc1_cols[0] == uniform_indices(96, 64)).all()
+
+
+def test_vit_from_llama_gqa_swiglu_lambda_zero_and_fold():
+    target, aux = toys.timm_vit(dim=64, heads=4).eval(), llama()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = target(x)
+    pathway.connect(target, aux, on_shape_mismatch="select")
+    assert len(pathway.lambdas(target)) == 8
+    with torch.no_grad():
+        assert torch.equal(target(x), before)                # lambda 0 leaves the outputs unchanged
+        for scale in pathway.lambdas(target).values():
+            scale.uniform_(-0.5, 0.5)
+        connected = target(x)
+        assert not torch.allclose(connected, before)
+        pathway.fold(target)
+        torch.testing.assert_close(target(x), connected, rtol=1e-4, atol=1e-5)
+
+
+def test_vit_from_an_equally_wide_llama_takes_up_rows_without_selection():
+    target, aux = toys.timm_vit(dim=64, heads=4), llama(hidden=64, intermediate=256, heads=4, kv_heads=4)
+    report = pathway.connect(target, aux)                # on_shape_mismatch="error": nothing needs selecting
+    assert report.coverage == (8, 8)
+    fc1 = next(p for p in report.pairs if p.target == "blocks.0.mlp.fc1.weight")
+    assert fc1.aux == ("layers.0.mlp.gate_proj.weight", "layers.0.mlp.up_proj.weight")
+    assert fc1.transform == "gated[up] rows 256:512" and fc1.flags == ("gated",)
+    assert torch.equal(aux_tensors(target)["blocks.0.mlp.fc1.weight"], aux.layers[0].mlp.up_proj.weight)
+    gate = pathway.plan(toys.timm_vit(dim=64, heads=4), aux, gated_mlp="gate")
+    fc1 = next(p for p in gate.pairs if p.target == "blocks.0.mlp.fc1.weight")
+    assert fc1.transform == "gated[gate] rows 0:256" and fc1.out_slice == (0, 256)
+    assert "layers.0.mlp.up_proj.weight" in gate.unused_aux and "layers.0.mlp.gate_proj.weight" not in gate.unused_aux
+    with pytest.raises(pathway.OptionError, match=r"gated_mlp='down' is not one of \['up', 'gate'\]"):
+        pathway.plan(toys.timm_vit(dim=64, heads=4), aux, gated_mlp="down")
+
+
+def test_a_gated_target_from_a_plain_aux_is_refused_with_the_fix():
+    target, aux = llama(hidden=64, intermediate=256, heads=4, kv_heads=4), toys.timm_vit(dim=64, heads=4, classes=0)
+    with pytest.raises(pathway.GroupSizeError, match=r"the target's gated MLP layers.0.mlp.gate_proj.weight\+"
+                                                     r"layers.0.mlp.up_proj.weight .*not guessed.*pairs="):
+        pathway.plan(target, aux)
+    report = pathway.plan(target, aux, on_shape_mismatch="select", allow_partial=True)
+    assert report.coverage == (10, 14) and all("gated MLP" in why for why in report.unpaired.values())
+
+
+def test_mismatched_overrides_are_selected_under_select():
+    target, aux = toys.timm_vit(dim=32, heads=2), toys.timm_vit(dim=64, heads=4, classes=0)
+    pairs = {"blocks.0.mlp.fc1.weight": "blocks.1.mlp.fc1.weight"}
+    with pytest.raises(pathway.ShapeMismatchError, match=r"cannot take rows 0:256 of aux.*on_shape_mismatch='select'"):
+        pathway.plan(target, aux, pairs=pairs, on_shape_mismatch="skip")     # only "select" bridges shapes
+    report = pathway.connect(target, aux, pairs=pairs, on_shape_mismatch="select")
+    fc1 = next(p for p in report.pairs if p.target == "blocks.0.mlp.fc1.weight")
+    assert fc1.aux == ("blocks.1.mlp.fc1.weight",) and {"override", "shape_mismatch"} <= set(fc1.flags)
+    assert fc1.transform == "select[128x32/256x64] 25% of aux"
+    expected = aux.blocks[1].mlp.fc1.weight[uniform_indices(256, 128)][:, uniform_indices(64, 32)]
+    assert torch.equal(aux_tensors(target)["blocks.0.mlp.fc1.weight"], expected)
+    with pytest.raises(pathway.OptionError, match="takes whole aux weights, not rows"):
+        pathway.plan(toys.timm_vit(dim=32, heads=2), aux, on_shape_mismatch="select",
+                     pairs={"blocks.0.mlp.fc1.weight": {"aux": "blocks.1.mlp.fc1.weight", "rows": [0, 200]}})
+
+
+def test_plan_shows_the_selection_and_refuses_a_narrower_aux():
+    report = pathway.plan(toys.timm_vit(dim=32, heads=2), toys.timm_vit(dim=64, heads=4, classes=0),
+                          on_shape_mismatch="select")
+    assert {p.target: p.transform for p in report.pairs}["blocks.0.attn.qkv.weight"] == \
+        "select[heads 2/4, width 32/64] 25% of aux"
+    assert "select[" in str(report)
+    with pytest.raises(NarrowAuxError, match="narrower"):
+        pathway.plan(toys.timm_vit(dim=64, heads=4), toys.timm_vit(dim=32, heads=2, classes=0),
+                     on_shape_mismatch="select")
+
+
+def test_the_core_exports_its_errors_and_the_lazy_reader():
+    from pathway import errors, shapes, source
+
+    assert pathway.LayoutError is errors.LayoutError and pathway.NarrowAuxError is shapes.NarrowAuxError
+    assert pathway.open_aux is source.open_aux and pathway.AuxSource is source.AuxSource
+    assert pathway.SourceError is source.SourceError
+    assert all(issubclass(e, pathway.PathwayError) for e in (pathway.LayoutError, pathway.NarrowAuxError,
+                                                             pathway.SourceError))
