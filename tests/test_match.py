@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 import toy_models as toys
 
 import pathway
@@ -243,3 +245,70 @@ def test_apply_layout_regroups_per_head_rows_both_ways():
     from_heads = Pair("t", ("a",), "heads", out_slice=(8, 16), layout=("", "heads"), heads=(heads, heads))
     assert torch.equal(apply_layout(to_heads, split), interleaved)
     assert torch.equal(apply_layout(from_heads, interleaved), split[8:16])     # k of every head, in head order
+
+
+class GatedMLP(nn.Module):
+    """A SwiGLU MLP with names that say nothing: ``c((act(gate) * up))``, up computed first if asked."""
+
+    def __init__(self, dim: int, hidden: int, up_first: bool, act: bool):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(dim, hidden), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.up_first, self.act = up_first, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.up_first:                   # a is up, b the gate
+            up, gate = self.a(x), self.b(x)
+        else:                               # a is the gate, b up
+            gate, up = self.a(x), self.b(x)
+        return self.c((F.silu(gate) if self.act else gate) * up)
+
+
+class GatedBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, **mlp):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = GatedMLP(dim, 4 * dim, **mlp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp(self.norm2(x))
+
+
+class GatedNet(nn.Module):
+    def __init__(self, dim: int = 64, heads: int = 4, depth: int = 2, up_first: bool = True, act: bool = True):
+        super().__init__()
+        self.embed = nn.Linear(8, dim)
+        self.blocks = nn.ModuleList(GatedBlock(dim, heads, up_first=up_first, act=act) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return x.mean(1)
+
+
+@pytest.mark.parametrize("tracer", ["fx", "runtime"])
+@pytest.mark.parametrize("up_first", [True, False], ids=["up first", "gate first"])
+def test_plain_fc1_takes_the_up_projection_the_dataflow_shows(tracer, up_first):
+    target, aux = toys.timm_vit(dim=64, heads=4), GatedNet(up_first=up_first)
+    report = pathway.plan(target, aux, tracer=tracer, aux_inputs=toys.tokens(features=8))
+    assert report.coverage == (8, 8) and report.aux_reader.startswith("torch.fx" if tracer == "fx" else "runtime")
+    up, gate = ("a", "b") if up_first else ("b", "a")
+    fc1 = next(p for p in report.pairs if p.target == "blocks.1.mlp.fc1.weight")
+    assert fc1.aux == (f"blocks.1.mlp.{gate}.weight", f"blocks.1.mlp.{up}.weight")   # (gate, up), not execution order
+    assert fc1.flags == ("gated",) and fc1.transform == "gated[up] rows 256:512"
+    assert torch.equal(built(report, aux)["blocks.1.mlp.fc1.weight"], aux.get_parameter(f"blocks.1.mlp.{up}.weight"))
+    assert f"blocks.1.mlp.{gate}.weight" in report.unused_aux and f"blocks.1.mlp.{up}.weight" not in report.unused_aux
+
+
+def test_an_unreadable_gate_falls_back_to_execution_order_flagged():
+    aux = GatedNet(up_first=True, act=False)        # a bilinear product: neither path passes an activation
+    report = pathway.plan(toys.timm_vit(dim=64, heads=4), aux, gated_mlp="gate")
+    fc1 = next(p for p in report.pairs if p.target == "blocks.0.mlp.fc1.weight")
+    assert fc1.aux == ("blocks.0.mlp.a.weight", "blocks.0.mlp.b.weight") and fc1.out_slice == (0, 256)
+    assert set(fc1.flags) == {"gated", "order_by_execution"} and "order_by_execution" in report.flags
+    assert "order_by_execution" in str(report)
