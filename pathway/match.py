@@ -251,6 +251,9 @@ def select_pairs(t: Unit, a: Unit, aux_block: int | None, gated_mlp: str = "up")
         return [_gated_pair(t, a, aux_block, gated_mlp, mismatch=True)]
     if _plain_from_gated(a, t):
         return []
+    if t.gated and a.gated:     # gate <- gate, up <- up, each selected on its own (one rule per size: same hidden units)
+        return [_pair(m, t, [other], a, aux_block, "shape_mismatch", (0, other.shape[0]), ("shape_mismatch",))
+                for m, other in zip(t.members, a.members)]
     if len(t.members) == 1 and len(a.members) == 1 and (t.role == "qkv") == (a.role == "qkv"):
         m, other = t.members[0], a.members[0]
         return [_pair(m, t, [other], a, aux_block, "shape_mismatch", (0, other.shape[0]),

@@ -336,3 +336,14 @@ def test_the_core_exports_its_errors_and_the_lazy_reader():
     assert pathway.SourceError is source.SourceError
     assert all(issubclass(e, pathway.PathwayError) for e in (pathway.LayoutError, pathway.NarrowAuxError,
                                                              pathway.SourceError))
+
+
+def test_gated_mlp_from_a_wider_gated_mlp_takes_gate_from_gate_and_up_from_up():
+    target, aux = llama(hidden=64, intermediate=256, heads=4, kv_heads=4), llama()
+    report = pathway.connect(target, aux, on_shape_mismatch="select")
+    assert report.coverage == (14, 14)
+    built, rows, cols = aux_tensors(target), uniform_indices(384, 256), uniform_indices(96, 64)
+    for part in ("gate", "up"):
+        assert torch.equal(built[f"layers.1.mlp.{part}_proj.weight"],
+                           aux.get_parameter(f"layers.1.mlp.{part}_proj.weight")[rows][:, cols])
+    assert torch.equal(built["layers.1.mlp.down_proj.weight"], aux.layers[1].mlp.down_proj.weight[cols][:, rows])
