@@ -454,3 +454,23 @@ def test_mae_global_pool_finetune_evaluates_exactly_as_its_own_model(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), official(x), rtol=1e-5, atol=1e-5)
+
+
+def test_point_mae_positions_reach_every_block_as_in_its_encoder(tmp_path):
+    """Point-MAE's TransformerEncoder adds the position embedding before every block (x = block(x + pos)), the
+    class token's cls_pos too; a pos_every_block model loaded from its file computes the same."""
+    sd = point_encoder_sd("", dim=D)
+    sd |= {"cls_token": rand(1, 1, D), "cls_pos": rand(1, 1, D)}
+    torch.save({"base_model": sd}, tmp_path / "point.pth")
+    model = TransformerModel(PointGroupTokenizer(8, 8, 3, D), ClassificationHead(D, 10), D, DEPTH, HEADS,
+                             cls_token=True, pos_every_block=True).eval()
+    load_checkpoint(model, tmp_path / "point.pth", format="point_mae")
+    x = torch.randn(2, 64, 3)
+    with torch.no_grad():
+        out = model.tokenizer.encode(x)
+        tokens = out.tokens - out.pos  # the group tokens before any position
+        pos = torch.cat([sd["cls_pos"].expand(2, -1, -1), out.pos.expand(2, -1, -1)], dim=1)
+        h = torch.cat([sd["cls_token"].expand(2, -1, -1), tokens], dim=1)
+        for block in model.blocks:
+            h = block(h + pos)
+        torch.testing.assert_close(model.forward_features(x)[0], model.norm(h), rtol=1e-5, atol=1e-5)

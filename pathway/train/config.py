@@ -92,6 +92,8 @@ class ModelConfig:
     mlp_ratio: float = 4.0  # hidden width of the MLP = mlp_ratio * D
     drop_path: float = 0.1  # stochastic depth rate of the last block (linear from 0 over the depth)
     cls_token: bool = False  # prepend a learned class token (official checkpoints fold their cls pos-embed into it)
+    pos_every_block: bool = False  # Point-MAE: the position embedding is added to the input of every block
+    #   (models/Point_MAE.py TransformerEncoder: x = block(x + pos)), not only to the first
     fc_norm: bool = False  # MAE / VideoMAE / AudioMAE global pooling: mean of the patch tokens, then a LayerNorm
     #   (fc_norm), then the Linear; no norm after the blocks (their pretraining norm goes unused, as there)
     checkpoint: str = ""  # initial weights of the target ("" = random init, i.e. from scratch)

@@ -315,7 +315,7 @@ def engine_to_timm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-_ENGINE_KEY = re.compile(r"^(tokenizer\.|blocks\.\d+\.|norm\.|head\.|cls_token$)")
+_ENGINE_KEY = re.compile(r"^(tokenizer\.|blocks\.\d+\.|norm\.|head\.|cls_token$|cls_pos$)")
 
 
 def is_engine_layout(keys: Sequence[str]) -> bool:
@@ -403,6 +403,7 @@ def _convert_point_mae(sd: dict[str, Tensor]) -> _Converted:
     cls, cls_pos = renamed.pop("cls_token", None), renamed.pop("cls_pos", None)
     if cls is not None and cls_pos is not None:
         out.put("cls_token", cls + cls_pos, "cls_token + cls_pos")
+        out.put("cls_pos", cls_pos, "cls_pos")  # a pos_every_block model adds it again before every block
         out.notes.append("cls_pos folded into cls_token")
         out.pos_prefix_folded = True
     elif cls is not None:
@@ -609,6 +610,9 @@ def load_checkpoint(
             report.dropped[src] = ("the model pools before its LayerNorm (model.fc_norm, MAE's global pool): the "
                                    "norm after the blocks is not used, as in MAE's fine-tuning (models_vit.py)")
             continue
+        if target is None and key == "cls_pos":
+            report.dropped[src] = "folded into cls_token (the model adds positions once, model.pos_every_block false)"
+            continue
         if target is None and key == "cls_token":
             report.dropped["cls_token"] = f"the model has no cls token (global pooling); was {src}"
             report.notes = [n for n in report.notes if "folded into cls_token" not in n]
@@ -640,7 +644,7 @@ def load_checkpoint(
                                 "1-D sin-cos table (get_sinusoid_encoding_table)")
 
     parametrization_internal = re.compile(r"\.parametrizations\.[^.]+\.\d+\.")
-    allowed = tuple(allow_missing) + (("cls_token",) if fmt in ("video_mae", "point_mae") else ())
+    allowed = tuple(allow_missing) + (("cls_token", "cls_pos") if fmt in ("video_mae", "point_mae") else ())
     for key in model_sd:
         if key in final or key in report.mismatched or parametrization_internal.search(key) or not key.startswith(only):
             continue

@@ -51,11 +51,15 @@ class TransformerModel(nn.Module):
         drop_path: float = 0.0,
         cls_token: bool = False,
         fc_norm: bool = False,
+        pos_every_block: bool = False,
     ) -> None:
         super().__init__()
         self.embed_dim, self.depth, self.num_heads, self.mlp_ratio = embed_dim, depth, num_heads, mlp_ratio
         self.tokenizer = tokenizer
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if cls_token else None
+        self.pos_every_block = pos_every_block
+        # Point-MAE keeps the class token's position apart, to add it again before every block
+        self.cls_pos = nn.Parameter(torch.zeros(1, 1, embed_dim)) if cls_token and pos_every_block else None
         norm = partial(nn.LayerNorm, eps=1e-6)  # timm VisionTransformer's choice: folded files load there exactly
         rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]
         self.blocks = nn.Sequential(
@@ -70,6 +74,8 @@ class TransformerModel(nn.Module):
         self.apply(_init_weights)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=0.02)
+        if self.cls_pos is not None:
+            nn.init.normal_(self.cls_pos, std=0.02)
 
     def forward_features(self, x: Tensor) -> tuple[Tensor, Any]:
         """Tokens after the final norm ``[B, N(+1), D]`` and the tokenizer's output.
@@ -81,22 +87,31 @@ class TransformerModel(nn.Module):
         if self.cls_token is not None:
             t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1)
         wanted = getattr(self.head, "feature_blocks", ())
-        if not wanted:
+        if not wanted and not self.pos_every_block:
             return self.norm(self.blocks(t)), out
+        again = self.block_positions(out, t.shape[0]) if self.pos_every_block else None
         features = []
         for i, block in enumerate(self.blocks):
-            t = block(t)
+            t = block(t if again is None or i == 0 else t + again)  # the first block's input has it already
             if i in wanted:
                 features.append(self.norm(t))
-        out.extras["block_features"] = features
+        if wanted:
+            out.extras["block_features"] = features
         return self.norm(t), out
+
+    def block_positions(self, out: Any, batch: int) -> Tensor:
+        """The position embedding added again before blocks 1.. (``pos_every_block``), the class token's included."""
+        pos = out.pos.expand(batch, -1, -1)
+        if self.cls_pos is None:
+            return pos
+        return torch.cat([self.cls_pos.expand(batch, -1, -1), pos], dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
         t, out = self.forward_features(x)
         return self.head(t, out)
 
     def no_weight_decay(self) -> set[str]:
-        return {"cls_token", "tokenizer.pos_embed"}
+        return {"cls_token", "cls_pos", "tokenizer.pos_embed"}
 
 
 class PooledNormHead(nn.Module):
@@ -169,6 +184,7 @@ def build_transformer(recipe: Recipe, adapter: Adapter, *, aux: bool = False) ->
         drop_path=0.0 if aux else m.drop_path,
         cls_token=m.cls_token,
         fc_norm=fc_norm,
+        pos_every_block=m.pos_every_block,
     )
 
 
