@@ -87,24 +87,26 @@ class TransformerModel(nn.Module):
         if self.cls_token is not None:
             t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1)
         wanted = getattr(self.head, "feature_blocks", ())
-        if not wanted and not self.pos_every_block:
-            return self.norm(self.blocks(t)), out
-        again = self.block_positions(out, t.shape[0]) if self.pos_every_block else None
-        features = []
-        for i, block in enumerate(self.blocks):
-            t = block(t if again is None or i == 0 else t + again)  # the first block's input has it already
-            if i in wanted:
-                features.append(self.norm(t))
+        t, features = self.run_blocks(t, out.pos.expand(t.shape[0], -1, -1), wanted)
         if wanted:
             out.extras["block_features"] = features
         return self.norm(t), out
 
-    def block_positions(self, out: Any, batch: int) -> Tensor:
-        """The position embedding added again before blocks 1.. (``pos_every_block``), the class token's included."""
-        pos = out.pos.expand(batch, -1, -1)
-        if self.cls_pos is None:
-            return pos
-        return torch.cat([self.cls_pos.expand(batch, -1, -1), pos], dim=1)
+    def run_blocks(self, t: Tensor, pos: Tensor, wanted: tuple[int, ...] = ()) -> tuple[Tensor, list[Tensor]]:
+        """The blocks over ``t`` (positions already added, a class token first if the model has one); with
+        ``pos_every_block`` the patch positions ``pos [B, N, D]`` (and ``cls_pos``) are added again before blocks
+        1.. as Point-MAE does. Returns the last output and the normed outputs of the ``wanted`` blocks."""
+        if not wanted and not self.pos_every_block:
+            return self.blocks(t), []
+        again = None
+        if self.pos_every_block:
+            again = pos if self.cls_pos is None else torch.cat([self.cls_pos.expand(pos.shape[0], -1, -1), pos], dim=1)
+        features = []
+        for i, block in enumerate(self.blocks):
+            t = block(t if again is None or i == 0 else t + again)  # the first block's input has them already
+            if i in wanted:
+                features.append(self.norm(t))
+        return t, features
 
     def forward(self, x: Tensor) -> Tensor:
         t, out = self.forward_features(x)

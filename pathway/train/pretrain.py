@@ -91,9 +91,10 @@ class MaskedAutoencoder(nn.Module):
         b, n, d = out.tokens.shape
         keep, mask = random_masking(n, b, self.mask_ratio, x.device)
         visible = out.tokens.gather(1, keep[..., None].expand(-1, -1, d))
+        visible_pos = out.pos.expand(b, -1, -1).gather(1, keep[..., None].expand(-1, -1, d))
         if enc.cls_token is not None:
             visible = torch.cat([enc.cls_token.expand(b, -1, -1), visible], dim=1)
-        latent = enc.norm(enc.blocks(visible))
+        latent = enc.norm(enc.run_blocks(visible, visible_pos)[0])
         latent = self.decoder_embed(latent[:, -keep.shape[1]:])  # drop the class token
         full = self.mask_token.expand(b, n, -1).clone()
         full.scatter_(1, keep[..., None].expand(-1, -1, full.shape[-1]), latent)
