@@ -125,6 +125,10 @@ class PooledNormHead(nn.Module):
         super().__init__()
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.fc = nn.Linear(embed_dim, num_classes)
+        # the three start their new classifier near zero: trunc-normal std 2e-5 (MAE main_finetune.py, AudioMAE),
+        # VideoMAE's 0.02 times init_scale 0.001
+        nn.init.trunc_normal_(self.fc.weight, std=2e-5)
+        nn.init.zeros_(self.fc.bias)
 
     def forward(self, tokens: Tensor, out: Any = None) -> Tensor:
         from pathway.adapters.heads import has_cls_token
