@@ -15,9 +15,9 @@ single fc1 should feed is not defined.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable
 
 from .errors import (
     CompetingPairsError,
@@ -128,7 +128,9 @@ def align(targets: list[Unit], auxes: list[Unit], exact: bool = False) -> list[t
 
 
 def _label(part: WeightUse) -> str:
-    return part.role if part.role in ("q", "k", "v") else part.name.rsplit(".", 2)[-2] if "." in part.name else part.name
+    if part.role in ("q", "k", "v"):
+        return part.role
+    return part.name.rsplit(".", 2)[-2] if "." in part.name else part.name
 
 
 def unit_pairs(t: Unit, a: Unit, aux_block: int | None, same_code: bool = False, gated_mlp: str = "up"
@@ -219,7 +221,8 @@ def _regrouping(member: WeightUse, used: list[WeightUse]) -> str:
     t_layout, a_layout = _layouts(member, used)
     if t_layout == a_layout and member.heads == used[0].heads:
         return ""
-    steps = [f"from_heads[{used[0].heads}]"] * (a_layout == "heads") + [f"to_heads[{member.heads}]"] * (t_layout == "heads")
+    steps = ([f"from_heads[{used[0].heads}]"] * (a_layout == "heads")
+             + [f"to_heads[{member.heads}]"] * (t_layout == "heads"))
     return "+" + "+".join(steps) if steps else ""
 
 
@@ -236,7 +239,8 @@ def _pair(member: WeightUse, t: Unit, used: list[WeightUse], a: Unit, aux_block:
     return Pair(
         target=member.name, aux=tuple(u.name for u in used), transform=transform, role=member.role or t.role,
         segment=t.segment, target_block=t.block, aux_block=aux_block, aux_transposed=tuple(u.transposed for u in used),
-        out_slice=out_slice, target_transposed=member.transposed, flags=tuple(dict.fromkeys(t.flags + a.flags + list(flags))),
+        out_slice=out_slice, target_transposed=member.transposed,
+        flags=tuple(dict.fromkeys(t.flags + a.flags + list(flags))),
         layout=(t_layout, a_layout), heads=(t.heads, a.heads), kv_heads=(t.kv_heads, a.kv_heads))
 
 
@@ -251,7 +255,7 @@ def select_pairs(t: Unit, a: Unit, aux_block: int | None, gated_mlp: str = "up")
         return [_gated_pair(t, a, aux_block, gated_mlp, mismatch=True)]
     if _plain_from_gated(a, t):
         return []
-    if t.gated and a.gated:     # gate <- gate, up <- up, each selected on its own (one rule per size: same hidden units)
+    if t.gated and a.gated:     # gate <- gate, up <- up, each selected alone (one rule per size: same hidden units)
         return [_pair(m, t, [other], a, aux_block, "shape_mismatch", (0, other.shape[0]), ("shape_mismatch",))
                 for m, other in zip(t.members, a.members)]
     if len(t.members) == 1 and len(a.members) == 1 and (t.role == "qkv") == (a.role == "qkv"):
@@ -435,7 +439,8 @@ def _resolve(name: str, view: ModelView, side: str) -> str:
         if candidate in view.shapes:
             return candidate
     close = [n for n in view.shapes if name.split(".")[-1] in n][:5]
-    raise ShapeMismatchError(f"pairs: the {side} model has no weight '{name}'" + (f"; similar: {close}" if close else ""))
+    raise ShapeMismatchError(f"pairs: the {side} model has no weight '{name}'"
+                             + (f"; similar: {close}" if close else ""))
 
 
 _OVERRIDE_KEYS = ("aux", "rows", "layout", "heads", "aux_layout", "aux_heads")
@@ -462,10 +467,10 @@ def _override_spec(t_name: str, spec: str | list[str] | dict) -> _Override:
     if unknown or "aux" not in spec or any(v not in ("", "heads") for v in layouts) or any(
             lay == "heads" and not isinstance(h, int) for lay, h in zip(layouts, heads)) or rows is not None and not (
             len(rows) == 2 and all(isinstance(r, int) for r in rows) and 0 <= rows[0] < rows[1]):
-        raise OptionError(f"pairs['{t_name}'] = {spec!r}: a dict takes 'aux' (a name or a list of names) and optionally "
-                          f"'rows' ([first, stop) of the stacked aux rows), 'layout'/'aux_layout' ('' for rows "
-                          f"[q | k | v], 'heads' for rows [head, (q, k, v), head_dim]) with 'heads'/'aux_heads' (the "
-                          f"number of heads) wherever a layout is 'heads'")
+        raise OptionError(f"pairs['{t_name}'] = {spec!r}: a dict takes 'aux' (a name or a list of names) and "
+                          f"optionally 'rows' ([first, stop) of the stacked aux rows), 'layout'/'aux_layout' ('' for "
+                          f"rows [q | k | v], 'heads' for rows [head, (q, k, v), head_dim]) with 'heads'/'aux_heads' "
+                          f"(the number of heads) wherever a layout is 'heads'")
     aux = spec["aux"]
     return _Override([aux] if isinstance(aux, str) else list(aux), tuple(rows) if rows else None, layouts, heads)
 
@@ -476,7 +481,8 @@ def _as_override(pair: Pair) -> str | list[str] | dict:
     spec: dict = {"aux": aux}
     if pair.transform.startswith("split_out"):
         spec["rows"] = list(pair.out_slice)
-    for key, layout, heads in (("layout", pair.layout[0], pair.heads[0]), ("aux_layout", pair.layout[1], pair.heads[1])):
+    for key, layout, heads in (("layout", pair.layout[0], pair.heads[0]),
+                               ("aux_layout", pair.layout[1], pair.heads[1])):
         if layout:
             spec[key], spec[key.replace("layout", "heads")] = layout, heads
     return spec if len(spec) > 1 else aux
@@ -499,7 +505,8 @@ def _apply_overrides(pairs: list[Pair], overrides: dict, replaced: dict[str, Pai
         t_transposed = bool(t_use and t_use.transposed)
         parts = [aux.use(n) for n in a_list]
         a_transposed = tuple(bool(u and u.transposed) for u in parts)
-        canon = [aux.shapes[n][::-1] if tr and len(aux.shapes[n]) == 2 else aux.shapes[n] for n, tr in zip(a_list, a_transposed)]
+        canon = [aux.shapes[n][::-1] if tr and len(aux.shapes[n]) == 2 else aux.shapes[n]
+                 for n, tr in zip(a_list, a_transposed)]
         t_shape = target.shapes[t_name]
         t_canon = t_shape[::-1] if t_transposed and len(t_shape) == 2 else t_shape
         stacked = sum(c[0] for c in canon)

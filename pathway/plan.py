@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable
+from typing import Any
 
 import torch.nn as nn
 
@@ -61,7 +62,7 @@ class Options:
     tracer: str = "auto"
 
     @classmethod
-    def parse(cls, options: dict[str, Any]) -> "Options":
+    def parse(cls, options: dict[str, Any]) -> Options:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:

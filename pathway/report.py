@@ -103,7 +103,8 @@ class Report:
             f"              aux:    {self.aux_reader}",
             f"  matching    by {'name' if self.strategy == 'name' else 'graph position'}, depth policy "
             f"'{self.depth_policy}' ({self.depth[0]} target blocks <- {self.depth[1]} aux blocks)",
-            (f"  coverage    {paired}/{total} target body weights paired; {len(self.unused_aux)} aux body weights unused"
+            (f"  coverage    {paired}/{total} target body weights paired; "
+             f"{len(self.unused_aux)} aux body weights unused"
              + (f"; {len(self.outside_segments)} target weights outside the connected segments"
                 if self.outside_segments else "")),
         ]

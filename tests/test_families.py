@@ -14,8 +14,9 @@ from __future__ import annotations
 import ast
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import timm
@@ -65,7 +66,8 @@ def falcon(multi_query: bool = False):
 def falcon40b():
     """The new decoder architecture: grouped-query rows [group, (queries, key, value), head_dim]."""
     tf = _tf()
-    return tf.FalconModel(tf.FalconConfig(hidden_size=DIM, num_attention_heads=HEADS, num_kv_heads=2, num_hidden_layers=2,
+    return tf.FalconModel(tf.FalconConfig(hidden_size=DIM, num_attention_heads=HEADS, num_kv_heads=2,
+                                          num_hidden_layers=2,
                                           vocab_size=100, new_decoder_architecture=True))
 
 
@@ -116,7 +118,8 @@ def whisper_encoder():
 
 def _speech(kind: str):
     tf = _tf()
-    config, model = {"wav2vec2": (tf.Wav2Vec2Config, tf.Wav2Vec2Model), "hubert": (tf.HubertConfig, tf.HubertModel)}[kind]
+    config, model = {"wav2vec2": (tf.Wav2Vec2Config, tf.Wav2Vec2Model),
+                     "hubert": (tf.HubertConfig, tf.HubertModel)}[kind]
     return model(config(hidden_size=DIM, num_attention_heads=HEADS, num_hidden_layers=2, intermediate_size=4 * DIM,
                         conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
                         num_conv_pos_embedding_groups=4))
@@ -190,7 +193,8 @@ PAIRED = [
     Case("bloom <- timm vit", bloom, vit, BLOOM, VIT, 8),
     Case("falcon-rw <- bert", falcon, bert, BLOOM, BERT, 8),
     Case("phi (parallel attention + mlp) <- timm vit", phi, vit, PROJ, VIT, 12),
-    Case("gpt-j (parallel attention + mlp) <- bert", gptj, bert, split("h.{i}.attn", "q_proj", "k_proj", "v_proj"), BERT, 12),
+    Case("gpt-j (parallel attention + mlp) <- bert", gptj, bert, split("h.{i}.attn", "q_proj", "k_proj", "v_proj"),
+         BERT, 12),
     Case("phi-3 (qkv sliced into [q | k | v]) <- llama", phi3, llama, Rows(("layers.{i}.self_attn.qkv_proj.weight",)),
          PROJ, 8),
     Case("llama <- phi-3", llama, phi3, PROJ, Rows(("layers.{i}.self_attn.qkv_proj.weight",)), 14),
@@ -213,7 +217,8 @@ PAIRED = [
     Case("nn.TransformerEncoder (seq, batch) <- bert", lambda: torch_encoder(False), bert,
          Rows(("layers.{i}.self_attn.in_proj_weight",)), BERT, 8),
     Case("torchvision swin (fx.wrap'd attention) <- itself", tv_swin, tv_swin, None, None, 16),
-    Case("timm resnet18 (every residual block) <- torchvision resnet18", lambda: timm.create_model("resnet18", num_classes=5),
+    Case("timm resnet18 (every residual block) <- torchvision resnet18",
+         lambda: timm.create_model("resnet18", num_classes=5),
          lambda: torchvision.models.resnet18(num_classes=5), None, None, 19, {"kinds": ("conv",)}),
 ]
 

@@ -226,7 +226,7 @@ def body_weights(model) -> list[str]:
 def test_vit_from_llama_gqa_swiglu_pairs_every_body_weight(choice):
     target, aux = toys.timm_vit(dim=64, heads=4), llama()
     body = body_weights(target)                      # qkv, proj, fc1, fc2 of both blocks
-    for layer in aux.layers:                         # up coded r*1000+c, gate the negative: each says where it came from
+    for layer in aux.layers:          # up coded r*1000+c, gate the negative minus 1: each says where it came from
         coded(layer.mlp.up_proj.weight)
         coded(layer.mlp.down_proj.weight)
         coded(layer.mlp.gate_proj.weight)
