@@ -252,7 +252,7 @@ def test_apply_layout_regroups_per_head_rows_both_ways():
 class GatedMLP(nn.Module):
     """A SwiGLU MLP with names that say nothing: ``c((act(gate) * up))``, up computed first if asked."""
 
-    def __init__(self, dim: int, hidden: int, up_first: bool, act: bool):
+    def __init__(self, dim: int, hidden: int, up_first: bool = True, act: bool = True):
         super().__init__()
         self.a, self.b, self.c = nn.Linear(dim, hidden), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
         self.up_first, self.act = up_first, act
@@ -266,12 +266,12 @@ class GatedMLP(nn.Module):
 
 
 class GatedBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, **mlp):
+    def __init__(self, dim: int, heads: int, mlp: type[nn.Module], **options):
         super().__init__()
         self.heads = heads
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.mlp = GatedMLP(dim, 4 * dim, **mlp)
+        self.mlp = mlp(dim, 4 * dim, **options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
@@ -281,10 +281,11 @@ class GatedBlock(nn.Module):
 
 
 class GatedNet(nn.Module):
-    def __init__(self, dim: int = 64, heads: int = 4, depth: int = 2, up_first: bool = True, act: bool = True):
+    def __init__(self, dim: int = 64, heads: int = 4, depth: int = 2, mlp: type[nn.Module] | None = None,
+                 **options):
         super().__init__()
         self.embed = nn.Linear(8, dim)
-        self.blocks = nn.ModuleList(GatedBlock(dim, heads, up_first=up_first, act=act) for _ in range(depth))
+        self.blocks = nn.ModuleList(GatedBlock(dim, heads, mlp or GatedMLP, **options) for _ in range(depth))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.embed(x)
@@ -314,3 +315,23 @@ def test_an_unreadable_gate_falls_back_to_execution_order_flagged():
     assert fc1.aux == ("blocks.0.mlp.a.weight", "blocks.0.mlp.b.weight") and fc1.out_slice == (0, 256)
     assert set(fc1.flags) == {"gated", "order_by_execution"} and "order_by_execution" in report.flags
     assert "order_by_execution" in str(report)
+
+
+class NamedBilinearMLP(nn.Module):
+    """``down(up(x) * gate(x))`` named as Llama names them, up computed first, no activation."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.up_proj, self.gate_proj = nn.Linear(dim, hidden), nn.Linear(dim, hidden)
+        self.down_proj = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up = self.up_proj(x)
+        return self.down_proj(up * self.gate_proj(x))
+
+
+def test_an_unreadable_gate_is_told_by_known_names_before_execution_order():
+    report = pathway.plan(toys.timm_vit(dim=64, heads=4), GatedNet(mlp=NamedBilinearMLP))
+    fc1 = next(p for p in report.pairs if p.target == "blocks.0.mlp.fc1.weight")
+    assert fc1.aux == ("blocks.0.mlp.gate_proj.weight", "blocks.0.mlp.up_proj.weight")
+    assert set(fc1.flags) == {"gated", "order_by_name"} and fc1.out_slice == (256, 512)
