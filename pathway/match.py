@@ -148,13 +148,13 @@ def unit_pairs(t: Unit, a: Unit, aux_block: int | None, same_code: bool = False,
             f"[head, (q, k, v), head_dim]) cannot be read: "
             + (m.layout_note or "its forward shows no view, split or slices of its output into q, k and v")
             for m in unread) + " [layout]"
-    if t.shape != a.shape and _plain_from_gated(t, a):
+    if _plain_from_gated(t, a):     # also where fc1 has as many rows as gate and up: it is no fused [gate | up]
         member = a.members[_gated_position(gated_mlp)]
         if t.shape == member.shape:
             return [_gated_pair(t, a, aux_block, gated_mlp, mismatch=False)], None
         return [], (f"shapes differ: target {t.names[0]} {list(t.shape)} <- aux {member.name} {list(member.shape)}, "
                     f"the {gated_mlp} projection of the gated MLP {'+'.join(a.names)}")
-    if t.shape != a.shape and _plain_from_gated(a, t):
+    if _plain_from_gated(a, t):
         return [], (f"the target's gated MLP {'+'.join(t.names)} {[list(m.shape) for m in t.members]} (gate, up) <- "
                     f"aux {a.names[0]} {list(a.shape)}, the single input projection of a plain MLP: which of gate "
                     f"and up it should feed is not defined, so it is not guessed. Fix: pairs={{"
@@ -193,8 +193,9 @@ def unit_pairs(t: Unit, a: Unit, aux_block: int | None, same_code: bool = False,
 
 
 def _plain_from_gated(plain: Unit, gated: Unit) -> bool:
-    """``plain`` is one weight without an attention role, ``gated`` a gated MLP's (gate, up)."""
-    return bool(gated.gated) and len(plain.members) == 1 and plain.role is None and plain.kind == gated.kind
+    """``plain`` is one weight without an attention role (not a fused [gate | up]), ``gated`` a gated MLP's
+    (gate, up)."""
+    return gated.gated_pair and plain.plain and plain.kind == gated.kind
 
 
 def _gated_position(gated_mlp: str) -> int:
@@ -255,7 +256,7 @@ def select_pairs(t: Unit, a: Unit, aux_block: int | None, gated_mlp: str = "up")
         return [_gated_pair(t, a, aux_block, gated_mlp, mismatch=True)]
     if _plain_from_gated(a, t):
         return []
-    if t.gated and a.gated:     # gate <- gate, up <- up, each selected alone (one rule per size: same hidden units)
+    if t.gated_pair and a.gated_pair:     # gate <- gate, up <- up, each selected alone (same hidden units)
         return [_pair(m, t, [other], a, aux_block, "shape_mismatch", (0, other.shape[0]), ("shape_mismatch",))
                 for m, other in zip(t.members, a.members)]
     if len(t.members) == 1 and len(a.members) == 1 and (t.role == "qkv") == (a.role == "qkv"):

@@ -36,7 +36,18 @@ class Unit:
     segment: str                      # "pre" | "body" | "mid" | "post"
     block: int | None
     flags: list[str] = field(default_factory=list)
-    gated: str = ""                   # a gated MLP's (gate, up), ordered by "dataflow", "name" or "execution"
+    gated: str = ""                   # a gated MLP's (gate, up) ordered by "dataflow", "name" or "execution";
+                                      # "fused": one projection whose rows are [gate | up] (Phi-3's gate_up_proj)
+
+    @property
+    def gated_pair(self) -> bool:
+        """The two input projections of a gated MLP, as (gate, up)."""
+        return len(self.members) == 2 and self.gated in ("dataflow", "name", "execution")
+
+    @property
+    def plain(self) -> bool:
+        """One weight without an attention role that is not a fused [gate | up] projection."""
+        return len(self.members) == 1 and self.role is None and self.gated != "fused"
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -134,6 +145,8 @@ def build_units(trace: Trace, blocks: list[str], kinds: tuple[str, ...], ops: li
         if _is_gated(members, trace.uses):
             members, gated = _gate_first(members, ops)
             flags = [] if gated == "dataflow" else [f"order_by_{gated}"]
+        elif _is_fused_gated(members, trace.uses):
+            gated = "fused"
         block = block_of(members[0].name, blocks)
         units.append(Unit(members, members[0].kind, "body" if block is not None else "", block, flags, gated))
     depth = len(blocks)
@@ -151,6 +164,16 @@ def _is_gated(members: list[WeightUse], uses: list[WeightUse]) -> bool:
         return False
     both = frozenset(m.index for m in members)
     return any(u.input_tags == both for u in uses)
+
+
+def _is_fused_gated(members: list[WeightUse], uses: list[WeightUse]) -> bool:
+    """One linear without a role whose reader (the only weight reading what it made) takes half its rows:
+    its output was cut in two, gate and up, and their product read (Phi-3's ``gate_up_proj``)."""
+    if len(members) != 1 or members[0].kind != "linear" or members[0].role:
+        return False
+    m = members[0]
+    readers = [u for u in uses if u.input_tags == frozenset([m.index]) and u.index != m.index]
+    return len(readers) == 1 and len(readers[0].shape) == 2 and 2 * readers[0].shape[1] == m.shape[0]
 
 
 _WEIGHT_OPS = ("linear", "conv", "embedding", "matmul", "mha", "sdpa")

@@ -347,3 +347,14 @@ def test_gated_mlp_from_a_wider_gated_mlp_takes_gate_from_gate_and_up_from_up():
         assert torch.equal(built[f"layers.1.mlp.{part}_proj.weight"],
                            aux.get_parameter(f"layers.1.mlp.{part}_proj.weight")[rows][:, cols])
     assert torch.equal(built["layers.1.mlp.down_proj.weight"], aux.layers[1].mlp.down_proj.weight[cols][:, rows])
+
+
+def test_a_plain_fc1_as_wide_as_gate_and_up_together_is_not_their_concatenation():
+    # fc1 [256, 64] has the rows of gate + up [128, 64] each; only a fused [gate | up] (Phi-3) takes both
+    target, aux = toys.timm_vit(dim=64, heads=4), llama(hidden=64, intermediate=128, heads=4, kv_heads=4)
+    with pytest.raises(pathway.ShapeMismatchError, match=r"fc1.weight \[256, 64\] <- aux layers.0.mlp.up_proj.weight "
+                                                         r"\[128, 64\], the up projection of the gated MLP"):
+        pathway.plan(target, aux)
+    with pytest.raises(pathway.GroupSizeError, match=r"gated MLP .*<- aux blocks.0.mlp.fc1.weight \[256, 64\].*"
+                                                     r"not guessed"):
+        pathway.plan(llama(hidden=64, intermediate=128, heads=4, kv_heads=4), toys.timm_vit(dim=64, heads=4))
