@@ -160,6 +160,9 @@ def unit_pairs(t: Unit, a: Unit, aux_block: int | None, same_code: bool = False,
                     f"and up it should feed is not defined, so it is not guessed. Fix: pairs={{"
                     f"'{t.names[0]}': '{a.names[0]}', '{t.names[1]}': '{a.names[0]}'}} (or one of them) sets it by "
                     f"hand; exclude=[...] leaves them out [group]")
+    fused = _fused_with_plain(t, a)
+    if fused:
+        return [], fused
     t_rest, a_rest = t.shape[1:], a.shape[1:]
     if t_rest != a_rest or t.shape[0] != a.shape[0]:
         grouped = (len(t.members) > 1 or len(a.members) > 1) and t_rest == a_rest
@@ -196,6 +199,21 @@ def _plain_from_gated(plain: Unit, gated: Unit) -> bool:
     """``plain`` is one weight without an attention role (not a fused [gate | up]), ``gated`` a gated MLP's
     (gate, up)."""
     return gated.gated_pair and plain.plain and plain.kind == gated.kind
+
+
+def _fused_with_plain(t: Unit, a: Unit) -> str | None:
+    """The problem where one side is a fused [gate | up] projection and the other a plain MLP's fc1."""
+    if t.kind != a.kind or not ((t.gated == "fused" and a.plain) or (a.gated == "fused" and t.plain)):
+        return None
+    fused, plain = (t, a) if t.gated == "fused" else (a, t)
+    side = "target" if fused is t else "aux"
+    half = fused.shape[0] // 2
+    fix = (f"pairs={{'{t.names[0]}': {{'aux': '{a.names[0]}', 'rows': [0, {half}] or [{half}, {2 * half}]}}}} takes "
+           f"the half you name; " if fused is a and t.shape == (half, *a.shape[1:]) else "pairs={...} by hand; ")
+    return (f"target {t.names[0]} {list(t.shape)} <- aux {a.names[0]} {list(a.shape)}: the {side} weight holds a "
+            f"gated MLP's gate and up rows in one tensor (what reads its output takes half of its {2 * half} rows), "
+            f"the other is a plain MLP's single input projection {plain.names[0]}; which half is the gate is not "
+            f"read here, so the pairing is not guessed. Fix: {fix}exclude=[...] leaves it out [group]")
 
 
 def _gated_position(gated_mlp: str) -> int:
@@ -254,7 +272,7 @@ def select_pairs(t: Unit, a: Unit, aux_block: int | None, gated_mlp: str = "up")
     """
     if _plain_from_gated(t, a):
         return [_gated_pair(t, a, aux_block, gated_mlp, mismatch=True)]
-    if _plain_from_gated(a, t):
+    if _plain_from_gated(a, t) or _fused_with_plain(t, a):
         return []
     if t.gated_pair and a.gated_pair:     # gate <- gate, up <- up, each selected alone (same hidden units)
         return [_pair(m, t, [other], a, aux_block, "shape_mismatch", (0, other.shape[0]), ("shape_mismatch",))

@@ -358,3 +358,16 @@ def test_a_plain_fc1_as_wide_as_gate_and_up_together_is_not_their_concatenation(
     with pytest.raises(pathway.GroupSizeError, match=r"gated MLP .*<- aux blocks.0.mlp.fc1.weight \[256, 64\].*"
                                                      r"not guessed"):
         pathway.plan(llama(hidden=64, intermediate=128, heads=4, kv_heads=4), toys.timm_vit(dim=64, heads=4))
+
+
+def test_a_fused_gate_up_projection_and_a_plain_fc1_are_not_paired_by_guess():
+    from transformers import Phi3Config, Phi3Model
+
+    phi3 = Phi3Model(Phi3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                intermediate_size=256, vocab_size=100, pad_token_id=0))   # gate_up_proj [512, 64]
+    with pytest.raises(pathway.GroupSizeError, match=r"fc1.weight \[256, 64\] <- aux layers.0.mlp.gate_up_proj.weight "
+                                                     r"\[512, 64\]: the aux weight holds a gated MLP's gate and up"):
+        pathway.plan(toys.timm_vit(dim=64, heads=4), phi3)
+    report = pathway.plan(toys.timm_vit(dim=64, heads=4), phi3, on_shape_mismatch="select", allow_partial=True)
+    assert sorted(report.unpaired) == ["blocks.0.mlp.fc1.weight", "blocks.1.mlp.fc1.weight"]   # not selected across
+    assert all("not guessed" in why for why in report.unpaired.values())                      # gate and up rows
