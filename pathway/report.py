@@ -36,6 +36,12 @@ class Pair:
     Under ``on_shape_mismatch="select"`` a pair whose built rows do not fit the target is kept with
     the flag ``"shape_mismatch"`` (and ``"gqa"`` when key/value heads are what differs), for a shape
     policy to resolve; ``out_slice`` then spans the aux rows of the target's role.
+
+    A plain MLP's fc1 paired with a gated (SwiGLU) MLP carries ``aux=(gate, up)`` and the flag
+    ``"gated"``; ``out_slice`` spans the rows of the projection it takes (``up``, or ``gate`` under
+    ``gated_mlp="gate"``) in the stack ``[gate | up]``. ``"order_by_name"`` / ``"order_by_execution"``
+    say the dataflow did not show which projection passes through the activation, and what told them
+    apart instead. Under ``"select"`` the plan's report names the one aux weight selected from.
     """
 
     target: str
