@@ -40,7 +40,8 @@ SLOW = r"^(shapenetpart|partnet)_"
 
 def _param(path: Path):
     name = str(path.relative_to(PAPER).with_suffix(""))
-    marks = [pytest.mark.xfail(strict=True, reason=why) for pattern, why in KNOWN.items() if re.match(pattern, path.stem)]
+    marks = [pytest.mark.xfail(strict=True, reason=why)
+             for pattern, why in KNOWN.items() if re.match(pattern, path.stem)]
     if re.match(SLOW, path.stem):
         marks.append(pytest.mark.slow)
     return pytest.param(path, id=name, marks=marks)
@@ -114,7 +115,8 @@ def test_checkpoint_files_use_the_official_keys(fmt: str, top: str, tmp_path: Pa
     recipe = {"audio_mae": "audioset2k_audiomae_baseline", "video_mae": "k400_videomae_baseline",
               "point_mae": "modelnet40_pointmae_baseline", "mae": "imagenet_mae_baseline",
               "timm": "imagenet_mae_baseline"}[fmt]
-    r = load_recipe(PAPER / f"{recipe}.yaml", [f"model.embed_dim={SIZES['embed_dim']}", "model.depth=2", "model.num_heads=2", "aux.num_heads=2"])
+    sizes = [f"model.embed_dim={SIZES['embed_dim']}", "model.depth=2", "model.num_heads=2", "aux.num_heads=2"]
+    r = load_recipe(PAPER / f"{recipe}.yaml", sizes)
     model = build_transformer(r, build_adapter(r, need_data=False))
     path = write_checkpoint(fmt, model.state_dict(), tmp_path / "ckpt.pth")
     raw = torch.load(path, weights_only=False)
@@ -136,12 +138,13 @@ def test_checkpoint_files_use_the_official_keys(fmt: str, top: str, tmp_path: Pa
     assert detect_format(sd, args) == ("timm" if fmt == "mae" else fmt)
 
 
-@pytest.mark.xfail(strict=True, reason="adapters/video.py: decord fails in get_batch on 48-pixel-wide mpeg4 clips and "
-                                       "the PyAV fallback covers only opening the file, so the clip is skipped as unreadable")
+@pytest.mark.xfail(strict=True, reason="adapters/video.py: decord fails in get_batch on 48-pixel-wide mpeg4 clips "
+                                       "and the PyAV fallback covers only opening the file, so the clip is skipped "
+                                       "as unreadable")
 def test_a_clip_decord_misreads_is_decoded_by_pyav_not_skipped(tmp_path: Path):
     import numpy as np
-
     from pathway.adapters.video import VideoAdapter
+
     from pathway.train.fixtures import _write_mp4
 
     _write_mp4(tmp_path / "train" / "a" / "clip.mp4", 20, 32, 48, np.random.default_rng(0))

@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest readable checkpoint of the run folder")
     p.add_argument("--dry-run", action="store_true", help="validate, build on the meta device, print pairs and plan, exit")
     p.add_argument("--rehearse", action="store_true",
-                   help="run the recipe as written on the CPU, on tiny data in its official layout and checkpoint files "
-                        "in the official key layouts, at reduced sizes; train, evaluate, fold, export, check, exit")
+                   help="run the recipe as written on the CPU, on tiny data in its official layout and checkpoint "
+                        "files in the official key layouts, at reduced sizes; train, evaluate, fold, export, check, "
+                        "exit")
     p.add_argument("--world", type=int, default=None, metavar="N",
                    help="with --rehearse: rehearse N processes on the CPU (gloo), as torchrun would start them")
     p.add_argument("--keep", action="store_true", help="with --rehearse: keep the temporary folder and print it")

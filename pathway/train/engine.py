@@ -20,10 +20,11 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,8 +37,8 @@ from .config import BatchPlan, Recipe, RecipeError, batch_plan, check_adapter, c
 from .data import Repeated, collate, make_loader, set_epoch
 from .metrics import MetricAccumulator
 from .model import TransformerModel, build_adapter, build_model
-from .owned import RunExistsError, check_run_dir, claim_run_dir
 from .optim import base_lr, build_mixup, build_optimizer, compute_loss
+from .owned import RunExistsError, check_run_dir, claim_run_dir
 from .schedule import apply_lr, lr_at, step_plan
 
 __all__ = ["NonFiniteLossError", "Context", "setup", "train", "evaluate", "fold_and_check", "mean_abs_lambda"]
@@ -466,7 +467,8 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
                 now = time.perf_counter()
                 row = {"kind": "train", "step": step, "epoch": epoch, "loss": loss_sum,
                        "lr": optimizer.param_groups[0]["lr"], "lambda_abs": mean_abs_lambda(model),
-                       "samples_per_s": seen / max(now - tick, 1e-9), "unreadable_files": unreadable_files(adapter, ctx)}
+                       "samples_per_s": seen / max(now - tick, 1e-9),
+                       "unreadable_files": unreadable_files(adapter, ctx)}
                 tick, seen = now, 0
                 log.write(**row)
                 lam_log.write(step=step, **lambda_values(model))

@@ -13,8 +13,9 @@ keys (``model_timm.safetensors``) with the exact ``timm.create_model`` arguments
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -56,7 +57,8 @@ def save_folded(model: nn.Module, adapter: Any, run_dir: Path, log: Callable[[st
     log(f"saved folded model: {path}")
     if getattr(adapter, "name", "") != "image":
         return out
-    beyond_linear = [k for k in model.state_dict() if k.startswith("head.") and not k.startswith(("head.fc.", "head.fc_norm."))]
+    beyond_linear = [k for k in model.state_dict()
+                     if k.startswith("head.") and not k.startswith(("head.fc.", "head.fc_norm."))]
     if beyond_linear:  # e.g. the linear-probe head's BatchNorm: timm's VisionTransformer head is one Linear
         log(f"no timm export: timm's VisionTransformer head is a single Linear, this head also has "
             f"{', '.join(beyond_linear[:3])}; model.safetensors holds the model")

@@ -187,7 +187,8 @@ def write_modelnet40(root: Path, rng: np.random.Generator, per_class: dict[str, 
             for i in range(count):
                 xyz, normals, _ = _cloud(points, rng, (0,))
                 xyz[:, c % 3] *= 2.0  # the class shows in the shape
-                np.savetxt(folder / f"{name}_{i + 1:04d}.txt", np.column_stack([xyz, normals]), fmt="%.6f", delimiter=",")
+                np.savetxt(folder / f"{name}_{i + 1:04d}.txt", np.column_stack([xyz, normals]), fmt="%.6f",
+                           delimiter=",")
 
 
 # layout -> (writer, items per class / category / split, the splits a recipe may name)
@@ -245,7 +246,8 @@ def _rename(sd: dict[str, Tensor], swaps: tuple[tuple[str, str], ...]) -> dict[s
     return out
 
 
-def _vit_blocks(prefix: str, depth: int, dim: int, generator: torch.Generator, qkv_bias: bool = True) -> dict[str, Tensor]:
+def _vit_blocks(prefix: str, depth: int, dim: int, generator: torch.Generator,
+                qkv_bias: bool = True) -> dict[str, Tensor]:
     """Random tensors under timm/MAE Block keys (decoders of the pretraining files)."""
     sd = {}
     for i in range(depth):
@@ -279,8 +281,8 @@ def _with_cls_position(model_sd: dict[str, Tensor], g: torch.Generator) -> dict[
 
 def mae_encoder(model_sd: dict[str, Tensor], g: torch.Generator) -> dict:
     """MAE's released ``mae_pretrain_vit_base.pth``: ``{"model": encoder}`` (cls token, fixed sin-cos table)."""
-    sd = _with_cls_position(model_sd, g) | _rename({k: v for k, v in model_sd.items() if k.startswith("tokenizer.proj.")},
-                                                  (("tokenizer.proj.", "patch_embed.proj."),))
+    patch = {k: v for k, v in model_sd.items() if k.startswith("tokenizer.proj.")}
+    sd = _with_cls_position(model_sd, g) | _rename(patch, (("tokenizer.proj.", "patch_embed.proj."),))
     return {"model": sd | _body(model_sd)}
 
 
@@ -317,7 +319,8 @@ def video_mae_pretrain(model_sd: dict[str, Tensor], g: torch.Generator, decoder_
     dec = {"encoder_to_decoder.weight": torch.randn(decoder_dim, patch.shape[0], generator=g) * 0.02,
            "mask_token": torch.zeros(1, 1, decoder_dim), "decoder.norm.weight": torch.ones(decoder_dim),
            "decoder.norm.bias": torch.zeros(decoder_dim),
-           "decoder.head.weight": torch.randn(out_dim, decoder_dim, generator=g) * 0.02, "decoder.head.bias": torch.zeros(out_dim)}
+           "decoder.head.weight": torch.randn(out_dim, decoder_dim, generator=g) * 0.02,
+           "decoder.head.bias": torch.zeros(out_dim)}
     dec |= _vit_blocks("decoder.blocks.", 1, decoder_dim, g, qkv_bias=False)
     return {"model": enc | dec, "optimizer": {"state": {}, "param_groups": []}, "epoch": 799, "scaler": {},
             "args": argparse.Namespace(model="pretrain_videomae_base_patch16_224", num_frames=16, tubelet_size=2)}
@@ -335,9 +338,11 @@ def point_mae_pretrain(model_sd: dict[str, Tensor], g: torch.Generator) -> dict:
     sd = _rename(keep, swaps)
     dim = model_sd["blocks.0.norm1.weight"].shape[0]
     sd |= {"mask_token": torch.zeros(1, 1, dim), "decoder_pos_embed.0.weight": torch.randn(128, 3, generator=g) * 0.02,
-           "decoder_pos_embed.0.bias": torch.zeros(128), "decoder_pos_embed.2.weight": torch.randn(dim, 128, generator=g) * 0.02,
+           "decoder_pos_embed.0.bias": torch.zeros(128),
+           "decoder_pos_embed.2.weight": torch.randn(dim, 128, generator=g) * 0.02,
            "decoder_pos_embed.2.bias": torch.zeros(dim), "MAE_decoder.norm.weight": torch.ones(dim),
-           "MAE_decoder.norm.bias": torch.zeros(dim), "increase_dim.0.weight": torch.randn(96, dim, 1, generator=g) * 0.02,
+           "MAE_decoder.norm.bias": torch.zeros(dim),
+           "increase_dim.0.weight": torch.randn(96, dim, 1, generator=g) * 0.02,
            "increase_dim.0.bias": torch.zeros(96)}
     sd |= _vit_blocks("MAE_decoder.blocks.blocks.", 1, dim, g, qkv_bias=False)
     return {"base_model": sd, "optimizer": {"state": {}, "param_groups": []}, "epoch": 300, "metrics": {},
@@ -349,8 +354,10 @@ def m2pt_aux(model_sd: dict[str, Tensor], g: torch.Generator) -> dict:
     (image patch embedding, 14 x 14 + 1 positions, 1000-class head) at the rehearsal's width; only the
     blocks take part in the pathway."""
     dim = model_sd["blocks.0.norm1.weight"].shape[0]
-    sd = {"cls_token": torch.randn(1, 1, dim, generator=g) * 0.02, "pos_embed": torch.randn(1, 197, dim, generator=g) * 0.02,
-          "patch_embed.proj.weight": torch.randn(dim, 3, 16, 16, generator=g) * 0.02, "patch_embed.proj.bias": torch.zeros(dim),
+    sd = {"cls_token": torch.randn(1, 1, dim, generator=g) * 0.02,
+          "pos_embed": torch.randn(1, 197, dim, generator=g) * 0.02,
+          "patch_embed.proj.weight": torch.randn(dim, 3, 16, 16, generator=g) * 0.02,
+          "patch_embed.proj.bias": torch.zeros(dim),
           "head.weight": torch.randn(1000, dim, generator=g) * 0.02, "head.bias": torch.zeros(1000)}
     return {"model": sd | _body(model_sd)}
 
@@ -400,7 +407,8 @@ def official_finetuned(fmt: str, model_sd: dict[str, Tensor]) -> dict:
 def write_checkpoint(fmt: str, model_sd: dict[str, Tensor], path: Path, seed: int = 0) -> Path:
     """Save ``model_sd`` (a TransformerModel's state dict) under ``fmt``'s official keys and container."""
     if fmt not in CHECKPOINT_WRITERS:
-        raise ValueError(f"no official-layout writer for checkpoint format {fmt!r}; known: {', '.join(CHECKPOINT_WRITERS)}")
+        raise ValueError(f"no official-layout writer for checkpoint format {fmt!r}; "
+                         f"known: {', '.join(CHECKPOINT_WRITERS)}")
     g = torch.Generator().manual_seed(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(CHECKPOINT_WRITERS[fmt](model_sd, g), path)

@@ -69,7 +69,8 @@ class TransformerModel(nn.Module):
         self.head = head
         beyond = [i for i in getattr(head, "feature_blocks", ()) if not 0 <= i < depth]
         if beyond:
-            raise RecipeError(f"the head {type(head).__name__} reads the outputs of blocks {list(head.feature_blocks)}, "
+            raise RecipeError(f"the head {type(head).__name__} reads the outputs of blocks "
+                              f"{list(head.feature_blocks)}, "
                               f"but the model has {depth} blocks (model.depth); use a depth above {max(beyond)}")
         self.apply(_init_weights)
         if self.cls_token is not None:
@@ -179,7 +180,8 @@ def build_transformer(recipe: Recipe, adapter: Adapter, *, aux: bool = False) ->
     fc_norm = m.fc_norm and not aux  # only the target's head is used
     if fc_norm and adapter.task not in ("classification", "multilabel"):
         raise RecipeError(f"{recipe.source}: 'model.fc_norm' = true is the global-pool classifier of MAE-family "
-                          f"fine-tuning; the '{adapter.name}' adapter's task is {adapter.task}: set model.fc_norm: false")
+                          f"fine-tuning; the '{adapter.name}' adapter's task is {adapter.task}: "
+                          f"set model.fc_norm: false")
     return TransformerModel(
         adapter.tokenizer(dim),
         PooledNormHead(dim, adapter.num_classes) if fc_norm else adapter.head(dim),

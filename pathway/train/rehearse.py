@@ -86,7 +86,8 @@ class Rehearsal:
         if self.best:
             shown += f" (best at epoch {self.best['epoch']})"
         if self.test_metrics:
-            shown += "; multi-view test " + ", ".join(f"{k} {v:.4g}" for k, v in self.test_metrics.items() if k != "loss")
+            test = self.test_metrics.items()
+            shown += "; multi-view test " + ", ".join(f"{k} {v:.4g}" for k, v in test if k != "loss")
         fold = "no pathway" if self.fold_max_abs_diff is None else f"fold max diff {self.fold_max_abs_diff:.2g}"
         return (f"rehearsal ok: {self.recipe} ({self.layout} layout, {self.plan}; {self.steps} steps on "
                 f"{self.world} process(es); {shown}; {fold}; model.safetensors re-evaluated"
@@ -305,7 +306,8 @@ def _check_outputs(small: Recipe, result: dict[str, Any], scratch: Path) -> tupl
     if evaluated and "loss" in trained:
         tolerance = 1e-3 * max(1.0, abs(trained["loss"]))
         if abs(evaluated["loss"] - trained["loss"]) > tolerance:
-            raise RehearsalError(f"{small.source}: the exported model.safetensors evaluates to loss {evaluated['loss']:.6g}, "
+            raise RehearsalError(f"{small.source}: the exported model.safetensors evaluates to loss "
+                                 f"{evaluated['loss']:.6g}, "
                                  f"the run's last evaluation said {trained['loss']:.6g}")
     last = list_checkpoints(run_dir / "checkpoints")
     if not last:
@@ -368,8 +370,10 @@ def rehearse(path: str | Path, overrides: list[str] | None = None, *, world: int
         if dist.is_initialized():
             dist.barrier()
         return Rehearsal(
-            recipe=recipe.run_name, layout=layout, world=world, steps=result["step"], metrics=result.get("metrics") or {},
+            recipe=recipe.run_name, layout=layout, world=world, steps=result["step"],
+            metrics=result.get("metrics") or {},
             test_metrics=result.get("test_metrics") or {}, best=result.get("best") or {},
             eval_of_export=evaluated, fold_max_abs_diff=result.get("fold_max_abs_diff"),
-            checkpoint_fold_max_abs_diff=ckpt_diff, official_eval=official, files=files, seconds=time.perf_counter() - start,
+            checkpoint_fold_max_abs_diff=ckpt_diff, official_eval=official, files=files,
+            seconds=time.perf_counter() - start,
             plan=_plan_text(small, files, world))
