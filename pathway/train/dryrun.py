@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .config import Recipe, RecipeError, batch_plan, check_adapter
-from .model import build_adapter, build_transformer, load_transformers_model
+from .model import aux_reads, build_adapter, build_transformer, open_transformers_aux
 from .optim import base_lr
 from .schedule import step_plan
 
@@ -28,8 +28,8 @@ def _build_pair(recipe: Recipe, adapter, device: str):
         target = build_transformer(recipe, adapter)
         if not recipe.aux.enabled:
             return target, None
-        if recipe.aux.checkpoint_format == "transformers":
-            return target, load_transformers_model(recipe.aux.checkpoint)
+        if recipe.aux.checkpoint_format == "transformers":  # built on meta from its config, whatever the device
+            return target, open_transformers_aux(recipe.aux.checkpoint)
         return target, build_transformer(recipe, adapter, aux=True)
 
 
@@ -77,8 +77,7 @@ def dry_run(recipe: Recipe, *, world: int = 1, pretrain: bool = False) -> str:
         target, aux = _build_pair(recipe, adapter, device)
         return target, aux, (_plan(target, aux, recipe, example, device) if aux is not None and not pretrain else None)
 
-    # a Hugging Face aux loads its weights on the CPU, so the target is built there too
-    device = "cpu" if hf_aux else "meta"
+    device = "meta"  # a Hugging Face aux too: it is built on meta from its config and read lazily
     try:
         target, aux, report = build(device)
     except (NotImplementedError, RuntimeError):  # an op without a meta kernel: build for real on the CPU
@@ -98,6 +97,9 @@ def dry_run(recipe: Recipe, *, world: int = 1, pretrain: bool = False) -> str:
         lines.append(f"aux: body of {recipe.aux.checkpoint or 'a random init'}"
                      + (f" ({recipe.aux.adapter} model)" if recipe.aux.adapter else ""))
         lines.append(str(report))
+        if hf_aux:  # what connect will take from disk, and nothing was read for the plan
+            lines.append("aux from disk: " + aux.describe_reads(aux_reads(report))
+                         + f" (the plan read {aux.bytes_read} bytes)")
 
     o, t = recipe.optim, recipe.train
     plan = batch_plan(recipe, world)

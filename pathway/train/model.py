@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from pathway.adapters.base import Adapter
 
 __all__ = ["TransformerModel", "build_adapter", "build_transformer", "build_model", "init_from_checkpoint",
-           "load_transformers_model"]
+           "open_transformers_aux", "aux_reads"]
 
 
 class TransformerModel(nn.Module):
@@ -223,18 +223,30 @@ def init_from_checkpoint(model: nn.Module, path: str | Path, fmt: str = "auto", 
     return f"{path.name} (format {report.format}): {len(report.loaded)} tensors loaded, left at init {report.left_at_init or 'none'}"
 
 
-def load_transformers_model(path: str | Path) -> nn.Module:
-    """A Hugging Face model from a local directory (config.json + weights), in fp32, eval mode, no network."""
+def open_transformers_aux(path: str | Path):
+    """A Hugging Face model directory (config.json + safetensors, sharded or not) as a lazily read aux.
+
+    The model is built on the meta device from its config (``pathway.open_aux``); ``connect`` then reads
+    only the tensors it pairs, so a language model of billions of parameters costs only those tensors.
+    """
+    import pathway
+
     path = Path(path)
     if not (path / "config.json").is_file():
         raise RecipeError(f"aux.checkpoint={path}: aux.checkpoint_format=transformers needs a Hugging Face model "
                           f"directory holding config.json and the weights")
     try:
-        from transformers import AutoModel
+        import transformers  # noqa: F401  (open_aux builds the model from its config with it)
     except ImportError as e:
         raise RecipeError("aux.checkpoint_format=transformers needs the transformers package "
                           "(pip install transformers)") from e
-    return AutoModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32).eval()
+    return pathway.open_aux(path)
+
+
+def aux_reads(report: Any) -> list[str]:
+    """The aux tensors a connect with ``report`` reads (a gated MLP's unused projection is not read)."""
+    unused = set(report.unused_aux)
+    return [n for n in dict.fromkeys(n for p in report.pairs for n in p.aux) if n not in unused]
 
 
 def build_model(recipe: Recipe, adapter: Adapter | None = None, *, example: Tensor | None = None,
@@ -255,10 +267,12 @@ def build_model(recipe: Recipe, adapter: Adapter | None = None, *, example: Tens
     if recipe.aux.checkpoint_format == "transformers":
         # Any Hugging Face model directory (another codebase, another modality): the core pairs it by
         # graph position and derives its inputs from its config (token ids for a text encoder).
-        aux = load_transformers_model(recipe.aux.checkpoint)
-        log(f"aux: {type(aux).__name__} from {recipe.aux.checkpoint} (Hugging Face directory)")
+        source = open_transformers_aux(recipe.aux.checkpoint)
+        log(f"aux: {type(source.model).__name__} from {recipe.aux.checkpoint} (Hugging Face directory, read lazily)")
         inputs = {} if example is None else {"target_inputs": example}
-        return model, pathway.connect(model, aux, **recipe.connect_options(), **inputs)
+        report = pathway.connect(model, source, **recipe.connect_options(), **inputs)
+        log("aux " + source.describe_reads(source.tensors_read))
+        return model, report
     aux = build_transformer(recipe, adapter, aux=True)
     if recipe.aux.checkpoint:
         log("aux body: " + init_from_checkpoint(aux, recipe.aux.checkpoint, recipe.aux.checkpoint_format, body_only=True))
