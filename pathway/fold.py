@@ -1,7 +1,7 @@
 """``fold``: merge ``W + sum(lambda_i * W_aux_i)`` into ``W`` and remove every pathway tensor.
 
-The merge runs in fp32 (fp64 for fp64 weights) and is cast back (PEFT saw merge drift in bf16), and it is written into the
-original ``nn.Parameter`` object, so the model is the user's own class again with the original
+The merge runs in fp32 (fp64 for fp64 weights) and is cast back (PEFT saw merge drift in bf16), and it is
+written into the original ``nn.Parameter`` object, so the model is the user's own class again with the original
 ``state_dict`` keys in their original order, optimizers holding that parameter stay valid, and
 ``requires_grad`` is what it was before ``connect``.
 

@@ -4,8 +4,8 @@ torch.fx needs no inputs; the runtime recorder runs one forward, so it needs a b
 the model accepts. Users may pass their own (a tensor, a tuple of args or a dict of kwargs);
 otherwise this module derives them, and the report says which ones were used.
 
-Sources, in order: timm's ``patch_embed`` (its built image size) or ``pretrained_cfg['input_size']``; a Hugging Face config
-(``main_input_name`` with ``image_size``/``num_channels``, ``num_frames``, ``max_length`` x
+Sources, in order: timm's ``patch_embed`` (its built image size) or ``pretrained_cfg['input_size']``; a Hugging
+Face config (``main_input_name`` with ``image_size``/``num_channels``, ``num_frames``, ``max_length`` x
 ``num_mel_bins`` (AST), a waveform long enough for the convolutional feature encoder (wav2vec2,
 HuBERT), ``num_mel_bins`` x 2 ``max_source_positions`` (Whisper), or token ids); an
 ``nn.TransformerEncoder`` (``d_model``, ``batch_first``); torchvision's ``image_size`` attribute;
@@ -43,7 +43,8 @@ def derive_inputs(model: nn.Module) -> tuple[Any, str]:
         return torch.randn(1, *shape, device=device, dtype=dtype)
 
     patch_embed = getattr(model, "patch_embed", None)   # timm: the built size, which img_size= may change
-    if isinstance(getattr(patch_embed, "img_size", None), tuple) and hasattr(getattr(patch_embed, "proj", None), "in_channels"):
+    if (isinstance(getattr(patch_embed, "img_size", None), tuple)
+            and hasattr(getattr(patch_embed, "proj", None), "in_channels")):
         return image(patch_embed.proj.in_channels, *patch_embed.img_size), "timm patch_embed (in_chans, img_size)"
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict) and cfg.get("input_size"):
@@ -85,7 +86,8 @@ def derive_inputs(model: nn.Module) -> tuple[Any, str]:
 
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
-            return image(module.in_channels, 224, 224), f"first layer {type(module).__name__}({module.in_channels}, ...)"
+            return (image(module.in_channels, 224, 224),
+                    f"first layer {type(module).__name__}({module.in_channels}, ...)")
         if isinstance(module, nn.Conv3d):
             return image(module.in_channels, 16, 224, 224), f"first layer Conv3d({module.in_channels}, ...)"
         if isinstance(module, nn.Conv1d):

@@ -17,7 +17,7 @@ way to their blocks.
 from __future__ import annotations
 
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch.nn as nn
 from torch.nn.utils import parametrize

@@ -21,8 +21,9 @@ from __future__ import annotations
 import inspect
 import itertools
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Union
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-Ref = Union[int, str]
+Ref = int | str
 """An op argument: an ``int`` value id (activation or constant) or a ``str`` raw parameter name."""
 
 WEIGHT_KINDS = ("linear", "conv", "embedding")
