@@ -173,7 +173,15 @@ def multiview_test_set(adapter, split: str):
 
 def primary_metric(metrics: dict[str, float]) -> str | None:
     """The metric a run is judged by: the first the adapter's metric reports (top1, map, inst_miou, part_miou)."""
-    return next((k for k in metrics if k != "loss" and not k.startswith("ema_")), None)
+    return next((k for k in metrics if k not in ("kind", "step", "epoch", "loss") and not k.startswith("ema_")), None)
+
+
+def best_evaluation(best: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """``best`` or the evaluation ``row`` (with its ``epoch`` and ``step``), whichever scores higher."""
+    key = primary_metric(row)
+    if key is None or (best and best[key] >= row[key]):
+        return best
+    return {key: row[key], "epoch": row["epoch"], "step": row["step"]}
 
 
 class JsonlLog:
@@ -447,8 +455,9 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
 
     last_eval: dict[str, float] = {}
     best: dict[str, Any] = {}  # the best evaluation (primary metric, epoch, step), reported beside the last
-    if resume:
-        best = next((r["best"] for r in reversed(log.rows()) if r["kind"] == "best"), {})
+    for row in log.rows() if resume else ():  # the evaluations before the checkpoint (the log is truncated to it)
+        if row["kind"] == "eval":
+            best = best_evaluation(best, row)
     tick, seen = time.perf_counter(), 0
     while step < total_steps and epoch < t.epochs:
         set_epoch(train_loader, train_sampler, epoch, position)
@@ -487,9 +496,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
             if ema is not None:
                 ema_eval = evaluate(ema.module, val_loader, ctx, adapter.metric, adapter.task)
                 last_eval.update({f"ema_{k}": v for k, v in ema_eval.items()})
-            key = primary_metric(last_eval)
-            if key is not None and (not best or last_eval[key] > best[key]):
-                best = {key: last_eval[key], "epoch": epoch, "step": step}
+            best = best_evaluation(best, {**last_eval, "epoch": epoch, "step": step})
             skipped = unreadable_files(adapter, ctx)
             log.write(kind="eval", step=step, epoch=epoch, **last_eval)
             ctx.log(f"eval step {step} epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items())
