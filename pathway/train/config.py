@@ -578,12 +578,14 @@ def check_adapter(recipe: Recipe) -> None:
     for key, name in (("data.adapter", recipe.data.adapter), ("aux.adapter", recipe.aux.adapter)):
         if name and name not in names:
             raise RecipeError(f"{recipe.source}: '{key}' = {name!r} is not a registered adapter; available: {', '.join(names)}")
-    task, t = adapters.get(recipe.data.adapter).task, recipe.train
-    if task == "segmentation":
-        for key in ("mixup", "cutmix", "label_smoothing"):
-            if getattr(t, key):
-                raise RecipeError(f"{recipe.source}: 'train.{key}' = {getattr(t, key)} does not fit the "
-                                  f"'{recipe.data.adapter}' adapter's task (per-point segmentation); set it to 0")
+    from pathway.errors import OptionError
+
+    from .optim import check_task_options  # the one list of options each task refuses
+
+    try:
+        check_task_options(recipe, adapters.get(recipe.data.adapter).task)
+    except OptionError as err:
+        raise RecipeError(f"{recipe.source}: {err} (the '{recipe.data.adapter}' adapter's task)") from None
 
 
 def check_data(recipe: Recipe) -> None:
