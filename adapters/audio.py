@@ -32,10 +32,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pathway.tokenizers.audio_spectrogram import AudioSpectrogramTokenizer
-from pathway.tokenizers.base import Tokenizer
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from pathway.tokenizers.audio_spectrogram import AudioSpectrogramTokenizer
+from pathway.tokenizers.base import Tokenizer
 
 from .base import Adapter, FileDataset, OptionError, UnreadableFileError
 from .registry import register

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from pathway.tokenizers.base import Tokenizer
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from pathway.errors import OptionError, PathwayError
+from pathway.tokenizers.base import Tokenizer
 
 from .heads import ClassificationHead, LinearProbeHead
 

@@ -20,11 +20,11 @@
 from __future__ import annotations
 
 import torch
-from pathway.tokenizers.base import TokenizerOutput
-from pathway.tokenizers.point_group import interpolate_to_points
 from torch import Tensor, nn
 
 from pathway.errors import OptionError
+from pathway.tokenizers.base import TokenizerOutput
+from pathway.tokenizers.point_group import interpolate_to_points
 
 
 def has_cls_token(tokens: Tensor, out: TokenizerOutput | None) -> bool:

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pathway.tokenizers.base import Tokenizer
-from pathway.tokenizers.image_patch import ImagePatchTokenizer
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from pathway.tokenizers.base import Tokenizer
+from pathway.tokenizers.image_patch import ImagePatchTokenizer
 
 from .base import Adapter, FileDataset, OptionError
 from .registry import register

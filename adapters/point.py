@@ -26,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pathway.tokenizers.base import Tokenizer
-from pathway.tokenizers.point_group import PointGroupTokenizer
 from torch import Tensor, nn
 from torch.utils.data import Dataset
+
+from pathway.tokenizers.base import Tokenizer
+from pathway.tokenizers.point_group import PointGroupTokenizer
 
 from .base import Adapter, FileDataset, LayoutError, OptionError, UnreadableFileError
 from .heads import PointMAESegmentationHead, SegmentationHead

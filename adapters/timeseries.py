@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pathway.tokenizers.base import Tokenizer
-from pathway.tokenizers.patch import PatchTokenizer
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from pathway.tokenizers.base import Tokenizer
+from pathway.tokenizers.patch import PatchTokenizer
 
 from .base import Adapter, FileDataset, LayoutError, OptionError, UnreadableFileError
 from .registry import register

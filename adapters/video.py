@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pathway.tokenizers.base import Tokenizer
-from pathway.tokenizers.video_tubelet import VideoTubeletTokenizer
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from pathway.tokenizers.base import Tokenizer
+from pathway.tokenizers.video_tubelet import VideoTubeletTokenizer
 from pathway.train.data import Repeated
 
 from .base import Adapter, FileDataset, LayoutError, OptionError, UnreadableFileError
@@ -55,13 +55,22 @@ def frame_count_and_reader(path: Path):
         if n == 0:
             raise RuntimeError("decord found no frames")
 
+        fallback: list[np.ndarray] = []  # PyAV's frames, decoded once if decord fails on this file
+
         def get(idx) -> np.ndarray:
-            try:
-                return reader.get_batch(list(idx)).asnumpy()
-            except Exception as error:  # decoded lazily: a failure here is still the file's
-                raise UnreadableFileError(
-                    f"{path}: decord could not decode frames ({type(error).__name__}: {error})"
-                ) from error
+            if not fallback:
+                try:
+                    return reader.get_batch(list(idx)).asnumpy()
+                except Exception as decode_error:  # decoded lazily: decord opens some files it cannot decode
+                    try:
+                        fallback.append(read_all_frames_pyav(path))
+                    except Exception as av_error:  # a failure of both readers is the file's
+                        raise UnreadableFileError(
+                            f"{path}: decord could not decode frames ({type(decode_error).__name__}: "
+                            f"{decode_error}) and PyAV failed ({type(av_error).__name__}: {av_error})"
+                        ) from av_error
+            frames = fallback[0]
+            return frames[np.asarray(idx) % len(frames)]  # the two readers may count a frame more or less
 
         return n, get
     except Exception as decord_error:

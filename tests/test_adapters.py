@@ -9,9 +9,10 @@ from pathlib import Path
 
 import make_files as mf
 import numpy as np
-import pathway.adapters.registry as adapters
 import pytest
 import torch
+
+import pathway.adapters.registry as adapters
 from pathway.adapters.base import Adapter, LayoutError, OptionError, UnreadableFileError
 from pathway.tokenizers.base import Tokenizer
 
@@ -212,6 +213,7 @@ def test_kaldi_fbank_matches_reference():
 
 def test_audio_adapter_multilabel_manifest(audio_root: Path):
     import librosa
+
     from pathway.adapters.audio import AUDIOSET_MEAN, AUDIOSET_STD
 
     ad = adapters.get("audio")(audio_root, target_length=128, freqm=8, timem=16)
@@ -443,6 +445,7 @@ def test_video_adapter_clips_match_decoded_frames(video_root: Path):
 
 def test_video_falls_back_to_pyav(video_root: Path, monkeypatch):
     import decord
+
     from pathway.adapters.video import frame_count_and_reader
 
     path = video_root / "train" / "up" / "a.mp4"

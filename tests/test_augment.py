@@ -10,11 +10,11 @@ from pathlib import Path
 
 import make_files as mf
 import numpy as np
-import pathway.adapters.registry as adapters
 import pytest
 import torch
-from pathway.adapters.base import AugmentationError, TooManyUnreadableFilesError
 
+import pathway.adapters.registry as adapters
+from pathway.adapters.base import AugmentationError, TooManyUnreadableFilesError
 from pathway.train.data import SeededItems, make_loader
 
 
@@ -152,8 +152,9 @@ def test_roll_mag_aug_and_fine_tuning_token_masking():
 
 
 def test_video_rand_augment_is_the_same_on_every_frame_and_repeated_clips_flatten(tmp_path: Path):
-    from pathway.adapters.video import same_for_every_frame
     from PIL import Image
+
+    from pathway.adapters.video import same_for_every_frame
 
     mf.write_video(tmp_path / "train" / "up" / "a.mp4", frames=8)
     mf.write_video(tmp_path / "train" / "down" / "b.mp4", frames=8, seed=1)

@@ -17,13 +17,13 @@ import pytest
 import torch
 from torch import Tensor
 
-from pathway.train.layouts import CheckpointError, detect_format, load_checkpoint, load_state_dict, read_checkpoint
+from pathway.adapters.heads import ClassificationHead
 from pathway.tokenizers.image_patch import ImagePatchTokenizer
 from pathway.tokenizers.patch import PatchTokenizer
 from pathway.tokenizers.point_group import PointGroupTokenizer
 from pathway.tokenizers.pos_embed import resample_pos_embed, sinusoid_table
+from pathway.train.layouts import CheckpointError, detect_format, load_checkpoint, load_state_dict, read_checkpoint
 from pathway.train.model import TransformerModel
-from pathway.adapters.heads import ClassificationHead
 
 D, DEPTH, HEADS = 64, 2, 2
 torch.manual_seed(0)
@@ -259,7 +259,8 @@ def check_point_encoder(model: TransformerModel, sd: dict[str, Tensor], prefix: 
 @pytest.mark.parametrize("wrap", ["", "module."])
 def test_point_mae_pretrain_base_model(tmp_path, wrap):
     sd = point_encoder_sd("MAE_encoder.")
-    sd |= {"mask_token": rand(1, 1, D), "decoder_pos_embed.0.weight": rand(128, 3), "decoder_pos_embed.0.bias": rand(128),
+    sd |= {"mask_token": rand(1, 1, D), "decoder_pos_embed.0.weight": rand(128, 3),
+           "decoder_pos_embed.0.bias": rand(128),
            "decoder_pos_embed.2.weight": rand(D, 128), "decoder_pos_embed.2.bias": rand(D),
            "MAE_decoder.norm.weight": rand(D), "MAE_decoder.norm.bias": rand(D),
            "increase_dim.0.weight": rand(3 * 4, D, 1), "increase_dim.0.bias": rand(3 * 4)}
@@ -329,7 +330,8 @@ def test_hf_vit_safetensors_qkv_fused(tmp_path):
                              ("output.dense", "mlp.fc2"), ("layernorm_before", "norm1"), ("layernorm_after", "norm2")):
                 torch.testing.assert_close(msd[f"blocks.{i}.{dst}.{kind}"], sd[f"{p}{src}.{kind}"], rtol=0, atol=0)
     torch.testing.assert_close(msd["norm.bias"], sd["vit.layernorm.bias"], rtol=0, atol=0)
-    torch.testing.assert_close(msd["tokenizer.pos_embed"], sd["vit.embeddings.position_embeddings"][:, 1:], rtol=0, atol=0)
+    torch.testing.assert_close(msd["tokenizer.pos_embed"], sd["vit.embeddings.position_embeddings"][:, 1:],
+                               rtol=0, atol=0)
     assert set(report.dropped) == {"pooler.dense.weight", "pooler.dense.bias"}
 
 

@@ -38,7 +38,8 @@ def test_dry_run_every_recipe(recipe, capsys):
     assert out.startswith(f"recipe {recipe.resolve()}")
     assert "target: TransformerModel" in out and ("optim: AdamW lr" in out or "optim: LARS" in out)
     assert "batch: world size 1, per-process batch" in out and "global batch" in out
-    assert "pathway: TransformerModel <- TransformerModel" in out or "aux: disabled" in out or "pathway: no connect" in out
+    assert ("pathway: TransformerModel <- TransformerModel" in out or "aux: disabled" in out
+            or "pathway: no connect" in out)
 
 
 def test_dry_run_of_a_demo_pairs_every_body_weight(capsys):
@@ -60,7 +61,8 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
 
 
 def test_inspect_two_timm_models(capsys):
-    assert main(["inspect", "timm:vit_tiny_patch16_224", "timm:vit_tiny_patch16_224", "--set", "pathway.match=name"]) == 0
+    argv = ["inspect", "timm:vit_tiny_patch16_224", "timm:vit_tiny_patch16_224", "--set", "pathway.match=name"]
+    assert main(argv) == 0
     assert "48/48" in capsys.readouterr().out  # 12 blocks x (qkv, proj, fc1, fc2)
 
 

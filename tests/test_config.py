@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 
 import pathway
-from pathway.train.config import (RecipeError, check_adapter, check_data, load_recipe, parse_overrides,
-                                  recipe_from_dict)
+from pathway.train.config import RecipeError, check_adapter, check_data, load_recipe, parse_overrides, recipe_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 

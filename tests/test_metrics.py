@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pathway.adapters.registry as adapters
 import pytest
 import torch
 
+import pathway.adapters.registry as adapters
 from pathway.train.metrics import (
     MetricAccumulator,
     average_over_categories,

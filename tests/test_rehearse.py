@@ -25,10 +25,6 @@ RECIPES = sorted(PAPER.rglob("*.yaml"))
 METRIC_KEY = {"imagenet": "top1", "kinetics400": "top1", "modelnet40": "top1", "audioset": "map",
               "shapenetpart": "inst_miou", "partnet": "part_miou"}
 
-# Failures the rehearsal found in files of other owners, until fixed there; strict, so a fix shows up here.
-KNOWN: dict[str, str] = {}
-
-
 @pytest.fixture(scope="session")
 def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("rehearsal-fixtures")
@@ -40,10 +36,7 @@ SLOW = r"^(shapenetpart|partnet)_"
 
 def _param(path: Path):
     name = str(path.relative_to(PAPER).with_suffix(""))
-    marks = [pytest.mark.xfail(strict=True, reason=why)
-             for pattern, why in KNOWN.items() if re.match(pattern, path.stem)]
-    if re.match(SLOW, path.stem):
-        marks.append(pytest.mark.slow)
+    marks = [pytest.mark.slow] if re.match(SLOW, path.stem) else []
     return pytest.param(path, id=name, marks=marks)
 
 
@@ -138,13 +131,10 @@ def test_checkpoint_files_use_the_official_keys(fmt: str, top: str, tmp_path: Pa
     assert detect_format(sd, args) == ("timm" if fmt == "mae" else fmt)
 
 
-@pytest.mark.xfail(strict=True, reason="adapters/video.py: decord fails in get_batch on 48-pixel-wide mpeg4 clips "
-                                       "and the PyAV fallback covers only opening the file, so the clip is skipped "
-                                       "as unreadable")
 def test_a_clip_decord_misreads_is_decoded_by_pyav_not_skipped(tmp_path: Path):
     import numpy as np
-    from pathway.adapters.video import VideoAdapter
 
+    from pathway.adapters.video import VideoAdapter
     from pathway.train.fixtures import _write_mp4
 
     _write_mp4(tmp_path / "train" / "a" / "clip.mp4", 20, 32, 48, np.random.default_rng(0))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from pathway.tokenizers.base import Tokenizer, TokenizerOutput
 from pathway.tokenizers.image_patch import ImagePatchTokenizer
 from pathway.tokenizers.patch import PatchTokenizer, patchify

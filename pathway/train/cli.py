@@ -57,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a recipe: connect target and aux, train, fold the pathway into the "
                                    "target, check and save the folded model, metrics and plots.")
     _add_recipe_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the newest readable checkpoint of the run folder")
-    p.add_argument("--dry-run", action="store_true", help="validate, build on the meta device, print pairs and plan, exit")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest readable checkpoint of the run folder")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, build on the meta device, print pairs and plan, exit")
     p.add_argument("--rehearse", action="store_true",
                    help="run the recipe as written on the CPU, on tiny data in its official layout and checkpoint "
                         "files in the official key layouts, at reduced sizes; train, evaluate, fold, export, check, "
@@ -216,8 +218,8 @@ def _cmd_experiment(args) -> int:
     return 0
 
 
-COMMANDS = {"experiment": _cmd_experiment, "train": _cmd_train, "pretrain": _cmd_pretrain, "eval": _cmd_eval, "fold": _cmd_fold,
-            "inspect": _cmd_inspect, "demo-data": _cmd_demo_data}
+COMMANDS = {"experiment": _cmd_experiment, "train": _cmd_train, "pretrain": _cmd_pretrain, "eval": _cmd_eval,
+            "fold": _cmd_fold, "inspect": _cmd_inspect, "demo-data": _cmd_demo_data}
 
 
 def main(argv: list[str] | None = None) -> int:

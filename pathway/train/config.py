@@ -426,8 +426,9 @@ _RULES: dict[str, tuple[Any, str]] = {  # key -> (predicate, what is allowed); N
 def _divisible(where: str, width_key: str, width: int, heads_key: str, heads: int) -> None:
     if width % heads:
         fits = [h for h in range(1, min(width, 64) + 1) if width % h == 0]
-        raise RecipeError(f"{where}: '{width_key}' = {width} is not divisible by '{heads_key}' = {heads} (each head gets "
-                          f"an equal share of the width); choose {heads_key} from {fits} or a width divisible by {heads}")
+        raise RecipeError(f"{where}: '{width_key}' = {width} is not divisible by '{heads_key}' = {heads} (each head "
+                          f"gets an equal share of the width); choose {heads_key} from {fits} or a width divisible "
+                          f"by {heads}")
 
 
 def check_values(recipe: Recipe, where: str) -> None:
@@ -577,7 +578,8 @@ def check_adapter(recipe: Recipe) -> None:
     names = list(adapters.available())
     for key, name in (("data.adapter", recipe.data.adapter), ("aux.adapter", recipe.aux.adapter)):
         if name and name not in names:
-            raise RecipeError(f"{recipe.source}: '{key}' = {name!r} is not a registered adapter; available: {', '.join(names)}")
+            raise RecipeError(f"{recipe.source}: '{key}' = {name!r} is not a registered adapter; "
+                              f"available: {', '.join(names)}")
     from pathway.errors import OptionError
 
     from .optim import check_task_options  # the one list of options each task refuses
@@ -592,6 +594,7 @@ def check_data(recipe: Recipe) -> None:
     """Training and evaluation need the data root to exist (dry-runs only warn)."""
     root = recipe.data.root
     if not root:
-        raise RecipeError(f"{recipe.source}: 'data.root' is empty; name the folder or manifest of the '{recipe.data.adapter}' data")
+        raise RecipeError(f"{recipe.source}: 'data.root' is empty; name the folder or manifest of the "
+                          f"'{recipe.data.adapter}' data")
     if not Path(root).exists():
         raise RecipeError(f"{recipe.source}: 'data.root' = {root!r} does not exist")

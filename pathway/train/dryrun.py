@@ -63,7 +63,8 @@ def dry_run(recipe: Recipe, *, world: int = 1, pretrain: bool = False) -> str:
     for key, path in (("model.checkpoint", recipe.model.checkpoint), ("aux.checkpoint", recipe.aux.checkpoint)):
         hf_directory = key == "aux.checkpoint" and hf_aux
         if path and not (Path(path) / "config.json" if hf_directory else Path(path)).is_file():
-            missing[key] = f"{key} {path} does not exist" + (" (a Hugging Face model directory)" if hf_directory else "")
+            missing[key] = (f"{key} {path} does not exist"
+                            + (" (a Hugging Face model directory)" if hf_directory else ""))
     problems += missing.values()
     if hf_aux and "aux.checkpoint" in missing:  # that directory is the whole aux model: nothing to plan without it
         raise RecipeError(f"{recipe.source}: {missing['aux.checkpoint']}")

@@ -389,7 +389,8 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
     if t.compile:
         net = torch.compile(net)
     if ctx.world > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
 
     # -- resume -----------------------------------------------------------------------------------
     step, epoch, position = 0, 0, 0  # optimizer steps done; epoch; micro-batches consumed in it

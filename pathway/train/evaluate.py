@@ -15,8 +15,8 @@ from pathlib import Path
 from .checkpoint import CheckpointError, read_state
 from .config import Recipe, recipe_from_dict
 from .layouts import is_engine_layout, read_checkpoint
-from .owned import check_new_file
 from .model import TransformerModel, build_adapter, build_model, build_transformer
+from .owned import check_new_file
 
 __all__ = ["load_run_model", "evaluation_set", "evaluate_weights", "fold_checkpoint"]
 
@@ -81,8 +81,9 @@ def evaluate_weights(recipe: Recipe, weights: Path, split: str | None = None, ct
 
 def fold_checkpoint(checkpoint: Path, output: Path) -> str:
     """Fold the pathways of a training checkpoint (its recipe is inside) and save the plain model."""
-    import pathway
     from safetensors.torch import save_file
+
+    import pathway
 
     check_new_file(output, "fold output")
     state = read_state(checkpoint, ("model", "recipe"))

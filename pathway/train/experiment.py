@@ -138,8 +138,8 @@ def run_experiment(out: str | Path = "results", quick: bool = False, seeds: tupl
 
     print("\n== aux 1: MAE pretraining of a point-cloud encoder on the embedded point clouds", flush=True)
     t = time.perf_counter()
-    pre = load_recipe(RECIPES / "experiment_point_mae.yaml",
-                      [f"data.root={point_root}", f"output.dir={out / 'aux'}", "output.name=point-mae", *sizes.pretrain])
+    pre = load_recipe(RECIPES / "experiment_point_mae.yaml", [
+        f"data.root={point_root}", f"output.dir={out / 'aux'}", "output.name=point-mae", *sizes.pretrain])
     pretrained = pretrain(pre)
     timings["pretrain"] = time.perf_counter() - t
     aux = {
@@ -165,7 +165,8 @@ def run_experiment(out: str | Path = "results", quick: bool = False, seeds: tupl
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
             Path(result.get("timm_model", run_dir / "model_timm.safetensors")).unlink(missing_ok=True)
             lambda_rows = JsonlLog(run_dir / "lambdas.jsonl", main=False).rows()
-            last_lambdas = {k: v for k, v in lambda_rows[-1].items() if k not in ("step", "time")} if lambda_rows else {}
+            last_lambdas = ({k: v for k, v in lambda_rows[-1].items() if k not in ("step", "time")}
+                            if lambda_rows else {})
             curve = [(r["step"], r["top1"] / 100.0)
                      for r in JsonlLog(run_dir / "metrics.jsonl", main=False).rows() if r.get("kind") == "eval"]
             runs.append(Run(condition, seed, float(result["metrics"]["top1"]) / 100.0, result.get("fold_max_abs_diff"),

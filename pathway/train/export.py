@@ -86,7 +86,8 @@ def check_timm_export(model: nn.Module, path: Path, kwargs: dict[str, Any]) -> f
     was = model.training
     model.eval()
     device = next(model.parameters()).device
-    x = torch.randn(2, kwargs["in_chans"], kwargs["img_size"], kwargs["img_size"], generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, kwargs["in_chans"], kwargs["img_size"], kwargs["img_size"],
+                    generator=torch.Generator().manual_seed(0))
     diff = (vit(x).float() - model(x.to(device)).float().cpu()).abs().max().item()
     model.train(was)
     return diff

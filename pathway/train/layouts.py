@@ -3,11 +3,13 @@
 The paper's target and auxiliary weights come from five code bases with five key layouts (the mapping of
 each, with file references, is in `docs/checkpoints.md`):
 
-    format      file                                   recognised by (sentinel keys)
-    mae         MAE `.pth` {"model", "args": Namespace}   `patch_embed.proj.weight` [D, 3, p, p] + decoder keys or `args`
-    audio_mae   AudioMAE `.pth` (same layout, 1 channel)  `patch_embed.proj.weight` [D, 1, p, p]
-    video_mae   VideoMAE `.pth`                           `attn.q_bias` or a 5-D `patch_embed.proj.weight`
-    point_mae   Point-MAE `.pth` {"base_model"}           `MAE_encoder.*`, `base_model.*`, `blocks.blocks.N`, `encoder.first_conv`
+    format      file                                     recognised by (sentinel keys)
+    mae         MAE `.pth` {"model", "args": Namespace}  `patch_embed.proj.weight` [D, 3, p, p] + decoder keys
+                                                         or `args`
+    audio_mae   AudioMAE `.pth` (same layout, 1 channel) `patch_embed.proj.weight` [D, 1, p, p]
+    video_mae   VideoMAE `.pth`                          `attn.q_bias` or a 5-D `patch_embed.proj.weight`
+    point_mae   Point-MAE `.pth` {"base_model"}          `MAE_encoder.*`, `base_model.*`, `blocks.blocks.N`,
+                                                         `encoder.first_conv`
     timm        timm ViT (`.safetensors` / `.pth`); also the M2PT model-zoo files (timm `vit_base_patch16_224`)
     hf_vit      Hugging Face ViT / ViTMAE safetensors      `embeddings.patch_embeddings.projection.weight`
 
@@ -265,7 +267,8 @@ def detect_format(sd: Mapping[str, Tensor], args: Mapping[str, Any] | None = Non
         return "point_mae"
     if any("embeddings.patch_embeddings.projection.weight" in k for k in keys):
         return "hf_vit"
-    proj = next((sd[k] for k in ("patch_embed.proj.weight", "encoder.patch_embed.proj.weight", "backbone.patch_embed.proj.weight") if k in sd), None)
+    proj_keys = ("patch_embed.proj.weight", "encoder.patch_embed.proj.weight", "backbone.patch_embed.proj.weight")
+    proj = next((sd[k] for k in proj_keys if k in sd), None)
     if any(k.endswith(".attn.q_bias") for k in keys) or (proj is not None and proj.ndim == 5):
         return "video_mae"
     if proj is not None and proj.ndim == 4:
@@ -448,7 +451,8 @@ def _convert_hf_vit(sd: dict[str, Tensor]) -> _Converted:
     return out
 
 
-def _convert(sd: dict[str, Tensor], fmt: str, args: Mapping[str, Any] | None, model_n: int | None) -> tuple[str, _Converted]:
+def _convert(sd: dict[str, Tensor], fmt: str, args: Mapping[str, Any] | None,
+             model_n: int | None) -> tuple[str, _Converted]:
     if fmt == "auto":
         fmt = detect_format(sd, args)
     if fmt not in FORMATS:

@@ -218,9 +218,11 @@ def init_from_checkpoint(model: nn.Module, path: str | Path, fmt: str = "auto", 
         missing = [k for k in result.missing_keys if k.startswith(ENGINE_BODY) or not body_only]
         if body_only and missing:
             raise RecipeError(f"{path}: aux checkpoint lacks {len(missing)} body tensors, e.g. {missing[:4]}")
-        return f"{path.name} (pathway layout): missing {missing or 'none'}, unexpected {list(result.unexpected_keys) or 'none'}"
+        return (f"{path.name} (pathway layout): missing {missing or 'none'}, "
+                f"unexpected {list(result.unexpected_keys) or 'none'}")
     report = load_checkpoint(model, state, format=fmt, args=args, only=ENGINE_BODY if body_only else "")
-    return f"{path.name} (format {report.format}): {len(report.loaded)} tensors loaded, left at init {report.left_at_init or 'none'}"
+    return (f"{path.name} (format {report.format}): {len(report.loaded)} tensors loaded, "
+            f"left at init {report.left_at_init or 'none'}")
 
 
 def open_transformers_aux(path: str | Path):
@@ -275,7 +277,8 @@ def build_model(recipe: Recipe, adapter: Adapter | None = None, *, example: Tens
         return model, report
     aux = build_transformer(recipe, adapter, aux=True)
     if recipe.aux.checkpoint:
-        log("aux body: " + init_from_checkpoint(aux, recipe.aux.checkpoint, recipe.aux.checkpoint_format, body_only=True))
+        loaded = init_from_checkpoint(aux, recipe.aux.checkpoint, recipe.aux.checkpoint_format, body_only=True)
+        log("aux body: " + loaded)
     else:
         log("aux body: random init (no aux.checkpoint)")
     inputs = {} if example is None else {"target_inputs": example, "aux_inputs": example}
