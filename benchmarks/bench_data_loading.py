@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import make_files as mf  # noqa: E402
+
 import pathway.adapters.registry as adapters  # noqa: E402
 
 CASES = {

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import torch
+
 from pathway.tokenizers.point_group import farthest_point_sample, gather_points, knn
 
 
