@@ -7,6 +7,10 @@
   uses the same logits with BCE.
 * :class:`LinearProbeHead`: MAE's linear-probe classifier (``main_linprobe.py``: a BatchNorm without affine
   parameters before the Linear, weights drawn with std 0.01), the head of the paper's "fix" setting.
+* :class:`PointMAEClassificationHead`: Point-MAE's fine-tuning classifier ``cls_head_finetune``
+  (``models/Point_MAE.py:459-469``, fed at ``:546-547``): the class token concatenated with the max over the
+  group tokens, after the final norm, then Linear-BN-ReLU-Dropout twice (256 wide) and a Linear -> ``[B, C]``.
+  Needs the model's class token (``model.cls_token: true``).
 * :class:`SegmentationHead`: group tokens propagated back to every input point by inverse-distance
   interpolation over the 3 nearest group centres (PointNet++ feature propagation), concatenated with the
   pooled shape feature, then a per-point MLP -> ``[B, N_points, C]``.
@@ -60,6 +64,43 @@ class LinearProbeHead(ClassificationHead):
 
     def forward(self, tokens: Tensor, out: TokenizerOutput | None = None) -> Tensor:
         return self.fc(self.bn(self.pool(tokens, out)))
+
+
+class PointMAEClassificationHead(nn.Module):
+    """Point-MAE's ``PointTransformer.cls_head_finetune`` (Pang-Yatian/Point-MAE 7445a68, ``models/Point_MAE.py``).
+
+    ``forward`` is ``Point_MAE.py:546-547``: ``concat_f = cat([x[:, 0], x[:, 1:].max(1)[0]], -1)`` on the tokens
+    after the final norm (``:545``), then ``cls_head_finetune(concat_f)``; the MLP is ``:459-469``:
+    ``Linear(2D, 256), BatchNorm1d(256), ReLU, Dropout(0.5), Linear(256, 256), BatchNorm1d(256), ReLU,
+    Dropout(0.5), Linear(256, C)``. ``mlp`` is that ``Sequential`` index for index, so a fine-tuned file's
+    ``cls_head_finetune.N.*`` are this head's ``mlp.N.*`` (``pathway.train.layouts`` renames them to
+    ``head.mlp.N.*``). Initialisation is PyTorch's default, as Point-MAE's when it starts from a pretrained
+    checkpoint (``load_model_from_ckpt`` applies ``_init_weights`` only from scratch, ``:514-516``).
+
+    It reads the **class token**: the model must prepend one (``model.cls_token: true``, Point-MAE's
+    ``cls_token`` and ``cls_pos``, ``:440-441``); without it the head refuses rather than take a group token
+    for it.
+    """
+
+    def __init__(self, embed_dim: int, num_classes: int, hidden: int = 256, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * embed_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, tokens: Tensor, out: TokenizerOutput | None = None) -> Tensor:
+        if out is None:
+            raise OptionError("PointMAEClassificationHead needs the tokenizer output to tell the class token from "
+                              "the group tokens: call it as TransformerModel does, head(tokens, out)")
+        if not has_cls_token(tokens, out):
+            raise OptionError(
+                f"PointMAEClassificationHead (data.options.head: pointmae) reads the class token in front of the "
+                f"group tokens (Point-MAE models/Point_MAE.py:546), but the model prepends none ({tokens.shape[1]} "
+                f"tokens for {out.tokens.shape[1]} groups): set model.cls_token: true (and model.pos_every_block: "
+                f"true, as Point-MAE), or use data.options.head: linear")
+        return self.mlp(torch.cat([tokens[:, 0], tokens[:, 1:].amax(dim=1)], dim=-1))
 
 
 def conv_bn(c_in: int, c_out: int, act: nn.Module, bias: bool = True) -> nn.Sequential:

@@ -33,7 +33,7 @@ from pathway.tokenizers.base import Tokenizer
 from pathway.tokenizers.point_group import PointGroupTokenizer
 
 from .base import Adapter, FileDataset, LayoutError, OptionError, UnreadableFileError
-from .heads import PointMAESegmentationHead, SegmentationHead
+from .heads import PointMAEClassificationHead, PointMAESegmentationHead, SegmentationHead
 from .layout import list_files, split_dir
 from .registry import register
 
@@ -225,10 +225,18 @@ class _PointAdapterBase(Adapter):
 
 @register("point")
 class PointAdapter(_PointAdapterBase):
-    """Point-cloud classification from ``root/<split>/<class>/<file>``."""
+    """Point-cloud classification from ``root/<split>/<class>/<file>``.
+
+    Option ``head``: ``"linear"`` (default: the class token, or the mean of the group tokens, -> Linear),
+    ``"probe"`` (MAE's linear-probe head), or ``"pointmae"``: Point-MAE's fine-tuning classifier
+    :class:`~pathway.adapters.heads.PointMAEClassificationHead` ([class token, max over the groups] -> MLP,
+    ``models/Point_MAE.py:459-469, 546-547``), which needs ``model.cls_token: true``; a Point-MAE fine-tuned
+    file's ``cls_head_finetune.*`` load into it.
+    """
 
     task = "classification"
     metric = "top1"
+    heads = {**_PointAdapterBase.heads, "pointmae": PointMAEClassificationHead}
 
     def build_dataset(self, split: str, train: bool) -> Dataset:
         o = self.options

@@ -285,7 +285,7 @@ def test_point_mae_finetuned_cls_pos_folded_and_head_listed(tmp_path):
     model = point_model()
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(model, path)
-    assert "cls_head_finetune.0.weight (-> head.0.weight)" in str(err.value)
+    assert "cls_head_finetune.0.weight (-> head.mlp.0.weight)" in str(err.value)
     report = load_checkpoint(model, path, ignore=[r"^cls_head_finetune\."])
     assert report.ok
     check_point_encoder(model, sd, "")
@@ -476,3 +476,158 @@ def test_point_mae_positions_reach_every_block_as_in_its_encoder(tmp_path):
         for block in model.blocks:
             h = block(h + pos)
         torch.testing.assert_close(model.forward_features(x)[0], model.norm(h), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Point-MAE fine-tuned classifiers (PointTransformer, models/Point_MAE.py:421-548): cls_head_finetune
+
+
+def point_mae_finetuned_sd(num_classes: int, prefix: str = "") -> dict[str, Tensor]:
+    """A fine-tuned ``PointTransformer`` state dict (Point-MAE models/Point_MAE.py:436-469): encoder, cls_token,
+    cls_pos, pos_embed, blocks.blocks.N (qkv without bias), norm, and cls_head_finetune, a Sequential whose
+    Linears are at 0, 4, 8 and BatchNorms (with running statistics) at 1, 5."""
+    sd = point_encoder_sd(prefix) | {f"{prefix}cls_token": rand(1, 1, D), f"{prefix}cls_pos": rand(1, 1, D)}
+    for idx, (cin, cout) in {0: (2 * D, 256), 4: (256, 256), 8: (256, num_classes)}.items():
+        sd |= {f"{prefix}cls_head_finetune.{idx}.weight": rand(cout, cin) / cin**0.5,
+               f"{prefix}cls_head_finetune.{idx}.bias": rand(cout)}
+    for idx in (1, 5):
+        p = f"{prefix}cls_head_finetune.{idx}."
+        sd |= {p + "weight": rand(256), p + "bias": rand(256), p + "running_mean": rand(256),
+               p + "running_var": rand(256).abs() + 0.5, p + "num_batches_tracked": torch.tensor(1234)}
+    return sd
+
+
+def point_mae_classifier(num_classes: int, cls_token: bool = True) -> TransformerModel:
+    from pathway.adapters.heads import PointMAEClassificationHead
+
+    return TransformerModel(PointGroupTokenizer(8, 4, 3, D), PointMAEClassificationHead(D, num_classes), D, DEPTH,
+                            HEADS, cls_token=cls_token, pos_every_block=True)
+
+
+def point_mae_head_by_hand(sd: dict[str, Tensor], tokens: Tensor) -> Tensor:
+    """Point_MAE.py:546-547 and the Sequential of :459-469 in eval mode, written out from the file's tensors."""
+    h = torch.cat([tokens[:, 0], tokens[:, 1:].max(1)[0]], dim=-1)
+    for lin, bn in ((0, 1), (4, 5)):
+        h = h @ sd[f"cls_head_finetune.{lin}.weight"].double().T + sd[f"cls_head_finetune.{lin}.bias"].double()
+        p = f"cls_head_finetune.{bn}."
+        h = (h - sd[p + "running_mean"].double()) / torch.sqrt(sd[p + "running_var"].double() + 1e-5)
+        h = torch.relu(h * sd[p + "weight"].double() + sd[p + "bias"].double())  # Dropout(0.5): identity in eval
+    return h @ sd["cls_head_finetune.8.weight"].double().T + sd["cls_head_finetune.8.bias"].double()
+
+
+def point_mae_body_by_hand(sd: dict[str, Tensor], groups: Tensor, pos: Tensor) -> Tensor:
+    """PointTransformer.forward (Point_MAE.py:536-545) from the file's tensors: [cls_token, groups] with
+    [cls_pos, pos] added before every block (TransformerEncoder, :162-165), Block :143-146 with Attention
+    :113-125 (qkv without bias), the final norm. nn.LayerNorm's eps there is 1e-5; the engine's is timm's 1e-6."""
+    def t(key: str) -> Tensor:
+        return sd[key].double()
+
+    def ln(x: Tensor, key: str) -> Tensor:
+        return torch.nn.functional.layer_norm(x, (D,), t(key + ".weight"), t(key + ".bias"), eps=1e-5)
+
+    b = groups.shape[0]
+    x = torch.cat([t("cls_token").expand(b, -1, -1), groups], dim=1)
+    pos = torch.cat([t("cls_pos").expand(b, -1, -1), pos.expand(b, -1, -1)], dim=1)
+    for i in range(DEPTH):
+        p = f"blocks.blocks.{i}."
+        x = x + pos
+        n = x.shape[1]
+        qkv = ln(x, p + "norm1") @ t(p + "attn.qkv.weight").T  # qkv_bias=False
+        qkv = qkv.reshape(b, n, 3, HEADS, D // HEADS).permute(2, 0, 3, 1, 4)
+        attn = ((qkv[0] @ qkv[1].transpose(-2, -1)) * (D // HEADS) ** -0.5).softmax(dim=-1)
+        x = x + (attn @ qkv[2]).transpose(1, 2).reshape(b, n, D) @ t(p + "attn.proj.weight").T + t(p + "attn.proj.bias")
+        h = torch.nn.functional.gelu(ln(x, p + "norm2") @ t(p + "mlp.fc1.weight").T + t(p + "mlp.fc1.bias"))
+        x = x + h @ t(p + "mlp.fc2.weight").T + t(p + "mlp.fc2.bias")
+    return ln(x, "norm")
+
+
+@pytest.mark.parametrize("wrap", ["", "module."])  # nn.DataParallel's prefix (runner_finetune.py:93)
+def test_point_mae_finetuned_classifier_loads_whole_and_computes_its_head(tmp_path, wrap):
+    sd = point_mae_finetuned_sd(7)
+    path = tmp_path / "ckpt-best.pth"  # tools/builder.save_checkpoint: {"base_model": model.state_dict(), ...}
+    torch.save({"base_model": {wrap + k: v for k, v in sd.items()}, "optimizer": {}, "epoch": 250,
+                "metrics": {"acc": 93.8}, "best_metrics": {"acc": 93.8}}, path)
+    model = point_mae_classifier(7)
+    report = load_checkpoint(model, path, allow_missing=())  # strict, and nothing may be left at init
+    assert report.format == "point_mae" and report.ok
+    assert not report.left_at_init and not report.missing and not report.unexpected and not report.dropped
+    msd = model.state_dict()
+    assert set(report.loaded) == set(msd)
+    head = {k: v for k, v in sd.items() if k.startswith("cls_head_finetune.")}
+    check_point_encoder(model, {k: v for k, v in sd.items() if k not in head}, "")
+    assert len(head) == 16
+    for key, value in head.items():
+        torch.testing.assert_close(msd["head.mlp." + key[len("cls_head_finetune."):]], value, rtol=0, atol=0, msg=key)
+    assert int(msd["head.mlp.5.num_batches_tracked"]) == 1234
+    torch.testing.assert_close(msd["cls_token"], sd["cls_token"] + sd["cls_pos"], rtol=0, atol=0)
+    torch.testing.assert_close(msd["cls_pos"], sd["cls_pos"], rtol=0, atol=0)
+
+    model = model.double().eval()
+    x = torch.randn(3, 64, 3, dtype=torch.float64)
+    with torch.no_grad():
+        tokens, out = model.forward_features(x)
+        logits = model(x)
+        # the head on the engine's own tokens, by hand: exact up to float64 rounding
+        torch.testing.assert_close(logits, point_mae_head_by_hand(sd, tokens), rtol=1e-10, atol=1e-10)
+        # the whole PointTransformer forward by hand, from the grouped points: equal up to LayerNorm's eps
+        groups = out.tokens - out.pos  # Encoder(neighborhood), before any position (Point_MAE.py:534)
+        reference = point_mae_head_by_hand(sd, point_mae_body_by_hand(sd, groups, out.pos))
+        torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+    assert logits.shape == (3, 7) and logits.abs().max() > 0.1
+
+
+def test_point_mae_head_refuses_a_model_without_cls_token_and_a_linear_head_names_the_fix(tmp_path):
+    from pathway.adapters.point import PointAdapter
+    from pathway.errors import OptionError
+
+    sd = point_mae_finetuned_sd(5)
+    path = tmp_path / "ft.pth"
+    torch.save({"base_model": sd}, path)
+    model = point_mae_classifier(5, cls_token=False)
+    with pytest.raises(OptionError, match=r"reads the class token .*set model.cls_token: true"):
+        model(torch.randn(2, 64, 3))
+    with pytest.raises(CheckpointError, match=r"data.options.head: pointmae"):
+        load_checkpoint(point_model(), path)  # the Linear head has no place for cls_head_finetune
+    with pytest.raises(OptionError, match=r"head='mlp' is not one of \['linear', 'pointmae', 'probe'\]"):
+        PointAdapter.spec(5, head="mlp")
+    assert type(PointAdapter.spec(5).head(D)).__name__ == "ClassificationHead"  # the default is unchanged
+    assert type(PointAdapter.spec(5, head="pointmae").head(D)).__name__ == "PointMAEClassificationHead"
+
+
+def test_pathway_eval_of_a_point_mae_finetuned_file(tmp_path):
+    """``pathway eval recipes/paper/modelnet40_pointmae_baseline.yaml --weights ckpt-best.pth`` at test sizes:
+    the recipe's Point-MAE head takes the whole file, and the metrics are those of the loaded model."""
+    from pathway.train.config import load_recipe
+    from pathway.train.evaluate import evaluate_weights
+    from pathway.train.fixtures import MODELNET_CLASSES, write_dataset
+    from pathway.train.metrics import MetricAccumulator
+    from pathway.train.model import build_adapter
+
+    data = write_dataset("modelnet40", tmp_path / "modelnet40")
+    sd = point_mae_finetuned_sd(len(MODELNET_CLASSES), prefix="module.")  # DataParallel, as Point-MAE saves it
+    weights = tmp_path / "ckpt-best.pth"
+    torch.save({"base_model": sd, "optimizer": {}, "epoch": 250, "metrics": {}, "best_metrics": {}}, weights)
+    root = Path(__file__).resolve().parents[1]
+    recipe = load_recipe(root / "recipes/paper/modelnet40_pointmae_baseline.yaml",
+                         [f"data.root={data}", "data.options.num_points=64", "data.options.num_groups=8",
+                          "data.options.group_size=4", "data.batch_size=16", "data.num_workers=0",
+                          f"model.embed_dim={D}", f"model.depth={DEPTH}", f"model.num_heads={HEADS}",
+                          "aux.num_heads=2", "model.checkpoint=", "train.device=cpu"])
+    assert recipe.data.options["head"] == "pointmae" and recipe.model.cls_token and recipe.model.pos_every_block
+    metrics = evaluate_weights(recipe, weights)
+
+    model = point_mae_classifier(len(MODELNET_CLASSES))
+    model.tokenizer = build_adapter(recipe).tokenizer(D)  # 8 groups of 4, as the recipe (same keys and shapes)
+    load_checkpoint(model, weights, allow_missing=())
+    model.eval()
+    test = build_adapter(recipe).dataset("test", train=False)
+    acc, losses = MetricAccumulator("top1"), []
+    with torch.no_grad():
+        for i in range(len(test)):
+            x, y = test[i]
+            logits = model(x[None])
+            losses.append(torch.nn.functional.cross_entropy(logits, torch.tensor([y])).item())
+            acc.add(logits, torch.tensor([y]))
+    assert len(test) == 2 * len(MODELNET_CLASSES)
+    assert metrics["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+    assert metrics["top1"] == pytest.approx(acc.compute()["top1"])

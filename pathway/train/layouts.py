@@ -93,7 +93,9 @@ _POINT_SWAPS = (
     ("encoder.second_conv.", "tokenizer.second_conv."),
     ("pos_embed.", "tokenizer.pos_embed."),
     ("blocks.blocks.", "blocks."),
-    ("cls_head_finetune.", "head."),
+    # PointTransformer.cls_head_finetune (Point-MAE models/Point_MAE.py:459-469) is, index for index, the `mlp` of
+    # the point adapter's head "pointmae" (adapters/heads.py PointMAEClassificationHead)
+    ("cls_head_finetune.", "head.mlp."),
 )
 _HF_SWAPS = (  # Hugging Face ViT, both the file layout (<= 4.x) and the transformers 5 module layout
     ("embeddings.patch_embeddings.projection.", "tokenizer.proj."),
@@ -657,8 +659,13 @@ def load_checkpoint(
         report.notes.append("cls_token loaded as is (the checkpoint keeps no cls position)")
 
     if strict and not report.ok:
+        hint = ""
+        if fmt == "point_mae" and any(k.startswith("head.mlp.") for k in report.unexpected):
+            hint = ("The file's classifier is Point-MAE's fine-tuning MLP cls_head_finetune: build the model with the "
+                    "point adapter's head 'pointmae' (data.options.head: pointmae, with model.cls_token: true) to "
+                    "load it, or pass ignore=[r'^cls_head_finetune\\.'] to leave it out.\n")
         raise CheckpointError(
-            f"checkpoint {where} (format {fmt}) does not fit {type(model).__name__}:\n{report.problems()}\n"
+            f"checkpoint {where} (format {fmt}) does not fit {type(model).__name__}:\n{report.problems()}\n{hint}"
             f"Pass ignore=[regex, ...] to drop checkpoint keys on purpose, allow_missing=[prefix, ...] for model "
             f"keys to leave at init, or strict=False to load what fits and get this as a report."
         )
