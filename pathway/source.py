@@ -119,8 +119,8 @@ def open_aux(path: str | os.PathLike, architecture: Architecture = None) -> AuxS
     """Open an aux model on disk without loading it: see the module docstring for what ``path`` may be.
 
     Raises:
-        SourceError: the path is missing, holds no safetensors weights, needs ``architecture``, or
-            lacks tensors of the model built from it.
+        SourceError: the path is missing, holds no safetensors weights, or needs ``architecture``. A tensor
+            of the model that the files lack is named by a SourceError when ``connect`` asks to read it.
     """
     path = Path(path)
     if not path.exists():

@@ -56,6 +56,11 @@ def _train(*sets: str, recipe: str = DEMO, flags: tuple[str, ...] = ()) -> list[
     return ["train", recipe, *flags, *[a for s in (*SMALL, *sets) for a in ("--set", s)]]
 
 
+def _data(w: dict[str, Path]) -> list[str]:
+    """The fixture's data set, used as data the user names (not made again as demo data)."""
+    return [f"data.root={w['data']}", "data.demo=false"]
+
+
 # (id, argv built from the fixture's paths, what the message must say)
 CASES = [
     ("missing recipe file", lambda w: ["train", str(w["base"] / "nope.yaml")], "file not found"),
@@ -84,17 +89,17 @@ CASES = [
      "holds files pathway did not write"),
     ("same, in a dry run", lambda w: _train(f"data.root={w['user']}", flags=("--dry-run",)),
      "holds files pathway did not write"),
-    ("run folder is the user's folder", lambda w: _train(f"data.root={w['data']}", f"output.dir={w['base']}",
+    ("run folder is the user's folder", lambda w: _train(*_data(w), f"output.dir={w['base']}",
                                                         "output.name=my_data"), "holds files pathway did not write"),
-    ("batch larger than the data", lambda w: _train(f"data.root={w['data']}", "data.batch_size=100000",
+    ("batch larger than the data", lambda w: _train(*_data(w), "data.batch_size=100000",
                                                    f"output.dir={w['base'] / 'runs'}"), "make no full optimizer step"),
-    ("corrupt target checkpoint", lambda w: _train(f"data.root={w['data']}",
+    ("corrupt target checkpoint", lambda w: _train(*_data(w),
                                                   f"model.checkpoint={w['base'] / 'garbage.pt'}",
                                                   f"output.dir={w['base'] / 'runs'}"), "garbage.pt"),
-    ("resume of an empty run folder", lambda w: _train(f"data.root={w['data']}", f"output.dir={w['base'] / 'runs'}",
+    ("resume of an empty run folder", lambda w: _train(*_data(w), f"output.dir={w['base'] / 'runs'}",
                                                       "output.name=empty", flags=("--resume",)), "holds no checkpoint"),
     ("eval of a foreign weights file", lambda w: ["eval", DEMO, "--weights", str(w["base"] / "foreign.safetensors"),
-                                                  *[a for s in (*SMALL, f"data.root={w['data']}")
+                                                  *[a for s in (*SMALL, *_data(w))
                                                     for a in ("--set", s)]],
      "foreign.safetensors"),
     ("fold of a file that is not a checkpoint", lambda w: ["fold", str(w["base"] / "garbage.pt"), "-o",
@@ -133,3 +138,27 @@ def test_wrong_subcommand_is_argparse_usage(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["trian", DEMO])
     assert exit_.value.code == 2 and "invalid choice: 'trian'" in capsys.readouterr().err
+
+
+def test_pretrain_under_torchrun_is_refused(monkeypatch, tmp_path):
+    """pretrain has no DDP: with WORLD_SIZE > 1 it refuses instead of training each rank alone."""
+    import torch.distributed as dist
+
+    from pathway.train.config import load_recipe
+    from pathway.train.pretrain import pretrain
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # as under torchrun, where the group exists
+    recipe = load_recipe(ROOT / "recipes/demo/point_mae.yaml", [f"data.root={tmp_path / 'd'}",
+                                                                 f"output.dir={tmp_path / 'runs'}"])
+    with pytest.raises(ValueError, match="pathway pretrain runs in one process, but 2 were started"):
+        pretrain(recipe, progress=False)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "d").exists()
+
+
+def test_global_batch_no_batch_size_fits_names_the_process_counts():
+    from pathway.train.config import RecipeError, batch_plan, load_recipe
+
+    recipe = load_recipe(DEMO, ["data.global_batch=4", "data.batch_size=2"])
+    with pytest.raises(RecipeError, match=r"multiple of the number of processes, which may be one of \[1, 2, 4\]"):
+        batch_plan(recipe, 8)

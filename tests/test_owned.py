@@ -72,3 +72,39 @@ def test_checkpoint_pruning_deletes_only_checkpoints(tmp_path):
         ckpt.save_checkpoint(folder, {"step": step, "w": torch.zeros(1)}, step, keep_last=2)
     assert sorted(p.name for p in folder.iterdir()) == ["README.txt", "ckpt-00000003.pt", "ckpt-00000004.pt",
                                                         "ckpt-final.pt"]
+
+
+def test_demo_data_of_another_size_is_rewritten_in_its_own_folder(tmp_path):
+    root = tmp_path / "demo"
+    make_demo_data("timeseries", root, per_class=2)
+    make_demo_data("timeseries", root, per_class=3)  # e.g. `pathway experiment` after `--quick`
+    assert len(list(root.rglob("*.npy"))) == 12
+    assert (root / ".complete").read_text() == "timeseries per_class=3 seed=0\n"
+    legacy = tmp_path / "old"
+    (legacy / "train").mkdir(parents=True)
+    (legacy / ".complete").write_text("timeseries per_class=100 seed=0\n")  # unmarked: not ours to clear
+    with pytest.raises(FolderNotOwnedError, match="another size or seed"):
+        make_demo_data("timeseries", legacy, per_class=2)
+    assert (legacy / "train").is_dir()
+
+
+def test_a_run_folder_under_a_file_is_refused_before_anything_runs(tmp_path):
+    from pathway.train.owned import check_run_dir
+
+    (tmp_path / "notes.txt").write_text("mine\n")
+    with pytest.raises(FolderNotOwnedError, match="which is a file"):
+        check_run_dir(tmp_path / "notes.txt" / "run1")
+
+
+def test_a_torn_last_log_line_is_dropped_and_a_damaged_one_named(tmp_path):
+    from pathway.train.engine import JsonlLog, LogError
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')  # killed while appending
+    log = JsonlLog(path, main=True)
+    assert log.rows() == [{"step": 1, "loss": 2.0}]
+    log.truncate_after(1)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n'
+    path.write_text('{"step": 1\n{"step": 2}\n')
+    with pytest.raises(LogError, match="line 1 is not a JSON row"):
+        log.rows()

@@ -476,10 +476,14 @@ def batch_plan(recipe: Recipe, world: int) -> BatchPlan:
     per_step = d.batch_size * world
     if d.global_batch % per_step:
         fits = [b for b in range(1, d.batch_size + 1) if d.global_batch % (b * world) == 0]
-        raise RecipeError(
-            f"{recipe.source}: 'data.global_batch' = {d.global_batch} is not a whole number of micro-batches of "
-            f"'data.batch_size' = {d.batch_size} on {world} process(es) ({per_step} items per micro-step); choose "
-            f"data.batch_size from {fits[-3:] or [1]} (or run on a number of processes that divides it)")
+        where = (f"{recipe.source}: 'data.global_batch' = {d.global_batch} is not a whole number of micro-batches "
+                 f"of 'data.batch_size' = {d.batch_size} on {world} process(es) ({per_step} items per micro-step)")
+        if fits:
+            raise RecipeError(f"{where}; choose data.batch_size from {fits[-3:]} (or run on a number of processes "
+                              f"that divides it)")
+        worlds = [w for w in range(1, min(d.global_batch, 64) + 1) if d.global_batch % w == 0]
+        raise RecipeError(f"{where}; no per-process batch fits: the global batch must be a multiple of the number "
+                          f"of processes, which may be one of {worlds}")
     return BatchPlan(d.batch_size, d.global_batch // per_step, world, d.global_batch)
 
 

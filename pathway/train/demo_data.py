@@ -25,7 +25,7 @@ import numpy as np
 
 from pathway.errors import OptionError
 
-from .owned import check_claimable, claim, clear, owner
+from .owned import FolderNotOwnedError, check_claimable, claim, clear, owner
 
 __all__ = ["MAKERS", "make_demo_data", "check_demo_root"]
 
@@ -153,10 +153,19 @@ def _kind(adapter: str) -> str:
     return f"demo-data:{adapter}"
 
 
-def _complete(root: Path, adapter: str) -> bool:
-    """Finished demo data of ``adapter``; folders made before ownership markers have only ``.complete``."""
+def _stamp(adapter: str, per_class: int, seed: int) -> str:
+    """What ``.complete`` says of a finished folder: the data set it holds."""
+    return f"{adapter} per_class={per_class} seed={seed}"
+
+
+def _finished(root: Path, adapter: str) -> str | None:
+    """The stamp of finished demo data of ``adapter`` at ``root`` (folders made before ownership markers
+    have only ``.complete``), or None."""
     done = root / ".complete"
-    return done.is_file() and owner(root) in (_kind(adapter), None) and done.read_text().startswith(f"{adapter} ")
+    if not (done.is_file() and owner(root) in (_kind(adapter), None)):
+        return None
+    stamp = done.read_text().strip()
+    return stamp if stamp.startswith(f"{adapter} ") else None
 
 
 _FIX = ("to train on your own files there, pass --set data.demo=false; to make the demo data, name a new or empty "
@@ -166,24 +175,31 @@ _FIX = ("to train on your own files there, pass --set data.demo=false; to make t
 def check_demo_root(adapter: str, root: str | Path) -> None:
     """Raise unless ``make_demo_data(adapter, root)`` could write there; writes nothing (dry runs)."""
     root = Path(root)
-    if not _complete(root, adapter):
+    if _finished(root, adapter) is None:
         check_claimable(root, _kind(adapter), fix=_FIX)
 
 
 def make_demo_data(adapter: str, root: str | Path, per_class: int | None = None, seed: int = 0) -> Path:
     """Write the demo data of ``adapter`` under ``root`` unless it is already complete there.
 
-    ``root`` must be new, empty, or a folder this function marked: a half-written one (an interrupted run)
-    is cleared and written again; any other folder is a ``FolderNotOwnedError`` and is left untouched.
+    ``root`` must be new, empty, or a folder this function marked: a half-written one (an interrupted run),
+    or one holding another size or seed of the same data, is cleared and written again; any other folder
+    is a ``FolderNotOwnedError`` and is left untouched.
     """
     if adapter not in MAKERS:
         raise OptionError(f"no demo data for adapter {adapter!r}; available: {', '.join(MAKERS)}")
     root = Path(root)
-    if _complete(root, adapter):
-        return root
-    claim(root, _kind(adapter), fix=_FIX)
-    clear(root, _kind(adapter))  # only the marker is left of an interrupted run
     maker, default = MAKERS[adapter]
+    stamp = _stamp(adapter, per_class or default, seed)
+    found = _finished(root, adapter)
+    if found == stamp:
+        return root
+    if found is not None and owner(root) is None:  # ours by its stamp, but from before markers: not cleared
+        raise FolderNotOwnedError(f"{root} holds demo data of another size or seed ({found}, made before pathway "
+                                  f"marked its folders); this run needs {stamp}: delete the folder yourself or "
+                                  f"name another data.root")
+    claim(root, _kind(adapter), fix=_FIX)
+    clear(root, _kind(adapter))  # only the marker is left: an interrupted run, or another size of the data
     maker(root, per_class or default, np.random.default_rng(seed))
-    (root / ".complete").write_text(f"{adapter} per_class={per_class or default} seed={seed}\n")
+    (root / ".complete").write_text(stamp + "\n")
     return root

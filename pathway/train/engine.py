@@ -44,6 +44,10 @@ from .schedule import apply_lr, lr_at, step_plan
 __all__ = ["NonFiniteLossError", "Context", "setup", "train", "evaluate", "fold_and_check", "mean_abs_lambda"]
 
 
+class LogError(pathway.PathwayError):
+    """A metrics log of the run folder cannot be read back."""
+
+
 class NonFiniteLossError(pathway.PathwayError):
     """The loss became NaN or infinite; the last safe state was saved before stopping."""
 
@@ -202,9 +206,20 @@ class JsonlLog:
                 f.write(json.dumps(row) + "\n")
 
     def rows(self) -> list[dict[str, Any]]:
+        """Every row; a torn last line (the process was killed while appending it) is dropped."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(lines, 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                if number == len(lines):
+                    break
+                raise LogError(f"{self.path} line {number} is not a JSON row ({err.msg}); the file was edited or "
+                               f"damaged: repair or delete that line") from None
+        return rows
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:

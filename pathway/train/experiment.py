@@ -119,6 +119,7 @@ def _legacy_results(folder: Path) -> bool:
 
 def run_experiment(out: str | Path = "results", quick: bool = False, seeds: tuple[int, ...] | None = None) -> Path:
     """Run every condition over every seed and write the summary; returns the summary file."""
+    from .checkpoint import list_checkpoints
     from .config import load_recipe
     from .demo_data import make_demo_data
     from .engine import JsonlLog, train
@@ -158,7 +159,8 @@ def run_experiment(out: str | Path = "results", quick: bool = False, seeds: tupl
             recipe = load_recipe(RECIPES / "experiment_image.yaml", [
                 f"data.root={image_root}", f"train.seed={seed}", f"output.dir={out / 'runs'}",
                 f"output.name={condition}-seed{seed}", "train.keep_last=1", *aux[condition], *sizes.train])
-            result = train(recipe)
+            # a run an interrupted experiment left behind continues from its last checkpoint
+            result = train(recipe, resume=bool(list_checkpoints(recipe.run_dir / "checkpoints")))
             run_dir = Path(result["run_dir"])
             # A finished run needs no resume state (its checkpoint holds weights, aux weights and AdamW
             # state, ~0.25 GB here) nor the second copy of its folded model in timm keys, already checked.

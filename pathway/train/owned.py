@@ -53,6 +53,9 @@ def check_claimable(folder: str | Path, kind: str, *, legacy: Callable[[Path], b
     """Raise :class:`FolderNotOwnedError` unless ``claim(folder, kind)`` would succeed; writes nothing."""
     folder = Path(folder)
     if not folder.exists():
+        parent = next((p for p in folder.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise _refusal(folder, kind, f"would lie under {parent}, which is a file", fix)
         return
     if not folder.is_dir():
         raise _refusal(folder, kind, "is a file", fix)

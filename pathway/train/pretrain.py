@@ -121,6 +121,9 @@ def pretrain(recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:
     import pathway
 
     ctx = setup(recipe)
+    if ctx.world > 1:  # no DDP wrapper, sampler or rank-0 writes here: refuse rather than train each rank alone
+        raise OptionError(f"pathway pretrain runs in one process, but {ctx.world} were started (torchrun); "
+                          f"start it without torchrun")
     t, o, p = recipe.train, recipe.optim, recipe.pretrain
     adapter = prepare_data(recipe, ctx)
     dataset = adapter.dataset(recipe.data.train_split, train=True)
