@@ -80,6 +80,8 @@ def test_demo_data_of_another_size_is_rewritten_in_its_own_folder(tmp_path):
     make_demo_data("timeseries", root, per_class=3)  # e.g. `pathway experiment` after `--quick`
     assert len(list(root.rglob("*.npy"))) == 12
     assert (root / ".complete").read_text() == "timeseries per_class=3 seed=0\n"
+    make_demo_data("timeseries", root)  # a recipe's run asks for no size: what is there is used as it is
+    assert len(list(root.rglob("*.npy"))) == 12
     legacy = tmp_path / "old"
     (legacy / "train").mkdir(parents=True)
     (legacy / ".complete").write_text("timeseries per_class=100 seed=0\n")  # unmarked: not ours to clear

@@ -183,8 +183,9 @@ def make_demo_data(adapter: str, root: str | Path, per_class: int | None = None,
     """Write the demo data of ``adapter`` under ``root`` unless it is already complete there.
 
     ``root`` must be new, empty, or a folder this function marked: a half-written one (an interrupted run),
-    or one holding another size or seed of the same data, is cleared and written again; any other folder
-    is a ``FolderNotOwnedError`` and is left untouched.
+    or, when ``per_class`` is given, one holding another size or seed of the same data, is cleared and
+    written again; any other folder is a ``FolderNotOwnedError`` and is left untouched. Without ``per_class``
+    (a demo recipe's run) finished demo data of any size is used as it is.
     """
     if adapter not in MAKERS:
         raise OptionError(f"no demo data for adapter {adapter!r}; available: {', '.join(MAKERS)}")
@@ -192,7 +193,7 @@ def make_demo_data(adapter: str, root: str | Path, per_class: int | None = None,
     maker, default = MAKERS[adapter]
     stamp = _stamp(adapter, per_class or default, seed)
     found = _finished(root, adapter)
-    if found == stamp:
+    if found == stamp or (found is not None and per_class is None):  # no size asked (a recipe): any will do
         return root
     if found is not None and owner(root) is None:  # ours by its stamp, but from before markers: not cleared
         raise FolderNotOwnedError(f"{root} holds demo data of another size or seed ({found}, made before pathway "
