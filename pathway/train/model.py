@@ -19,6 +19,8 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from pathway.adapters.heads import has_cls_token
+
 from .config import Recipe, RecipeError
 
 if TYPE_CHECKING:
@@ -132,8 +134,6 @@ class PooledNormHead(nn.Module):
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, tokens: Tensor, out: Any = None) -> Tensor:
-        from pathway.adapters.heads import has_cls_token
-
         patches = tokens[:, 1:] if has_cls_token(tokens, out) else tokens
         return self.fc(self.fc_norm(patches.mean(dim=1)))
 
@@ -237,12 +237,7 @@ def open_transformers_aux(path: str | Path):
     if not (path / "config.json").is_file():
         raise RecipeError(f"aux.checkpoint={path}: aux.checkpoint_format=transformers needs a Hugging Face model "
                           f"directory holding config.json and the weights")
-    try:
-        import transformers  # noqa: F401  (open_aux builds the model from its config with it)
-    except ImportError as e:
-        raise RecipeError("aux.checkpoint_format=transformers needs the transformers package "
-                          "(pip install transformers)") from e
-    return pathway.open_aux(path)
+    return pathway.open_aux(path)  # a SourceError names a missing transformers package or weights file
 
 
 def aux_reads(report: Any) -> list[str]:
