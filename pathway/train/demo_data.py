@@ -172,11 +172,14 @@ _FIX = ("to train on your own files there, pass --set data.demo=false; to make t
         "folder as data.root")
 
 
-def check_demo_root(adapter: str, root: str | Path) -> None:
-    """Raise unless ``make_demo_data(adapter, root)`` could write there; writes nothing (dry runs)."""
+def check_demo_root(adapter: str, root: str | Path) -> bool:
+    """Whether finished demo data of ``adapter`` is at ``root``; if not, raise unless ``make_demo_data`` could
+    write there. Writes nothing (dry runs)."""
     root = Path(root)
-    if _finished(root, adapter) is None:
-        check_claimable(root, _kind(adapter), fix=_FIX)
+    if _finished(root, adapter) is not None:
+        return True
+    check_claimable(root, _kind(adapter), fix=_FIX)
+    return False
 
 
 def make_demo_data(adapter: str, root: str | Path, per_class: int | None = None, seed: int = 0) -> Path:

@@ -48,11 +48,11 @@ def dry_run(recipe: Recipe, *, world: int = 1, pretrain: bool = False) -> str:
     lines = [f"recipe {recipe.source}" + (f": {recipe.description}" if recipe.description else "")]
     problems = []
     root = recipe.data.root
+    demo_pending = False
     if recipe.data.demo and root:  # a dry run writes nothing: check that the real run could make the data there
         from .demo_data import check_demo_root
 
-        check_demo_root(recipe.data.adapter, root)
-    demo_pending = recipe.data.demo and bool(root) and not (Path(root) / ".complete").exists()
+        demo_pending = not check_demo_root(recipe.data.adapter, root)
     has_data = bool(root) and Path(root).exists() and not demo_pending
     if demo_pending:
         lines.append(f"data.root {root}: the demo data is made there on the first real run (data.demo: true)")
