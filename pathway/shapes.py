@@ -173,20 +173,25 @@ def _first_attr(sources: Sequence[object], names: Sequence[str]) -> int | None:
     return None
 
 
+def gate_by_name(names: Sequence[str]) -> int | None:
+    """Which of two names is the gate by the names codebases give a gated MLP's projections; None if unknown."""
+    for gate, up in GATED_NAMES:
+        gates = [i for i, n in enumerate(names) if f".{gate}." in f".{n}"]
+        ups = [i for i, n in enumerate(names) if f".{up}." in f".{n}"]
+        if len(gates) == len(ups) == 1 and gates != ups:
+            return gates[0]
+    return None
+
+
 def gated_member(names: Sequence[str], choice: str = "up") -> int:
     """Which of a gated MLP's two input projections feeds a plain fc1: ``up`` (default) or ``gate``.
 
     Known names decide (``gate_proj``/``up_proj``, ``w1``/``w3``, ``wi_0``/``wi_1``, ``fc1_g``/``fc1_x``);
     otherwise execution order, gate first, as every SwiGLU forward computes ``act(gate(x)) * up(x)``.
     """
-    if choice not in GATED_CHOICES:
-        raise OptionError(f"gated MLP source {choice!r} is not one of {list(GATED_CHOICES)}")
-    want = GATED_CHOICES.index(choice) ^ 1        # its position in (gate, up)
-    for pattern in GATED_NAMES:
-        hits = [i for i, n in enumerate(names) if f".{pattern[want]}." in f".{n}"]
-        if len(hits) == 1:
-            return hits[0]
-    return want
+    gate = gate_by_name(names)
+    gate = 0 if gate is None else gate
+    return gate if choice == "gate" else 1 - gate
 
 
 @dataclass(frozen=True)

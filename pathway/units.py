@@ -23,7 +23,7 @@ import torch
 
 from .modules import block_of
 from .report import Pair
-from .shapes import GATED_NAMES
+from .shapes import gate_by_name
 from .trace import Op, Trace, WeightUse
 
 _ROLE_ORDER = "qkv"
@@ -206,16 +206,6 @@ def read_gate(ops: list[Op], first: WeightUse, second: WeightUse) -> int | None:
         chains[k].update(op.outputs)
         if op.kind == "other" and refs <= chains[k]:
             activated[k] += 1
-    return None
-
-
-def gate_by_name(names: list[str]) -> int | None:
-    """Which of two names is the gate by the names codebases give a gated MLP's projections; None if unknown."""
-    for gate, up in GATED_NAMES:
-        gates = [i for i, n in enumerate(names) if f".{gate}." in f".{n}"]
-        ups = [i for i, n in enumerate(names) if f".{up}." in f".{n}"]
-        if len(gates) == len(ups) == 1 and gates != ups:
-            return gates[0]
     return None
 
 
