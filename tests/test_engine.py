@@ -288,3 +288,56 @@ def test_too_many_unreadable_files_stop_the_run_with_a_clear_error(image_data, t
         code = main(["train", str(IMAGE), "--no-progress"] + [a for s in sets for a in ("--set", s)])
     err = capsys.readouterr().err
     assert code == 2 and "are unreadable, more than max_unreadable_share=0.01" in err
+
+
+# -- CPU speed settings: bf16 autocast when asked, fused AdamW, fewer checkpoints, cheap per-item seeds ----
+
+
+def test_cpu_autocast_is_bf16_only_when_asked_and_fp16_is_refused(image_data, tmp_path):
+    from pathway.train.config import RecipeError
+    from pathway.train.engine import setup
+
+    def amp_of(value: str):
+        return setup(load_recipe(IMAGE, tiny(image_data, tmp_path, "amp", "train.device=cpu",
+                                             f"train.amp={value}"))).amp_dtype
+
+    assert amp_of("auto") is None and amp_of("fp32") is None
+    assert amp_of("bf16") is torch.bfloat16
+    with pytest.raises(RecipeError, match="'train.amp' = 'fp16' on the CPU.*train.amp=bf16 or fp32"):
+        amp_of("fp16")
+
+
+def test_adamw_is_fused_on_the_cpu(image_data, tmp_path):
+    from pathway.train.engine import build_adapter, build_model
+    from pathway.train.optim import build_optimizer
+
+    recipe = load_recipe(IMAGE, tiny(image_data, tmp_path, "fused", "aux.enabled=false"))
+    model, _ = build_model(recipe, build_adapter(recipe), log=lambda *_: None)
+    optimizer = build_optimizer(model, recipe, 1e-3, log=lambda *_: None)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is True
+
+
+def test_checkpoint_epochs_saves_every_k_epochs_and_the_end(image_data, tmp_path):
+    from pathway.train.checkpoint import list_checkpoints
+    from pathway.train.engine import train
+
+    # 240 training images / 80 = 3 steps an epoch; 3 epochs; a checkpoint after epoch 2 and the final one
+    recipe = load_recipe(IMAGE, tiny(image_data, tmp_path, "every2", "data.batch_size=80", "train.epochs=3",
+                                     "train.max_steps=9", "train.checkpoint_epochs=2", "train.keep_last=9"))
+    train(recipe, progress=False)
+    saved = [p.name for p in list_checkpoints(recipe.run_dir / "checkpoints")]
+    assert saved == ["ckpt-00000006.pt", "ckpt-00000009.pt"]
+
+
+def test_item_seeds_touch_only_the_cpu_generator(image_data, monkeypatch):
+    """torch.manual_seed would reseed CUDA too (and, before CUDA starts, record a stack per item)."""
+    from pathway.train.data import SeededItems
+    from pathway.train.engine import build_adapter
+
+    recipe = load_recipe(IMAGE, [f"data.root={image_data}"])
+    items = SeededItems(build_adapter(recipe).dataset("train", train=True), seed=3)
+    first = items[5][0]
+    monkeypatch.setattr(torch, "manual_seed", lambda *_: pytest.fail("torch.manual_seed called per item"))
+    state = torch.random.get_rng_state()
+    assert torch.equal(items[5][0], first)                         # the same augmentation for the same item
+    assert torch.equal(torch.random.get_rng_state(), state)        # and the global generator is left as it was

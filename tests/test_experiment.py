@@ -1,39 +1,103 @@
-"""The main job (`pathway experiment`) end to end at toy sizes: same code path as the full run."""
+"""The main job (`pathway experiment`) end to end at toy sizes (same code path as the full run), its two
+stand-ins for MiniLM, and the paired intervals its verdict rests on."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
-from pathway.train.experiment import CONDITIONS, make_control, minilm_dir, run_experiment
+from pathway.train.experiment import CONDITIONS, SETTINGS, minilm_dir, perturbed_copy, run_experiment
+from pathway.train.paired import paired_difference
+
+QUERY = "layer.0.attention.self.query.weight"
 
 
 @pytest.mark.slow
-def test_quick_experiment_writes_table_plots_and_folds(tmp_path):
+def test_quick_experiment_writes_both_settings_intervals_plots_and_folds(tmp_path):
     summary = run_experiment(tmp_path, quick=True)
     text = summary.read_text()
+    for setting in SETTINGS:
+        assert f"## {setting.name}: " in text
     for condition in CONDITIONS:
-        assert f"| {condition} |" in text
-    assert text.count("(= baseline)") == len(CONDITIONS)           # folded models are plain-sized
-    assert "## Verdict" in text and "spread" in text
+        assert text.count(f"| {condition} |") == len(SETTINGS)
+    assert text.count("(= baseline)") == len(CONDITIONS) * len(SETTINGS)  # folded models are plain-sized
+    for comparison in ("minilm - baseline", "shuffled - baseline", "minilm - control", "point-mae - control"):
+        assert text.count(f"| {comparison} |") == len(SETTINGS)
+    assert "## Verdict" in text and "95 % CI" in text and "Bonferroni" in text
     assert (tmp_path / "experiment.png").stat().st_size > 10_000
     lambdas = json.loads((tmp_path / "lambdas.json").read_text())
-    assert len(lambdas["minilm-seed0"]) == 24                      # 6 blocks x (qkv, proj, fc1, fc2)
-    report = (tmp_path / "runs" / "minilm-seed0" / "report.txt").read_text()
+    assert len(lambdas["fix/minilm-seed0"]) == 24                  # 6 blocks x (qkv, proj, fc1, fc2)
+    report = (tmp_path / "runs" / "scratch" / "minilm-seed0" / "report.txt").read_text()
     assert "attention.self.{query,key,value}.weight" in report and "24/24" in report
-    for run in ("point-mae-seed1", "minilm-seed1", "control-seed1"):
-        result = json.loads((tmp_path / "runs" / run / "result.json").read_text())
-        assert result["fold_max_abs_diff"] < 1e-4
-
-
-def test_control_keeps_shapes_and_norms_but_not_values(tmp_path):
+    for setting in SETTINGS:
+        for condition in CONDITIONS[1:]:
+            result = json.loads((tmp_path / "runs" / setting.name / f"{condition}-seed1" / "result.json").read_text())
+            assert result["fold_max_abs_diff"] < 1e-4
+    # The fix setting trains only lambda and the classifier: on a shared seed the target starts from the same
+    # random weights, so a folded MiniLM run differs from the baseline's by exactly lambda * MiniLM's matrix.
     from safetensors.torch import load_file
 
-    control = load_file(str(make_control(minilm_dir(), tmp_path / "control") / "model.safetensors"))
+    base = load_file(str(tmp_path / "runs" / "fix" / "baseline-seed0" / "model.safetensors"))
+    connected = load_file(str(tmp_path / "runs" / "fix" / "minilm-seed0" / "model.safetensors"))
+    aux = load_file(str(minilm_dir() / "model.safetensors"))
+    fc1 = next(k for k in aux if k.endswith("layer.0.intermediate.dense.weight"))
+    scale = lambdas["fix/minilm-seed0"]["blocks.0.mlp.fc1.weight"]
+    key = next(k for k in connected if k.endswith("blocks.0.mlp.fc1.weight"))
+    assert scale != 0
+    assert torch.allclose(connected[key] - base[key], scale * aux[fc1].float(), atol=1e-6)
+    assert not (tmp_path / "runs" / "fix" / "baseline-seed0" / "report.txt").exists()  # no aux, nothing connected
+
+
+@pytest.mark.parametrize("kind", ["random", "rows"])
+def test_stand_ins_keep_shapes_and_norms_but_not_values(tmp_path, kind):
+    from safetensors.torch import load_file
+
+    copy = load_file(str(perturbed_copy(minilm_dir(), tmp_path / kind, kind) / "model.safetensors"))
     original = load_file(str(minilm_dir() / "model.safetensors"))
-    name = "encoder.layer.0.attention.self.query.weight"
-    name = name if name in original else next(k for k in original if k.endswith("layer.0.attention.self.query.weight"))
-    assert control[name].shape == original[name].shape
-    assert abs(control[name].norm() - original[name].norm()) < 1e-3 * original[name].norm()
-    assert (control[name] - original[name]).abs().mean() > 1e-3
+    name = next(k for k in original if k.endswith(QUERY))
+    a, b = copy[name].float(), original[name].float()
+    assert a.shape == b.shape
+    assert abs(a.norm() - b.norm()) < 1e-3 * b.norm()
+    assert (a - b).abs().mean() > 1e-3
+    spectrum_a, spectrum_b = torch.linalg.svdvals(a), torch.linalg.svdvals(b)
+    if kind == "rows":  # a permutation of rows: the same rows, the same singular values
+        assert sorted(map(tuple, a.tolist())) == sorted(map(tuple, b.tolist()))
+        assert torch.allclose(spectrum_a, spectrum_b, rtol=1e-4, atol=1e-5)
+    else:               # Gaussian: another spectrum (the pretrained one is far from flat)
+        assert (spectrum_a - spectrum_b).abs().max() > 0.1 * spectrum_b.max()
+    assert all(torch.equal(copy[k], original[k]) for k in original if original[k].dim() < 2)
+
+
+def test_stand_in_is_rewritten_when_asked_for_another_kind(tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "copy"
+    perturbed_copy(minilm_dir(), out, "random")
+    first = load_file(str(out / "model.safetensors"))
+    perturbed_copy(minilm_dir(), out, "rows")
+    second = load_file(str(out / "model.safetensors"))
+    name = next(k for k in first if k.endswith(QUERY))
+    assert not torch.equal(first[name], second[name])
+    assert json.loads((out / "perturbation.json").read_text())["kind"] == "rows"
+    with pytest.raises(ValueError, match="not one of"):
+        perturbed_copy(minilm_dir(), out, "sideways")
+
+
+def test_paired_interval_against_a_hand_computed_one_and_scipy():
+    from scipy.stats import ttest_rel
+
+    # differences 1, 2, 3: mean 2, std 1, t(0.975, 2) = 4.302653 -> half-width 4.302653 / sqrt(3) = 2.48414
+    d = paired_difference({0: 1.0, 1: 2.0, 2: 3.0, 7: 9.0}, {0: 0.0, 1: 0.0, 2: 0.0})  # seed 7 has no pair
+    assert d.n == 3 and d.mean == pytest.approx(2.0) and d.std == pytest.approx(1.0)
+    assert (d.low, d.high) == (pytest.approx(2 - 2.48414, abs=1e-5), pytest.approx(2 + 2.48414, abs=1e-5))
+    assert not d.excludes_zero and d.words() == "not distinguishable from zero"
+    a = {s: v for s, v in enumerate([0.81, 0.84, 0.79, 0.86, 0.83])}
+    b = {s: v for s, v in enumerate([0.78, 0.80, 0.78, 0.82, 0.80])}
+    d = paired_difference(a, b)
+    p = ttest_rel(list(a.values()), list(b.values())).pvalue
+    assert d.excludes_zero == (p < 0.05) and d.words() == "distinguishable from zero: higher"
+    assert paired_difference(a, b, confidence=1 - p).low == pytest.approx(0.0, abs=1e-9)  # the interval meets 0 at p
+    with pytest.raises(ValueError, match="at least 2 shared seeds"):
+        paired_difference({0: 1.0}, {0: 0.5, 1: 0.2})

@@ -151,7 +151,8 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimizer steps (demos, tests); None = all epochs
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPUs that have it, else fp16; fp32 on CPU
+    # auto: bf16 on GPUs that have it, else fp16; fp32 on the CPU, where bf16 is used when asked (fp16 refused)
+    amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     mixup: float = 0.0  # Mixup alpha (0.8 in the paper's image run); classification only
     cutmix: float = 0.0  # CutMix alpha (1.0 in the paper's image run)
     mixup_prob: float = 1.0  # probability of applying mixup or cutmix to a batch
@@ -162,6 +163,7 @@ class TrainConfig:
     eval_every: int = 1  # evaluate every N epochs (and always at the end)
     log_every: int = 10  # optimizer steps between log lines / JSONL rows
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0 = at the end of each epoch only)
+    checkpoint_epochs: int = 1  # epochs between end-of-epoch checkpoints (the final state is always saved)
     keep_last: int = 3  # checkpoints kept on disk
     compile: bool = False  # torch.compile the model (GPU runs)
 
@@ -417,7 +419,8 @@ _RULES: dict[str, tuple[Any, str]] = {  # key -> (predicate, what is allowed); N
     "train.epochs": _AT_LEAST_1, "train.max_steps": _AT_LEAST_1, "train.mixup": _NON_NEGATIVE,
     "train.cutmix": _NON_NEGATIVE, "train.mixup_prob": _FRACTION, "train.mixup_switch_prob": _FRACTION,
     "train.label_smoothing": _BELOW_1, "train.ema_decay": _OPEN_UNIT, "train.eval_every": _AT_LEAST_1,
-    "train.log_every": _AT_LEAST_1, "train.checkpoint_every": _NON_NEGATIVE, "train.keep_last": _AT_LEAST_1,
+    "train.log_every": _AT_LEAST_1, "train.checkpoint_every": _NON_NEGATIVE,
+    "train.checkpoint_epochs": _AT_LEAST_1, "train.keep_last": _AT_LEAST_1,
     "pretrain.mask_ratio": _OPEN_UNIT, "pretrain.decoder_dim": _AT_LEAST_1, "pretrain.decoder_depth": _AT_LEAST_1,
     "pretrain.decoder_heads": _AT_LEAST_1,
 }

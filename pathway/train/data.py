@@ -76,7 +76,9 @@ class SeededItems(Dataset):
         item_seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + i
         py, npy = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(item_seed)
+            # the CPU generator only: torch.manual_seed would also (re)seed CUDA -- whose state fork_rng(devices=[])
+            # does not restore -- and, before CUDA starts, record a stack trace per item (about 1 ms each)
+            torch.random.default_generator.manual_seed(item_seed)
             random.seed(item_seed)
             np.random.seed(item_seed % 2**32)
             try:

@@ -100,13 +100,27 @@ def setup(recipe: Recipe) -> Context:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     amp = recipe.train.amp
-    if device.type == "cpu" or amp == "fp32":
+    if device.type == "cpu" and amp == "fp16":
+        raise RecipeError(f"{recipe.source}: 'train.amp' = 'fp16' on the CPU: autocast there runs bf16 "
+                          f"(fast on CPUs with AMX or AVX-512 BF16) or fp32; use --set train.amp=bf16 or fp32")
+    if amp == "fp32" or (device.type == "cpu" and amp == "auto"):
         amp_dtype = None
+    elif device.type == "cpu":
+        amp_dtype = torch.bfloat16
+        if not native_cpu_bf16() and rank == 0:
+            print("warning: train.amp=bf16 on a CPU without native bf16 matrix units (AMX or AVX-512 BF16): "
+                  "autocast may run slower than fp32 here; --set train.amp=fp32", file=sys.stderr, flush=True)
     elif amp == "auto":
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     else:
         amp_dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return Context(device, rank, world, amp_dtype)
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AMX tiles or AVX-512 BF16), where bf16 autocast pays."""
+    checks = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
+    return any(check is not None and check() for check in checks)
 
 
 def seed_everything(seed: int) -> None:
@@ -517,7 +531,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
             log.write(kind="eval", step=step, epoch=epoch, **last_eval)
             ctx.log(f"eval step {step} epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items())
                     + (f"; {skipped} unreadable file(s) skipped so far" if skipped else ""))
-        if step < total_steps:
+        if step < total_steps and epoch % t.checkpoint_epochs == 0:
             save(step, epoch, position)
     if bar is not None:
         bar.close()

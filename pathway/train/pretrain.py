@@ -33,7 +33,7 @@ from .config import Recipe, batch_plan
 from .data import make_loader, set_epoch
 from .engine import JsonlLog, NonFiniteLossError, optimizer_step, prepare_data, seed_everything, setup, steps_in_epoch
 from .model import TransformerModel, build_transformer
-from .optim import base_lr
+from .optim import adamw, base_lr
 from .owned import claim_run_dir
 from .schedule import apply_lr, lr_at, step_plan
 
@@ -140,7 +140,7 @@ def pretrain(recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:
     plan = batch_plan(recipe, ctx.world)
     lr = base_lr(recipe, plan.global_batch)
     # no decay on 1-D tensors, biases and the encoder's no_weight_decay() (learned position embedding, cls token)
-    optimizer = torch.optim.AdamW(pathway.param_groups(mae, lr, o.weight_decay), lr=lr, betas=tuple(o.betas), eps=o.eps)
+    optimizer = adamw(pathway.param_groups(mae, lr, o.weight_decay), recipe, lr)
     steps_per_epoch = steps_in_epoch(recipe, loader, len(dataset), plan)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp_dtype == torch.float16)
     total, warmup = step_plan(steps_per_epoch, t.epochs, t.max_steps, o.warmup_epochs)
