@@ -200,16 +200,16 @@ def run_experiment(out: str | Path = "results", quick: bool = False) -> Path:
         f"data.root={point_root}", f"output.dir={out / 'aux'}", "output.name=point-mae", *sizes.pretrain])
     pretrained = pretrain(pre)
     timings["pretrain"] = time.perf_counter() - t
-    minilm = [f"aux.checkpoint={minilm_dir()}", "aux.checkpoint_format=transformers"]
-    aux = {
-        "baseline": ["aux.enabled=false"],
-        "point-mae": [f"aux.checkpoint={pretrained['encoder']}", "aux.checkpoint_format=pathway"],
-        "minilm": minilm,
-        "control": [f"aux.checkpoint={perturbed_copy(minilm_dir(), out / 'aux' / 'minilm-random', 'random')}",
-                    "aux.checkpoint_format=transformers"],
-        "shuffled": [f"aux.checkpoint={perturbed_copy(minilm_dir(), out / 'aux' / 'minilm-rows', 'rows')}",
-                     "aux.checkpoint_format=transformers"],
+    minilm = minilm_dir()
+    checkpoints = {
+        "point-mae": (pretrained["encoder"], "pathway"),
+        "minilm": (minilm, "transformers"),
+        "control": (perturbed_copy(minilm, out / "aux" / "minilm-random", "random"), "transformers"),
+        "shuffled": (perturbed_copy(minilm, out / "aux" / "minilm-rows", "rows"), "transformers"),
     }
+    aux = {"baseline": ["aux.enabled=false"]} | {
+        condition: [f"aux.checkpoint={path}", f"aux.checkpoint_format={layout}"]
+        for condition, (path, layout) in checkpoints.items()}
 
     runs: list[Run] = []
     for setting in SETTINGS:
