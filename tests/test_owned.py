@@ -10,7 +10,7 @@ import torch
 from pathway.train import checkpoint as ckpt
 from pathway.train.cli import main
 from pathway.train.demo_data import make_demo_data
-from pathway.train.owned import MARKER, FolderNotOwnedError, claim, clear, owner
+from pathway.train.owned import MARKER, FolderNotOwnedError, claim, owner
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,8 +27,6 @@ def test_claim_marks_new_and_empty_folders_and_refuses_anything_else(tmp_path):
     (mine / "thesis.tex").write_text("years of work\n")
     with pytest.raises(FolderNotOwnedError, match=f"{mine} holds files pathway did not write"):
         claim(mine, "run")
-    with pytest.raises(FolderNotOwnedError, match="is not marked as pathway's"):
-        clear(mine, "run")
     assert (mine / "thesis.tex").read_text() == "years of work\n" and not (mine / MARKER).exists()
 
 
@@ -38,9 +36,12 @@ def test_demo_data_rebuilds_only_its_own_half_written_folder(tmp_path):
     first = sorted(p.relative_to(root) for p in root.rglob("*.npy"))
     assert owner(root) == "demo-data:timeseries" and len(first) == 8
     (root / ".complete").unlink()  # as if the run that made it had been killed
-    (root / "train" / "stray.npy").write_bytes(b"half")
+    (root / "train" / "sine" / "0000.npy").write_bytes(b"half")
+    (root / "train" / "NOTES.md").write_text("the user's\n")
     make_demo_data("timeseries", root, per_class=2)
-    assert sorted(p.relative_to(root) for p in root.rglob("*.npy")) == first  # cleared, then written again
+    assert sorted(p.relative_to(root) for p in root.rglob("*.npy")) == first  # its files deleted, written again
+    assert (root / "train" / "sine" / "0000.npy").read_bytes() != b"half"
+    assert (root / "train" / "NOTES.md").read_text() == "the user's\n"  # not the project's: left as it is
     with pytest.raises(FolderNotOwnedError, match="belongs to another pathway command"):
         make_demo_data("image", root)  # another modality's demo data is not overwritten either
 
@@ -77,8 +78,13 @@ def test_checkpoint_pruning_deletes_only_checkpoints(tmp_path):
 def test_demo_data_of_another_size_is_rewritten_in_its_own_folder(tmp_path):
     root = tmp_path / "demo"
     make_demo_data("timeseries", root, per_class=2)
+    (root / "NOTES.md").write_text("what I changed\n")  # the user's, in the experiment's data folder
+    (root / "val" / "sine" / "mine.npy").write_bytes(b"the user's")
     make_demo_data("timeseries", root, per_class=3)  # e.g. `pathway experiment` after `--quick`
-    assert len(list(root.rglob("*.npy"))) == 12
+    assert len(list(root.rglob("[0-9]*.npy"))) == 12
+    assert (root / "NOTES.md").read_text() == "what I changed\n"
+    assert (root / "val" / "sine" / "mine.npy").read_bytes() == b"the user's"
+    (root / "val" / "sine" / "mine.npy").unlink()
     assert (root / ".complete").read_text() == "timeseries per_class=3 seed=0\n"
     make_demo_data("timeseries", root)  # a recipe's run asks for no size: what is there is used as it is
     assert len(list(root.rglob("*.npy"))) == 12
@@ -88,6 +94,20 @@ def test_demo_data_of_another_size_is_rewritten_in_its_own_folder(tmp_path):
     with pytest.raises(FolderNotOwnedError, match="another size or seed"):
         make_demo_data("timeseries", legacy, per_class=2)
     assert (legacy / "train").is_dir()
+
+
+def test_a_folder_holding_a_recipe_and_a_log_is_not_taken_for_a_run(tmp_path, capsys):
+    """An unmarked folder with recipe.yaml and metrics.jsonl is the user's: never guessed to be an old run."""
+    mine = tmp_path / "myexp"
+    mine.mkdir()
+    (mine / "recipe.yaml").write_text("my notes on a recipe\n")
+    (mine / "metrics.jsonl").write_text('{"my": "numbers"}\n')
+    argv = ["train", str(ROOT / "recipes/demo/timeseries.yaml"), "--set", f"output.dir={tmp_path}",
+            "--set", "output.name=myexp", "--set", f"data.root={tmp_path / 'data'}"]
+    assert main(argv) == 2
+    assert "holds files pathway did not write" in capsys.readouterr().err
+    assert (mine / "recipe.yaml").read_text() == "my notes on a recipe\n"
+    assert (mine / "metrics.jsonl").read_text() == '{"my": "numbers"}\n' and not (mine / MARKER).exists()
 
 
 def test_a_run_folder_under_a_file_is_refused_before_anything_runs(tmp_path):

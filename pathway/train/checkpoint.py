@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch
 from pathway.train.layouts import CheckpointError
 
 __all__ = ["CheckpointError", "rng_state", "set_rng_state", "save_checkpoint", "list_checkpoints", "read_state",
-           "load_latest"]
+           "load_latest", "load_error"]
 
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 
@@ -61,14 +62,36 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path`` via a temp file in the same folder, fsync, rename, fsync the folder."""
+    """``torch.save`` to ``path`` via a temp file in the same folder, fsync, rename, fsync the folder.
+
+    A failed write (a full disk, a quota) removes its temp file and is a CheckpointError naming the file and
+    the free space; ``path`` keeps what it held before."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch's writer reports a short write as RuntimeError ("unexpected pos")
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        raise CheckpointError(f"could not write {path} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                              f"{free / 2**20:.0f} MiB free on its disk: free space (or lower train.keep_last) and "
+                              f"run again; the partial file was removed, earlier checkpoints are intact") from err
     _fsync_dir(path.parent)
+
+
+def load_error(err: Exception) -> str:
+    """What ``torch.load(weights_only=True)`` found wrong in a file, without torch's advice to load it with
+    ``weights_only=False`` (which runs any code the file holds)."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    elif text.startswith("Weights only load failed"):
+        text = "it pickles objects beyond tensors and plain containers"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(err).__name__}: {first.split('. Please')[0][:200]}"  # not torch's advice to allow the class
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
@@ -105,8 +128,7 @@ def read_state(path: Path, required: tuple[str, ...] = ("model",)) -> dict[str, 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated or foreign file: any load error means 'not usable'
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0][:200]})") from err
+        raise CheckpointError(f"checkpoint {path} is unreadable ({load_error(err)})") from err
     missing = [k for k in required if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} is not a training checkpoint (missing entries {missing})")

@@ -24,6 +24,8 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import difflib
+import errno
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -402,6 +404,7 @@ def recipe_from_dict(values: dict[str, Any], where: str = "<recipe>") -> Recipe:
 # Values: ranges and relations, checked when the recipe is read, before anything runs.
 # --------------------------------------------------------------------------------------------
 
+MAX_SEED = 1_000_000
 _POSITIVE, _NON_NEGATIVE, _AT_LEAST_1 = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1")
 _FRACTION = (lambda v: 0 <= v <= 1, "between 0 and 1")
 _BELOW_1 = (lambda v: 0 <= v < 1, "in [0, 1)")
@@ -421,6 +424,8 @@ _RULES: dict[str, tuple[Any, str]] = {  # key -> (predicate, what is allowed); N
     "train.label_smoothing": _BELOW_1, "train.ema_decay": _OPEN_UNIT, "train.eval_every": _AT_LEAST_1,
     "train.log_every": _AT_LEAST_1, "train.checkpoint_every": _NON_NEGATIVE,
     "train.checkpoint_epochs": _AT_LEAST_1, "train.keep_last": _AT_LEAST_1,
+    # per-item seeds are (seed * 1_000_003 + epoch) * 10_000_019 + index (data.py), which must fit torch's 64 bits
+    "train.seed": (lambda v: 0 <= v < MAX_SEED, f"in [0, {MAX_SEED:_})"),
     "pretrain.mask_ratio": _OPEN_UNIT, "pretrain.decoder_dim": _AT_LEAST_1, "pretrain.decoder_depth": _AT_LEAST_1,
     "pretrain.decoder_heads": _AT_LEAST_1,
 }
@@ -434,8 +439,48 @@ def _divisible(where: str, width_key: str, width: int, heads_key: str, heads: in
                           f"by {heads}")
 
 
+def _numbers(value: Any, key: str):
+    """``(dotted key, number)`` of every int or float inside ``value`` (sections, options, lists)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _numbers(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _numbers(v, f"{key}[{i}]")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield key, value
+
+
+# Adapter options that are sizes or counts (a patch of 0 steps, 0 frames): whole numbers >= 1 for every adapter.
+SIZE_OPTIONS = ("img_size", "patch_size", "tubelet_size", "group_size", "num_groups", "num_points", "mesh_points",
+                "num_frames", "num_mel_bins", "target_length", "sample_rate", "sampling_rate", "length", "in_chans",
+                "test_clips", "test_crops", "num_sample")
+
+
+def check_finite(recipe: Recipe, where: str) -> None:
+    """Every number of the recipe is finite: an inf lr trains to NaN, an inf warm-up cannot be counted."""
+    for key, value in _numbers(recipe.to_dict(), ""):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RecipeError(f"{where}: '{key}' = {value}; it must be a finite number")
+
+
+def check_sizes(recipe: Recipe, where: str) -> None:
+    """Widths that round to nothing (an MLP of ``int(mlp_ratio * D)`` = 0 units) and adapter sizes below 1."""
+    m, a = recipe.model, recipe.aux
+    for key, ratio, width in (("model.mlp_ratio", m.mlp_ratio, m.embed_dim),
+                              ("aux.mlp_ratio", a.mlp_ratio, a.embed_dim or m.embed_dim)):
+        if ratio is not None and int(ratio * width) < 1:
+            raise RecipeError(f"{where}: '{key}' = {ratio} gives an MLP of int({ratio} x {width}) = "
+                              f"{int(ratio * width)} units; it must give at least 1 (e.g. 4.0, a ViT's)")
+    for name, value in recipe.data.options.items():
+        if name in SIZE_OPTIONS and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise RecipeError(f"{where}: 'data.options.{name}' = {value!r}; it is a size or count: "
+                              f"a whole number >= 1")
+
+
 def check_values(recipe: Recipe, where: str) -> None:
     """Ranges of single values and the relations between them (widths divisible by heads)."""
+    check_finite(recipe, where)
     for key, (ok, allowed) in _RULES.items():
         section, name = key.split(".")
         value = getattr(getattr(recipe, section), name)
@@ -452,6 +497,7 @@ def check_values(recipe: Recipe, where: str) -> None:
         _divisible(where, "aux.embed_dim" if a.embed_dim else "model.embed_dim", aux_width,
                    "aux.num_heads" if a.num_heads else "model.num_heads", aux_heads)
     _divisible(where, "pretrain.decoder_dim", p.decoder_dim, "pretrain.decoder_heads", p.decoder_heads)
+    check_sizes(recipe, where)
 
 
 @dataclass(frozen=True)
@@ -498,6 +544,8 @@ def batch_plan(recipe: Recipe, world: int) -> BatchPlan:
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in over.items():
+        if value is None and isinstance(out.get(key), dict):
+            continue  # `model:` holding only a comment is YAML null: the section inherits, it is not reset
         if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("options", "pairs"):
             out[key] = _merge(out[key], value)
         elif isinstance(value, dict) and isinstance(out.get(key), dict):
@@ -517,7 +565,10 @@ def _read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         where = f"{seen[-1]}: 'extends'" if seen else "recipe"
         raise RecipeError(f"{where}: file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                          f"save the recipe as UTF-8") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -604,4 +655,19 @@ def check_data(recipe: Recipe) -> None:
         raise RecipeError(f"{recipe.source}: 'data.root' is empty; name the folder or manifest of the "
                           f"'{recipe.data.adapter}' data")
     if not Path(root).exists():
-        raise RecipeError(f"{recipe.source}: 'data.root' = {root!r} does not exist")
+        raise RecipeError(f"{recipe.source}: 'data.root' = {root!r} {_why_missing(Path(root))}")
+
+
+def _why_missing(path: Path) -> str:
+    """Why a path that ``exists()`` denies is not there: a symlink loop, a link to nothing, or nothing at all."""
+    link = next((p for p in (path, *path.parents) if p.is_symlink()), None)
+    if link is None:
+        return "does not exist"
+    try:
+        link.resolve(strict=True)
+    except (RuntimeError, OSError) as err:  # Python 3.11 raises RuntimeError for a loop, later ones OSError ELOOP
+        if isinstance(err, RuntimeError) or err.errno == errno.ELOOP:
+            return f"is a symlink loop ({link} -> {link.readlink()} leads back to itself); point it at the data folder"
+        return f"is a symlink to {link.readlink()}, which does not exist; point it at the data folder"
+    return "does not exist"
+

@@ -12,7 +12,8 @@ so the demo exercises the same readers as a real data set:
 
 ``make_demo_data(adapter, root)`` is idempotent: a finished folder has a ``.complete`` marker. It writes only
 into a folder it owns (``pathway/train/owned.py``): a new or empty one, or one it marked earlier; a folder of
-anything else (say a user's own data set named as ``data.root``) is refused, never cleared.
+anything else (say a user's own data set named as ``data.root``) is refused, never cleared. Rewriting its own
+folder (another size, an interrupted run) deletes only the files its makers write, by their names.
 Heavy libraries (scikit-learn, open3d, PyAV, soundfile) are imported inside the maker that needs them.
 """
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from pathway.errors import OptionError
 
-from .owned import FolderNotOwnedError, check_claimable, claim, clear, owner
+from .owned import FolderNotOwnedError, check_claimable, claim, owner
 
 __all__ = ["MAKERS", "make_demo_data", "check_demo_root"]
 
@@ -140,12 +141,12 @@ def make_timeseries(root: Path, per_class: int, rng: np.random.Generator, length
             np.save(out / f"{i:04d}.npy", series.astype(np.float32))
 
 
-MAKERS: dict[str, tuple[Callable[..., None], int]] = {
-    "image": (make_image, 100),
-    "point": (make_point, 60),
-    "audio": (make_audio, 50),
-    "video": (make_video, 40),
-    "timeseries": (make_timeseries, 100),
+MAKERS: dict[str, tuple[Callable[..., None], int, str]] = {  # adapter -> (maker, items per class, file suffix)
+    "image": (make_image, 100, "png"),
+    "point": (make_point, 60, "npy"),
+    "audio": (make_audio, 50, "wav"),
+    "video": (make_video, 40, "mp4"),
+    "timeseries": (make_timeseries, 100, "npy"),
 }
 
 
@@ -182,18 +183,32 @@ def check_demo_root(adapter: str, root: str | Path) -> bool:
     return False
 
 
+def _remove_demo_files(root: Path, adapter: str) -> None:
+    """Delete the files a maker writes (``{split}/{class}/NNNN.{suffix}`` and ``.complete``) and the folders they
+    leave empty; whatever else the user put in the folder (notes, their own files) stays."""
+    suffix = MAKERS[adapter][2]
+    (root / ".complete").unlink(missing_ok=True)
+    for split in SPLITS:
+        for path in root.glob(f"{split}/*/[0-9][0-9][0-9][0-9].{suffix}"):
+            if path.is_file() and not path.is_symlink():
+                path.unlink()
+        for folder in [*root.glob(f"{split}/*/"), root / split]:
+            if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+                folder.rmdir()
+
+
 def make_demo_data(adapter: str, root: str | Path, per_class: int | None = None, seed: int = 0) -> Path:
     """Write the demo data of ``adapter`` under ``root`` unless it is already complete there.
 
     ``root`` must be new, empty, or a folder this function marked: a half-written one (an interrupted run),
-    or, when ``per_class`` is given, one holding another size or seed of the same data, is cleared and
-    written again; any other folder is a ``FolderNotOwnedError`` and is left untouched. Without ``per_class``
-    (a demo recipe's run) finished demo data of any size is used as it is.
+    or, when ``per_class`` is given, one holding another size or seed of the same data, has its demo files
+    deleted and written again (other files in it stay); any other folder is a ``FolderNotOwnedError`` and is
+    left untouched. Without ``per_class`` (a demo recipe's run) finished demo data of any size is used as it is.
     """
     if adapter not in MAKERS:
         raise OptionError(f"no demo data for adapter {adapter!r}; available: {', '.join(MAKERS)}")
     root = Path(root)
-    maker, default = MAKERS[adapter]
+    maker, default, _ = MAKERS[adapter]
     stamp = _stamp(adapter, per_class or default, seed)
     found = _finished(root, adapter)
     if found == stamp or (found is not None and per_class is None):  # no size asked (a recipe): any will do
@@ -203,7 +218,7 @@ def make_demo_data(adapter: str, root: str | Path, per_class: int | None = None,
                                   f"marked its folders); this run needs {stamp}: delete the folder yourself or "
                                   f"name another data.root")
     claim(root, _kind(adapter), fix=_FIX)
-    clear(root, _kind(adapter))  # only the marker is left: an interrupted run, or another size of the data
+    _remove_demo_files(root, adapter)  # an interrupted run's files, or another size of the data; nothing else
     maker(root, per_class or default, np.random.default_rng(seed))
     (root / ".complete").write_text(stamp + "\n")
     return root

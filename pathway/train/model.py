@@ -11,6 +11,7 @@ aux models built here pair by name, and official ViT-family checkpoints load thr
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,8 @@ if TYPE_CHECKING:
     from pathway.adapters.base import Adapter
 
 __all__ = ["TransformerModel", "build_adapter", "build_transformer", "build_model", "init_from_checkpoint",
-           "open_transformers_aux", "aux_reads"]
+           "open_transformers_aux", "aux_reads", "body_parameters",
+           "check_fits_in_memory"]
 
 
 class TransformerModel(nn.Module):
@@ -172,11 +174,38 @@ def build_adapter(recipe: Recipe, *, need_data: bool = True) -> Adapter:
         raise RecipeError(f"{recipe.source}: 'data.options' for adapter {name!r}: {err}") from None
 
 
+def body_parameters(dim: int, depth: int, mlp_ratio: float) -> int:
+    """Parameters of ``depth`` timm Blocks of width ``dim`` (qkv, proj, the MLP and two LayerNorms each)."""
+    hidden = int(dim * mlp_ratio)
+    return depth * (3 * dim * dim + 3 * dim + dim * dim + dim + 2 * dim * hidden + hidden + dim + 4 * dim)
+
+
+def memory_bytes() -> int | None:
+    """This machine's physical memory (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits_in_memory(recipe: Recipe, section: str, dim: int, depth: int, mlp_ratio: float) -> None:
+    """Refuse, before allocating, a transformer whose fp32 weights alone exceed this machine's memory."""
+    count, total = body_parameters(dim, depth, mlp_ratio), memory_bytes()
+    if total is not None and 4 * count > total:
+        raise RecipeError(f"{recipe.source}: '{section}' of width {dim}, depth {depth}, mlp_ratio {mlp_ratio} holds "
+                          f"about {count:.3g} parameters in its blocks ({4 * count / 2**30:.3g} GiB in fp32, before "
+                          f"gradients and optimizer state), more than this machine's {total / 2**30:.3g} GiB of "
+                          f"memory; lower {section}.embed_dim or {section}.depth")
+
+
 def build_transformer(recipe: Recipe, adapter: Adapter, *, aux: bool = False) -> TransformerModel:
     """A TransformerModel of the recipe's sizes (``aux=True``: the aux section's sizes, no drop path)."""
     m, a = recipe.model, recipe.aux
     pick = (lambda own, fallback: fallback if own is None else own) if aux else (lambda own, fallback: fallback)
     dim = pick(a.embed_dim, m.embed_dim)
+    depth, mlp_ratio = pick(a.depth, m.depth), pick(a.mlp_ratio, m.mlp_ratio)
+    if torch.empty(0).device.type != "meta":  # a dry run builds on meta and allocates nothing
+        check_fits_in_memory(recipe, "aux" if aux else "model", dim, depth, mlp_ratio)
     fc_norm = m.fc_norm and not aux  # only the target's head is used
     if fc_norm and adapter.task not in ("classification", "multilabel"):
         raise RecipeError(f"{recipe.source}: 'model.fc_norm' = true is the global-pool classifier of MAE-family "
@@ -186,9 +215,9 @@ def build_transformer(recipe: Recipe, adapter: Adapter, *, aux: bool = False) ->
         adapter.tokenizer(dim),
         PooledNormHead(dim, adapter.num_classes) if fc_norm else adapter.head(dim),
         embed_dim=dim,
-        depth=pick(a.depth, m.depth),
+        depth=depth,
         num_heads=pick(a.num_heads, m.num_heads),
-        mlp_ratio=pick(a.mlp_ratio, m.mlp_ratio),
+        mlp_ratio=mlp_ratio,
         drop_path=0.0 if aux else m.drop_path,
         cls_token=m.cls_token,
         fc_norm=fc_norm,

@@ -5,22 +5,25 @@ Every folder the engine fills (demo data, a run folder, the experiment's results
 a missing or empty folder is created and marked with a small file naming what owns it; a folder already
 marked for the same purpose is reused; anything else (a user's data set, a folder of notes, a folder
 that another command owns) is a :class:`FolderNotOwnedError` that names the folder and the fix. Only a
-marked folder is ever cleared, and files outside claimed folders are never replaced.
+marked folder is ever written into, and files outside claimed folders are never replaced.
 
-Folders written before markers existed are recognised by what the project itself leaves there
-(``legacy``), so an existing ``runs/`` keeps working.
+A run folder is the project's only if it carries the marker: a folder that merely holds a ``recipe.yaml`` and a
+``metrics.jsonl`` may be the user's own. A run holds its folder's lock (:func:`lock_run_dir`) while it writes
+there, so a second run started on the same folder is refused instead of interleaving its files with the first.
 """
 
 from __future__ import annotations
 
-import shutil
+import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pathway.errors import PathwayError
 
 __all__ = ["MARKER", "FolderNotOwnedError", "OutputExistsError", "RunExistsError", "claim", "check_claimable",
-           "owner", "clear", "check_new_file", "check_run_dir", "claim_run_dir"]
+           "owner", "check_new_file", "check_run_dir", "claim_run_dir", "lock_run_dir", "RunLockedError"]
 
 MARKER = ".pathway-owned"
 
@@ -31,6 +34,10 @@ class FolderNotOwnedError(PathwayError):
 
 class RunExistsError(PathwayError):
     """A new run was started in a run folder that holds checkpoints (continue it with --resume)."""
+
+
+class RunLockedError(PathwayError):
+    """Another live process is writing the same run folder."""
 
 
 class OutputExistsError(PathwayError):
@@ -81,19 +88,6 @@ def claim(folder: str | Path, kind: str, *, legacy: Callable[[Path], bool] | Non
     return folder
 
 
-def clear(folder: Path, kind: str) -> None:
-    """Delete the contents of a folder marked for ``kind`` (the marker stays); anything else is refused."""
-    if owner(folder) != kind:
-        raise _refusal(folder, kind, "is not marked as pathway's", "it was left as it is")
-    for entry in folder.iterdir():
-        if entry.name == MARKER:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
-
-
 def check_new_file(path: str | Path, what: str) -> Path:
     """An output file the user names must not exist yet: nothing of theirs is overwritten."""
     path = Path(path)
@@ -103,20 +97,41 @@ def check_new_file(path: str | Path, what: str) -> Path:
     return path
 
 
-def _legacy_run(folder: Path) -> bool:
-    """A run folder written before markers existed: its recipe plus the engine's logs or checkpoints."""
-    return (folder / "recipe.yaml").is_file() and any(
-        (folder / name).exists() for name in ("checkpoints", "metrics.jsonl", "pretrain.jsonl"))
-
-
 _RUN_FIX = "choose another output.name or output.dir (the run folder is output.dir/output.name)"
 
 
 def check_run_dir(run_dir: str | Path) -> None:
     """Raise unless ``claim_run_dir`` would succeed (before the expensive part of a run); writes nothing."""
-    check_claimable(run_dir, "run", legacy=_legacy_run, fix=_RUN_FIX)
+    check_claimable(run_dir, "run", fix=_RUN_FIX)
 
 
 def claim_run_dir(run_dir: str | Path) -> Path:
     """The run folder ``output.dir/output.name``: new, empty, or one that a pathway run wrote."""
-    return claim(run_dir, "run", legacy=_legacy_run, fix=_RUN_FIX)
+    return claim(run_dir, "run", fix=_RUN_FIX)
+
+
+LOCK = ".pathway-lock"
+
+
+def lock_run_dir(run_dir: Path) -> Any:
+    """Hold the run folder's lock until this process ends (an OS lock: released on exit, crash or kill -9).
+
+    Returns the open lock file, which the caller keeps (closing it releases the lock). A folder another live
+    process holds is a :class:`RunLockedError` naming that process."""
+    import fcntl
+
+    path = Path(run_dir) / LOCK
+    handle = open(path, "a+")  # kept open for the run's lifetime: that is the lock
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunLockedError(f"{run_dir} is in use by another pathway run ({holder}); wait for it to end, or "
+                             f"choose another output.name / output.dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
