@@ -195,14 +195,16 @@ def _torch_load(path: Path) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError (a RuntimeError subclass varies by version)
+        from .checkpoint import load_error  # torch's own text advises weights_only=False: never quoted
+
         if "Unsupported global" in str(err):
             raise CheckpointError(
                 f"{path}: the file pickles Python objects beyond tensors and argparse.Namespace, and pathway does "
                 f"not unpickle freely. Re-save its state dict (torch.save(ckpt['model'], ...)) or convert it to "
-                f"safetensors.\nTorch said: {str(err).splitlines()[0]}"
+                f"safetensors.\nTorch said: {load_error(err)}"
             ) from err
         raise CheckpointError(f"{path}: cannot read it as a torch checkpoint (corrupt, truncated or not a "
-                              f"checkpoint): {type(err).__name__}: {str(err).splitlines()[0][:200]}") from err
+                              f"checkpoint): {load_error(err)}") from err
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
