@@ -23,7 +23,7 @@ import torch
 from pathway.train.layouts import CheckpointError
 
 __all__ = ["CheckpointError", "rng_state", "set_rng_state", "save_checkpoint", "list_checkpoints", "read_state",
-           "load_latest", "load_error"]
+           "load_latest", "load_error", "reseed", "RESUMABLE_CHANGES", "RecipeChangedError", "recipe_changes"]
 
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 
@@ -48,6 +48,40 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def reseed(seed: int) -> None:
+    """Fresh RNG streams of python, numpy and torch (CPU and CUDA) from ``seed``: a rank that a checkpoint holds
+    no state for (the run resumed on more processes than it was saved from)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# Keys that may differ between a run's checkpoints and the recipe it is resumed with: where outputs go, how
+# often they are written, the device and worker count. Any other change would mix two runs in one.
+RESUMABLE_CHANGES = ("description", "output.dir", "output.name", "output.plots", "data.root", "data.num_workers",
+                     "train.device", "train.compile", "train.log_every", "train.checkpoint_every",
+                     "train.checkpoint_minutes", "train.checkpoint_epochs", "train.keep_last")
+
+
+class RecipeChangedError(CheckpointError):
+    """A run was resumed with a recipe that differs from its checkpoints' in a key that shapes the run."""
+
+
+def _flat(value: Any, key: str = "") -> dict[str, Any]:
+    """``{"model": {"depth": 2}}`` -> ``{"model.depth": 2}``; ``pathway.pairs`` (keys are patterns) stays whole."""
+    if not isinstance(value, dict) or key == "pathway.pairs":
+        return {key: list(value) if isinstance(value, tuple) else value}
+    return {k: v for name, inner in value.items() for k, v in _flat(inner, f"{key}.{name}" if key else name).items()}
+
+
+def recipe_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for each recipe key (not in RESUMABLE_CHANGES) whose value differs; a key one of the
+    two recipes lacks (written by another version of pathway) is not compared."""
+    old, new = _flat(saved), _flat(current)
+    return [f"{key}: {old[key]!r} -> {new[key]!r}" for key in new
+            if key in old and key not in RESUMABLE_CHANGES and old[key] != new[key]]
 
 
 def _fsync_dir(path: Path) -> None:

@@ -2,7 +2,8 @@
 
 Every command that takes a recipe accepts ``--set section.key=value`` (repeatable, YAML values) and
 ``--dry-run``. Errors a user can fix (recipe, data, checkpoint) print one message and exit 2,
-without a traceback.
+without a traceback. A run stopped by a signal exits 128 + the signal (SIGTERM 143, Ctrl-C 130) after saying
+where it stopped.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ EPILOG = """examples:
   pathway train recipes/paper/imagenet_mae_point.yaml --rehearse  # run it for real on tiny official-layout data
   pathway train RECIPE --rehearse --world 2                        # the same on 2 CPU processes (gloo)
   torchrun --nproc-per-node 8 -m pathway train RECIPE            # DDP
-  pathway train RECIPE --resume                                 # continue from the last checkpoint
+  pathway train RECIPE                                          # again: continues the run from its last checkpoint
   pathway pretrain recipes/demo/point_mae.yaml                   # MAE encoder, usable as aux.checkpoint
   pathway eval RECIPE --weights runs/NAME/model.safetensors
   pathway fold runs/NAME/checkpoints/ckpt-00000100.pt -o folded.safetensors
@@ -58,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "target, check and save the folded model, metrics and plots.")
     _add_recipe_args(p)
     p.add_argument("--resume", action="store_true",
-                   help="continue from the newest readable checkpoint of the run folder")
+                   help="require a checkpoint to continue from (a run folder holding checkpoints is continued anyway, "
+                        "when its recipe is the same)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate, build on the meta device, print pairs and plan, exit")
     p.add_argument("--rehearse", action="store_true",
@@ -137,8 +139,10 @@ def _cmd_train(args) -> int:
         print(dry_run(recipe, world=int(os.environ.get("WORLD_SIZE", "1"))))
         return 0
     from .engine import train
+    from .preempt import StopSignals
 
-    result = train(recipe, resume=args.resume, progress=not args.no_progress)
+    with StopSignals() as stops:  # SIGTERM, SIGUSR1, Ctrl-C: finish the step, checkpoint, stop
+        result = train(recipe, resume=args.resume, progress=not args.no_progress, stops=stops)
     if result.get("metrics"):
         print("final: " + ", ".join(f"{k} {v:.4g}" for k, v in result["metrics"].items()))
     return 0
@@ -230,12 +234,21 @@ def main(argv: list[str] | None = None) -> int:
     Recipe, adapter, data, checkpoint, folder and loss errors are all PathwayErrors that name what to fix; an
     OSError (a file that cannot be read or written) names its path. argparse handles wrong commands and flags.
     """
+    from .preempt import RunStopped
+
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
+    except RunStopped as err:
+        print(f"pathway {args.command}: {err}", file=sys.stderr)
+        return err.exit_code
     except (PathwayError, OSError) as err:
         print(f"pathway {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"pathway {args.command}: interrupted (Ctrl-C); files are written whole or not at all, so a training "
+              f"run continues from its last checkpoint when the same command runs again", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -79,7 +79,9 @@ class DataConfig:
     batch_size: int = 64  # per process and per micro-step
     global_batch: int | None = None  # items per optimizer step over all processes (the paper's batch): the engine
     #   derives the accumulation, global_batch / (batch_size * processes); None: optim.accum_steps says it
-    num_workers: int = 4  # DataLoader workers (0 = load in the main process)
+    num_workers: int | None = None  # DataLoader workers per process (0 = load in the main process); None: the
+    #   process's share of this machine's CPU cores less one, at most 16 on a GPU and 4 on the CPU (data.py)
+    prefetch_factor: int = 2  # batches each worker loads ahead (torch's default); raise it when data_wait is high
     num_classes: int | None = None  # only for builds without the data (dry runs, inspect); else counted by the adapter
     demo: bool = False  # generate the embedded demo data at root when it is missing (pathway/train/demo_data.py)
 
@@ -164,7 +166,9 @@ class TrainConfig:
     ema_decay: float = 0.9999
     eval_every: int = 1  # evaluate every N epochs (and always at the end)
     log_every: int = 10  # optimizer steps between log lines / JSONL rows
-    checkpoint_every: int = 0  # optimizer steps between checkpoints (0 = at the end of each epoch only)
+    checkpoint_every: int = 0  # optimizer steps between checkpoints (0 = none by steps)
+    checkpoint_minutes: float = 30.0  # wall-clock minutes between checkpoints (0 = none by time): a preempted run
+    #   loses at most this much; an ImageNet epoch of ViT-B on 8 GPUs is longer
     checkpoint_epochs: int = 1  # epochs between end-of-epoch checkpoints (the final state is always saved)
     keep_last: int = 3  # checkpoints kept on disk
     compile: bool = False  # torch.compile the model (GPU runs)
@@ -411,6 +415,7 @@ _BELOW_1 = (lambda v: 0 <= v < 1, "in [0, 1)")
 _OPEN_UNIT = (lambda v: 0 < v < 1, "strictly between 0 and 1")
 _RULES: dict[str, tuple[Any, str]] = {  # key -> (predicate, what is allowed); None values are not checked
     "data.batch_size": _AT_LEAST_1, "data.num_workers": _NON_NEGATIVE, "data.num_classes": _AT_LEAST_1,
+    "data.prefetch_factor": _AT_LEAST_1,
     "model.embed_dim": _AT_LEAST_1, "model.depth": _AT_LEAST_1, "model.num_heads": _AT_LEAST_1,
     "model.mlp_ratio": _POSITIVE, "model.drop_path": _BELOW_1,
     "aux.embed_dim": _AT_LEAST_1, "aux.depth": _AT_LEAST_1, "aux.num_heads": _AT_LEAST_1, "aux.mlp_ratio": _POSITIVE,
@@ -422,7 +427,7 @@ _RULES: dict[str, tuple[Any, str]] = {  # key -> (predicate, what is allowed); N
     "train.epochs": _AT_LEAST_1, "train.max_steps": _AT_LEAST_1, "train.mixup": _NON_NEGATIVE,
     "train.cutmix": _NON_NEGATIVE, "train.mixup_prob": _FRACTION, "train.mixup_switch_prob": _FRACTION,
     "train.label_smoothing": _BELOW_1, "train.ema_decay": _OPEN_UNIT, "train.eval_every": _AT_LEAST_1,
-    "train.log_every": _AT_LEAST_1, "train.checkpoint_every": _NON_NEGATIVE,
+    "train.log_every": _AT_LEAST_1, "train.checkpoint_every": _NON_NEGATIVE, "train.checkpoint_minutes": _NON_NEGATIVE,
     "train.checkpoint_epochs": _AT_LEAST_1, "train.keep_last": _AT_LEAST_1,
     # per-item seeds are (seed * 1_000_003 + epoch) * 10_000_019 + index (data.py), which must fit torch's 64 bits
     "train.seed": (lambda v: 0 <= v < MAX_SEED, f"in [0, {MAX_SEED:_})"),

@@ -16,10 +16,9 @@ A modality enters only through its adapter (data, tokenizer, head, task, metric)
 from __future__ import annotations
 
 import json
-import math
 import os
+import signal
 import sys
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -35,13 +34,18 @@ import pathway
 from . import checkpoint as ckpt
 from .config import BatchPlan, Recipe, RecipeError, batch_plan, check_adapter, check_data
 from .data import Repeated, collate, make_loader, set_epoch
+from .distributed import agreed_loss, gather_rows, release, sync_batchnorm
 from .metrics import MetricAccumulator
 from .model import TransformerModel, build_adapter, build_model
 from .optim import base_lr, build_mixup, build_optimizer, compute_loss
-from .owned import RunExistsError, check_run_dir, claim_run_dir
+from .owned import check_run_dir, claim_run_dir, lock_run_dir
+from .preempt import CheckpointClock, RunStopped, StopSignals, agree
 from .schedule import apply_lr, lr_at, step_plan
+from .seeding import seed_everything, seed_rank_streams
+from .throughput import Window
 
-__all__ = ["NonFiniteLossError", "Context", "setup", "train", "evaluate", "fold_and_check", "mean_abs_lambda"]
+__all__ = ["NonFiniteLossError", "RunStopped", "WorldSizeError", "Context",
+           "setup", "train", "evaluate", "fold_and_check", "mean_abs_lambda"]
 
 
 class LogError(pathway.PathwayError):
@@ -50,6 +54,10 @@ class LogError(pathway.PathwayError):
 
 class NonFiniteLossError(pathway.PathwayError):
     """The loss became NaN or infinite; the last safe state was saved before stopping."""
+
+
+class WorldSizeError(ckpt.CheckpointError):
+    """A run resumed on another number of processes whose batch that number would change."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,6 +71,7 @@ class Context:
     rank: int = 0
     world: int = 1
     amp_dtype: torch.dtype | None = None  # None: full precision
+    owns_group: bool = False  # setup() started the process group, and the run destroys it at its end
 
     @property
     def main(self) -> bool:
@@ -97,7 +106,8 @@ def setup(recipe: Recipe) -> Context:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    owns_group = world > 1 and not dist.is_initialized()
+    if owns_group:
         dist.init_process_group("nccl" if cuda else "gloo")
     amp = recipe.train.amp
     if device.type == "cpu" and amp == "fp16":
@@ -114,23 +124,13 @@ def setup(recipe: Recipe) -> Context:
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     else:
         amp_dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return Context(device, rank, world, amp_dtype)
+    return Context(device, rank, world, amp_dtype, owns_group)
 
 
 def native_cpu_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices natively (AMX tiles or AVX-512 BF16), where bf16 autocast pays."""
     checks = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
     return any(check is not None and check() for check in checks)
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,6 +202,9 @@ def best_evaluation(best: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]
     return {key: row[key], "epoch": row["epoch"], "step": row["step"]}
 
 
+END_ROWS = ("test", "best")  # written once, after the final checkpoint
+
+
 class JsonlLog:
     """Append-only JSONL of metrics; on resume, rows written after the checkpoint's step are dropped."""
 
@@ -209,9 +212,10 @@ class JsonlLog:
         self.path, self.main = path, main
 
     def truncate_after(self, step: int) -> None:
+        """Keep the rows up to ``step``, less the end-of-run rows (``test``, ``best``) the resumed run writes again."""
         if not self.main or not self.path.exists():
             return
-        rows = [r for r in self.rows() if r.get("step", 0) <= step]
+        rows = [r for r in self.rows() if r.get("step", 0) <= step and r.get("kind") not in END_ROWS]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def write(self, **row: Any) -> None:
@@ -256,11 +260,15 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, ctx: Context, metric: str, task: str) -> dict[str, float]:
-    """The adapter's metric over ``loader`` (every rank's share gathered), plus the mean loss.
+    """The adapter's metric over ``loader``, plus the mean loss.
 
-    Items are ``(x, y)``, or ``(x, y, item)`` for the views of a multi-view test: one view per row, streamed
-    batch by batch (never the views of an item stacked in memory), the softmax probabilities of an item's
-    views averaged by the accumulator (VideoMAE's ``merge``); the loss is the mean over views."""
+    Under DDP every rank scores its share (the evaluation sampler's ``rank::world``, no padding) and the rows are
+    gathered in the data set's order (``distributed.gather_rows``): the metric of one process scoring the whole
+    split. Pass the plain model, not the DDP wrapper: the shares differ in length by one, so no rank may wait on
+    a collective inside a forward. Items are ``(x, y)``, or ``(x, y, item)`` for the views of a multi-view test:
+    one view per row, streamed batch by batch (never the views of an item stacked in memory), the softmax
+    probabilities of an item's views averaged by the accumulator (VideoMAE's ``merge``); the loss is the mean over
+    views."""
     was_training = model.training
     model.eval()
     acc = MetricAccumulator(metric)
@@ -273,13 +281,11 @@ def evaluate(model: nn.Module, loader, ctx: Context, metric: str, task: str) -> 
         n += y.shape[0]
         acc.add(logits, y, item=item[0] if item else None)
     model.train(was_training)
+    acc.logits, acc.targets, acc.items = (gather_rows(rows, ctx) for rows in (acc.logits, acc.targets, acc.items))
     if ctx.world > 1:
-        parts: list[Any] = [None] * ctx.world
-        dist.all_gather_object(parts, (acc.logits, acc.targets, acc.items, loss_sum, n))
-        acc.logits = [t for p in parts for t in p[0]]
-        acc.targets = [t for p in parts for t in p[1]]
-        acc.items = [t for p in parts for t in p[2]]
-        loss_sum, n = sum(p[3] for p in parts), sum(p[4] for p in parts)
+        totals = torch.tensor([loss_sum, float(n)], dtype=torch.float64, device=ctx.device)
+        dist.all_reduce(totals)
+        loss_sum, n = totals.tolist()
     return {**acc.compute(), "loss": loss_sum / max(1, n)}
 
 
@@ -328,34 +334,31 @@ def optimizer_step(net: nn.Module, batches, loss_of: Callable[[Any], tuple[Tenso
                    on_nonfinite: Callable[[float], None]) -> tuple[float, int]:
     """One optimizer step over ``accum_steps`` micro-batches; returns (mean loss, samples seen on all ranks).
 
-    ``loss_of(batch)`` gives a micro-batch's loss and size. Every rank agrees on whether the loss is finite;
-    if not, ``on_nonfinite(value)`` runs (it saves and raises) before any gradient of this step is applied.
-    Under fp16 the grad scaler scales the loss and unscales before clipping.
+    ``loss_of(batch)`` gives a micro-batch's loss and size. The losses are added up on the device; once the last
+    backward is queued, one host sync reads the step's loss and whether it is finite on every rank
+    (``distributed.agreed_loss``), not one per micro-batch. If not, ``on_nonfinite(value)`` runs on every rank
+    (it saves and raises) before any gradient of this step is applied. Under fp16 the grad scaler scales the loss
+    and unscales before clipping.
     """
-    loss_sum, seen = 0.0, 0
+    loss_sum, seen = torch.zeros((), device=ctx.device), 0
     for micro in range(accum_steps):
         batch = to_device(next(batches), ctx.device)
         sync = micro == accum_steps - 1 or ctx.world == 1
         with (nullcontext() if sync else net.no_sync()), pathway.cached(), ctx.autocast():
             loss, size = loss_of(batch)
-        value = loss.item()  # the one host sync of a micro-step
-        finite = math.isfinite(value)
-        if ctx.world > 1:  # every rank stops together
-            flag = torch.tensor([float(finite)], device=ctx.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            finite = flag.item() == 1.0
-        if not finite:
-            on_nonfinite(value)
         scaler.scale(loss / accum_steps).backward()
-        loss_sum += value / accum_steps
+        loss_sum += loss.detach().float() / accum_steps
         seen += size * ctx.world
+    value, finite = agreed_loss(loss_sum, ctx)  # the one host sync of the step; every rank stops together
+    if not finite:
+        on_nonfinite(value)
     if clip_grad is not None:
         scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, seen
+    return value, seen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,16 +366,25 @@ def optimizer_step(net: nn.Module, batches, loss_of: Callable[[Any], tuple[Tenso
 # ---------------------------------------------------------------------------------------------
 
 
-def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run a recipe to the end; returns the final metrics and the paths written."""
+def train(recipe: Recipe, *, resume: bool = False, progress: bool = True,
+          stops: StopSignals | None = None) -> dict[str, Any]:
+    """Run a recipe to the end; returns the final metrics and the paths written.
+
+    A run folder that holds checkpoints is continued (the same command after a preemption resumes), provided its
+    recipe is the one the checkpoints were written with; ``resume=True`` insists that there is one to continue.
+    ``stops`` (the CLI's :class:`StopSignals`): a signal it received ends the run after the current optimizer step
+    with a checkpoint and :class:`RunStopped`.
+    """
     ctx = setup(recipe)
     t, o = recipe.train, recipe.optim
     run_dir = recipe.run_dir
     ckpt_dir = run_dir / "checkpoints"
+    stops = stops or StopSignals()  # not entered: no handler installed, nothing is ever received
 
     if resume and not ckpt.list_checkpoints(ckpt_dir):
         raise ckpt.CheckpointError(f"--resume: {ckpt_dir} holds no checkpoint to continue from; start the run "
                                    f"without --resume, or name its output.dir / output.name")
+    resume = bool(ckpt.list_checkpoints(ckpt_dir))  # auto-resume: a requeued job runs the same command again
     if ctx.main:
         check_run_dir(run_dir)
 
@@ -381,7 +393,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
     train_set = adapter.dataset(recipe.data.train_split, train=True)
     val_set = adapter.dataset(recipe.data.val_split, train=False) if recipe.data.val_split else None
     loader_args = dict(batch_size=recipe.data.batch_size, num_workers=recipe.data.num_workers, seed=t.seed,
-                       rank=ctx.rank, world=ctx.world)
+                       rank=ctx.rank, world=ctx.world, prefetch_factor=recipe.data.prefetch_factor)
     train_loader, train_sampler = make_loader(train_set, shuffle=True, **loader_args)
     val_loader = make_loader(val_set, shuffle=False, **loader_args)[0] if val_set is not None else None
     plan = batch_plan(recipe, ctx.world)
@@ -391,19 +403,17 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
 
     # -- model ----------------------------------------------------------------------------------
     seed_everything(t.seed)
-    if ctx.main and not resume and ckpt.list_checkpoints(ckpt_dir):
-        raise RunExistsError(f"{run_dir} already holds checkpoints; pass --resume to continue it, "
-                             f"or choose another output.name / output.dir")
     example = first_sample(train_set)[0][None]  # the core reads both graphs on a real input
     model, report = build_model(recipe, adapter, example=example, log=ctx.log)
     if ctx.main:
         claim_run_dir(run_dir)
+        _lock = lock_run_dir(run_dir)  # held while this call runs: the file closes, and the lock goes, at its end
     if report is not None:
         ctx.log(str(report))
         if ctx.main:
             (run_dir / "report.txt").write_text(str(report) + "\n")
             (run_dir / "report.json").write_text(json.dumps(report.to_dict(), indent=1))
-    model.to(ctx.device)
+    model = sync_batchnorm(model.to(ctx.device), ctx)
     lr = base_lr(recipe, plan.global_batch)
     ctx.log(f"optimizer {o.optimizer} lr {lr:.3g} ({plan}), groups:")
     optimizer = build_optimizer(model, recipe, lr, log=ctx.log)
@@ -415,11 +425,12 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
         ema = ModelEmaV3(model, decay=t.ema_decay)
     mixup = build_mixup(recipe, adapter.num_classes, adapter.task)
     net: nn.Module = model
-    if t.compile:
-        net = torch.compile(net)
     if ctx.world > 1:
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
+    if t.compile:  # after the DDP wrap, as torch documents: the compiler then splits the graph at DDP's buckets
+        net = torch.compile(net)
+    seed_rank_streams(t.seed, ctx.rank)  # the model is built alike everywhere; mixup, drop path draw per rank
 
     # -- resume -----------------------------------------------------------------------------------
     step, epoch, position = 0, 0, 0  # optimizer steps done; epoch; micro-batches consumed in it
@@ -427,13 +438,21 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
     lam_log = JsonlLog(run_dir / "lambdas.jsonl", ctx.main)
     if resume:
         path, state = ckpt.load_latest(ckpt_dir, log=ctx.log)
+        check_resumable(state, recipe, ctx, plan, path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
-        step, epoch, position = state["step"], state["epoch"], state["position"]
-        ckpt.set_rng_state(state["rng"][ctx.rank])
+        step, epoch = state["step"], state["epoch"]
+        saved_world = state.get("world", len(state["rng"]))
+        position = state["position"] // batch_plan(recipe, saved_world).accum_steps * accum  # whole steps, any world
+        if saved_world == ctx.world:
+            ckpt.set_rng_state(state["rng"][ctx.rank])
+        else:  # per-rank streams cannot be carried to another world: fresh ones, distinct per rank and step
+            ckpt.reseed(t.seed * 1_000_003 + step * 4_099 + ctx.rank)
+            ctx.log(f"resumed on {ctx.world} process(es) a run saved from {saved_world}: {plan}; the rest of epoch "
+                    f"{epoch} reads this world's share of its order, and the random streams restart")
         log.truncate_after(step)
         lam_log.truncate_after(step)
         ctx.log(f"resumed from {path}: step {step}, epoch {epoch}, batch {position}")
@@ -445,6 +464,8 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
     ctx.log(f"plan: {t.epochs} epochs x {steps_per_epoch} steps (total {total_steps}, warm-up {warmup_steps}), "
             f"{ctx.world} process(es) on {ctx.device}, amp {ctx.amp_dtype or 'off'}, run folder {run_dir}")
 
+    clock = CheckpointClock(t.checkpoint_minutes)
+
     def save(at_step: int, at_epoch: int, at_position: int) -> Path | None:
         rngs: list[Any] = [ckpt.rng_state()]
         if ctx.world > 1:
@@ -455,8 +476,9 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
         state = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "ema": ema.state_dict() if ema is not None else None, "step": at_step, "epoch": at_epoch,
-            "position": at_position, "rng": rngs, "recipe": recipe.to_dict(),
+            "position": at_position, "rng": rngs, "world": ctx.world, "recipe": recipe.to_dict(),
         }
+        clock.saved()
         return ckpt.save_checkpoint(ckpt_dir, state, at_step, t.keep_last)
 
     # -- train ------------------------------------------------------------------------------------
@@ -488,27 +510,25 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
     for row in log.rows() if resume else ():  # the evaluations before the checkpoint (the log is truncated to it)
         if row["kind"] == "eval":
             best = best_evaluation(best, row)
-    tick, seen = time.perf_counter(), 0
+            last_eval = {k: v for k, v in row.items() if k not in ("kind", "step", "epoch")}
+    window = Window()  # samples/s and the wait for data, per log row
     while step < total_steps and epoch < t.epochs:
         set_epoch(train_loader, train_sampler, epoch, position)
-        batches = iter(train_loader)
+        batches = window.batches(train_loader)
         while position < steps_per_epoch * accum and step < total_steps:
             apply_lr(optimizer, lr_at(step, base_lr=lr, total_steps=total_steps, warmup_steps=warmup_steps,
                                       min_lr=o.min_lr))
             loss_sum, samples = optimizer_step(net, batches, loss_of, optimizer, scaler, ctx, accum, o.clip_grad, stop)
             position += accum
-            seen += samples
+            window.add(samples)
             if ema is not None:
                 ema.update(model, step=step)
             step += 1
 
             if step % t.log_every == 0 or step == total_steps:
-                now = time.perf_counter()
                 row = {"kind": "train", "step": step, "epoch": epoch, "loss": loss_sum,
                        "lr": optimizer.param_groups[0]["lr"], "lambda_abs": mean_abs_lambda(model),
-                       "samples_per_s": seen / max(now - tick, 1e-9),
-                       "unreadable_files": unreadable_files(adapter, ctx)}
-                tick, seen = now, 0
+                       **window.row(ctx), "unreadable_files": unreadable_files(adapter, ctx)}
                 log.write(**row)
                 lam_log.write(step=step, **lambda_values(model))
                 if bar is not None:
@@ -516,23 +536,31 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
                                     sps=f"{row['samples_per_s']:.0f}")
             if bar is not None:
                 bar.update(1)
-            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < total_steps:
+            stop_now, due = agree(stops.received is not None, clock.due(), ctx.world, ctx.device)
+            if stop_now:
+                saved = save(step, epoch, position)
+                raise RunStopped(f"stopped by {stops.name} after step {step} of {total_steps} (epoch {epoch}); "
+                                 f"checkpoint {saved or 'written by rank 0'}; run the same command again to continue",
+                                 exit_code=128 + (stops.received or signal.SIGTERM))
+            if (due or (t.checkpoint_every and step % t.checkpoint_every == 0)) and step < total_steps:
                 save(step, epoch, position)
 
         if position >= steps_per_epoch * accum:  # the epoch is complete
             epoch, position = epoch + 1, 0
-        if val_loader is not None and (epoch % t.eval_every == 0 or step >= total_steps):
-            last_eval = evaluate(net, val_loader, ctx, adapter.metric, adapter.task)
-            if ema is not None:
-                ema_eval = evaluate(ema.module, val_loader, ctx, adapter.metric, adapter.task)
-                last_eval.update({f"ema_{k}": v for k, v in ema_eval.items()})
-            best = best_evaluation(best, {**last_eval, "epoch": epoch, "step": step})
-            skipped = unreadable_files(adapter, ctx)
-            log.write(kind="eval", step=step, epoch=epoch, **last_eval)
-            ctx.log(f"eval step {step} epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items())
-                    + (f"; {skipped} unreadable file(s) skipped so far" if skipped else ""))
-        if step < total_steps and epoch % t.checkpoint_epochs == 0:
-            save(step, epoch, position)
+        with window.paused():
+            if val_loader is not None and (epoch % t.eval_every == 0 or step >= total_steps):
+                last_eval = evaluate(model, val_loader, ctx, adapter.metric, adapter.task)
+                if ema is not None:
+                    ema_eval = evaluate(ema.module, val_loader, ctx, adapter.metric, adapter.task)
+                    last_eval.update({f"ema_{k}": v for k, v in ema_eval.items()})
+                best = best_evaluation(best, {**last_eval, "epoch": epoch, "step": step})
+                skipped = unreadable_files(adapter, ctx)
+                log.write(kind="eval", step=step, epoch=epoch, **last_eval)
+                ctx.log(f"eval step {step} epoch {epoch}: "
+                        + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items())
+                        + (f"; {skipped} unreadable file(s) skipped so far" if skipped else ""))
+            if step < total_steps and epoch % t.checkpoint_epochs == 0:
+                save(step, epoch, position)
     if bar is not None:
         bar.close()
     save(step, epoch, position)
@@ -542,7 +570,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
     test_set = multiview_test_set(adapter, recipe.data.val_split)
     if test_set is not None:
         test_loader = make_loader(test_set, shuffle=False, **loader_args)[0]
-        result["test_metrics"] = evaluate(net, test_loader, ctx, adapter.metric, adapter.task)
+        result["test_metrics"] = evaluate(model, test_loader, ctx, adapter.metric, adapter.task)
         log.write(kind="test", step=step, epoch=epoch, views=len(adapter.test_views()), **result["test_metrics"])
         ctx.log(f"test ({len(adapter.test_views())} views per item, probabilities averaged): "
                 + ", ".join(f"{k} {v:.4g}" for k, v in result["test_metrics"].items()))
@@ -562,7 +590,27 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
         result.update(finish(model, recipe, adapter, val_set or train_set, ctx, log, lam_log,
                              extra={k: v for k, v in result.items() if k != "run_dir"}))
     ctx.barrier()
+    release(ctx)
     return result
+
+
+def check_resumable(state: dict[str, Any], recipe: Recipe, ctx: Context, plan: BatchPlan, path: Path) -> None:
+    """Refuse to continue checkpoints with a recipe that changed a key shaping the run, or on another number of
+    processes when that would change the batch (without ``data.global_batch`` it grows with the processes)."""
+    changes = ckpt.recipe_changes(state["recipe"], recipe.to_dict())
+    if changes:
+        raise ckpt.RecipeChangedError(
+            f"{recipe.run_dir} holds checkpoints of another recipe ({path.name}): {'; '.join(changes)}. Continue it "
+            f"with the recipe it was started with (it is saved in the checkpoint; `pathway fold` reads it), or start "
+            f"the new recipe in another output.name")
+    saved_world = state.get("world", len(state["rng"]))
+    if saved_world != ctx.world and recipe.data.global_batch is None:
+        saved = batch_plan(recipe, saved_world)
+        raise WorldSizeError(
+            f"{path} was written by {saved_world} process(es) and this run has {ctx.world}: without "
+            f"data.global_batch the global batch would change from {saved.global_batch} to {plan.global_batch}: "
+            f"run it on {saved_world} process(es) (a recipe that states data.global_batch keeps its batch on any "
+            f"number, through accumulation)")
 
 
 def replica_difference(model: nn.Module, ctx: Context) -> float:

@@ -20,9 +20,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pathway.errors import PathwayError
+
 from .layouts import engine_to_timm
 
-__all__ = ["timm_vit_kwargs", "save_folded"]
+__all__ = ["NonFiniteWeightsError", "timm_vit_kwargs", "save_folded"]
+
+
+class NonFiniteWeightsError(PathwayError):
+    """The weights to export hold NaN or inf: nothing is written."""
+
 
 def timm_vit_kwargs(model: nn.Module, adapter: Any) -> dict[str, Any]:
     """``timm.create_model`` kwargs that rebuild ``model`` (image adapter) as a VisionTransformer.
@@ -47,9 +54,16 @@ def _contiguous(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def save_folded(model: nn.Module, adapter: Any, run_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Write the (folded) model; for images also in timm keys, checked by loading it into timm."""
+    """Write the (folded) model; for images also in timm keys, checked by loading it into timm. Weights holding
+    NaN or inf are refused (:class:`NonFiniteWeightsError`), not exported."""
     from safetensors.torch import save_file
 
+    bad = [name for name, tensor in model.state_dict().items()
+           if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise NonFiniteWeightsError(f"{len(bad)} of {len(model.state_dict())} tensors hold NaN or inf (e.g. "
+                                    f"{', '.join(bad[:3])}); no model file was written. The training diverged: lower "
+                                    f"the lr (optim.blr / optim.lr) or set optim.clip_grad")
     out: dict[str, Any] = {}
     path = run_dir / "model.safetensors"
     save_file(_contiguous(model.state_dict()), str(path), metadata={"format": "pathway", "layout": "TransformerModel"})

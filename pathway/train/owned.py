@@ -22,7 +22,7 @@ from typing import Any
 
 from pathway.errors import PathwayError
 
-__all__ = ["MARKER", "FolderNotOwnedError", "OutputExistsError", "RunExistsError", "claim", "check_claimable",
+__all__ = ["MARKER", "FolderNotOwnedError", "OutputExistsError", "claim", "check_claimable",
            "owner", "check_new_file", "check_run_dir", "claim_run_dir", "lock_run_dir", "RunLockedError"]
 
 MARKER = ".pathway-owned"
@@ -30,10 +30,6 @@ MARKER = ".pathway-owned"
 
 class FolderNotOwnedError(PathwayError):
     """A folder the project would write into holds files it did not write."""
-
-
-class RunExistsError(PathwayError):
-    """A new run was started in a run folder that holds checkpoints (continue it with --resume)."""
 
 
 class RunLockedError(PathwayError):
