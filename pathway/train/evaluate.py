@@ -67,16 +67,21 @@ def evaluate_weights(recipe: Recipe, weights: Path, split: str | None = None, ct
     """The adapter's metric of ``weights`` on ``split`` (default ``data.val_split``), by the test protocol.
 
     ``ctx``: the engine ``Context`` to run in (default: set up from the recipe and the environment); one process
-    of a process group passes a single-process one to evaluate alone."""
+    of a process group passes a single-process one to evaluate alone. Under ``torchrun`` each process scores its
+    share of the items and every process gets the metric of the whole split (``engine.evaluate``)."""
     from .data import make_loader
+    from .distributed import release
     from .engine import evaluate, setup
 
     ctx = ctx or setup(recipe)
     adapter = build_adapter(recipe)
     model = load_run_model(recipe, weights, adapter).to(ctx.device)
     loader, _ = make_loader(evaluation_set(adapter, split or recipe.data.val_split), batch_size=recipe.data.batch_size,
-                            num_workers=recipe.data.num_workers, seed=recipe.train.seed, shuffle=False)
-    return evaluate(model, loader, ctx, adapter.metric, adapter.task)
+                            num_workers=recipe.data.num_workers, seed=recipe.train.seed, shuffle=False, rank=ctx.rank,
+                            world=ctx.world, prefetch_factor=recipe.data.prefetch_factor)
+    metrics = evaluate(model, loader, ctx, adapter.metric, adapter.task)
+    release(ctx)  # the process group, where setup started one here
+    return metrics
 
 
 def fold_checkpoint(checkpoint: Path, output: Path) -> str:
