@@ -21,6 +21,7 @@ segmentation, per-point labels, mIoU; see :class:`PointPartAdapter` for its layo
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from torch.utils.data import Dataset
 from pathway.tokenizers.base import Tokenizer
 from pathway.tokenizers.point_group import PointGroupTokenizer
 
+from . import partnet
 from .base import Adapter, FileDataset, LayoutError, OptionError, UnreadableFileError
 from .heads import PointMAEClassificationHead, PointMAESegmentationHead, SegmentationHead
 from .layout import list_files, split_dir
@@ -280,8 +282,9 @@ def read_partnet(root: Path, category: str, split: str) -> list[tuple[Path, Path
         root/data_v0/<anno_id>/point_sample/pts-10000.txt         # "x y z" per line
         root/data_v0/<anno_id>/point_sample/label-10000.txt       # one integer label per line
 
-    Labels are used as stored: map PartNet's part ids to the semantic level you train on (fine, middle,
-    coarse) beforehand so that they run from 0 to ``num_classes - 1``.
+    Labels are used as stored (option ``level: null``): files whose labels you mapped to one level beforehand,
+    from 0 to ``num_classes - 1``. PartNet's own files hold ``result.json`` leaf ids: read them with ``level``
+    set, which maps them (:mod:`pathway.adapters.partnet`).
     """
     listing = root / "stats" / "train_val_test_split" / f"{category}.{split}.json"
     if not listing.is_file():
@@ -339,14 +342,20 @@ class PointPartAdapter(_PointAdapterBase):
       at ``root/<synset>/<id>.txt``; 50 part labels; split ``trainval`` is train + val (Point-MAE trains on
       it and tests on ``test``). Metric ``shapenetpart_miou``: each shape's prediction restricted to its
       category's parts (the category owning its first point's label, as Point-MAE), instance and class mIoU.
-    * ``"partnet"``: PartNet, one ``category`` at a time, see :func:`read_partnet`; metric ``partnet_miou``
-      (part-category mIoU, :func:`pathway.train.metrics.part_category_miou`).
+    * ``"partnet"`` (the raw ``data_v0`` release, its leaf ids mapped to ``level``) and ``"partnet_h5"`` (the
+      ``sem_seg_h5`` release, already at its level): PartNet, one ``category`` at a time, labels 0 (other) to K
+      at ``level`` (3: the fine-grained parts), see :mod:`pathway.adapters.partnet`; ``level: null`` reads
+      data_v0 files whose labels were mapped beforehand (:func:`read_partnet`). Metric ``partnet_miou``
+      (part-category mIoU, :func:`pathway.train.metrics.part_category_miou`);
+      ``python -m pathway.train.partnet_sweep`` runs every category and averages.
 
-    ``num_classes`` (part labels) defaults to 50 for ShapeNetPart, else it is read from the training files.
+    ``num_classes`` (part labels) defaults to 50 for ShapeNetPart, to K + 1 from PartNet's level file, else it is
+    read from the training files.
     """
 
     task = "segmentation"
     defaults = {**_PointAdapterBase.defaults, "layout": "folders", "category": None, "num_classes": None,
+                "level": None,  # PartNet: the level scored (1 coarse, 2 middle, 3 fine); None: labels as stored
                 "extensions": ("txt",),
                 "head": "interpolate",  # "interpolate" (SegmentationHead) or "pointmae" (Point-MAE's head)
                 "category_onehot": False,  # shapenetpart: append the shape category's one-hot to every point
@@ -354,8 +363,9 @@ class PointPartAdapter(_PointAdapterBase):
                 "scale": (0.8, 1.25), "isotropic_scale": True, "translate": 0.1, "jitter": 0.0,
                 }
     heads = {"interpolate": SegmentationHead, "pointmae": PointMAESegmentationHead}
-    LAYOUTS = ("folders", "shapenetpart", "partnet")
-    METRICS = {"folders": "miou", "shapenetpart": "shapenetpart_miou", "partnet": "partnet_miou"}
+    LAYOUTS = ("folders", "shapenetpart", "partnet", "partnet_h5")
+    METRICS = {"folders": "miou", "shapenetpart": "shapenetpart_miou", "partnet": "partnet_miou",
+               "partnet_h5": "partnet_miou"}
 
     @property
     def metric(self) -> str:  # type: ignore[override]
@@ -367,11 +377,21 @@ class PointPartAdapter(_PointAdapterBase):
         o = self.options
         if o["layout"] not in self.LAYOUTS:
             raise OptionError(f"PointPartAdapter: layout={o['layout']!r} is not one of {self.LAYOUTS}")
-        if o["layout"] == "partnet" and not o["category"]:
-            raise OptionError("PointPartAdapter: layout='partnet' needs category=<PartNet category>, e.g. 'Chair'")
+        if self.is_partnet and not o["category"]:
+            raise OptionError(f"PointPartAdapter: layout={o['layout']!r} needs category=<PartNet category>, e.g. "
+                              f"'Chair'")
+        if self.is_partnet and o["level"] not in (*partnet.LEVELS, None):
+            raise OptionError(f"PointPartAdapter: level={o['level']!r} is not one of PartNet's levels {partnet.LEVELS}")
+        if o["layout"] == "partnet_h5" and o["level"] is None:
+            raise OptionError("PointPartAdapter: layout='partnet_h5' needs level=<1, 2 or 3> (sem_seg_h5/<Category>-"
+                              "<level>/)")
         if o["category_onehot"] and o["layout"] != "shapenetpart":
             raise OptionError(f"PointPartAdapter: category_onehot needs layout='shapenetpart' (the category of each "
                               f"shape comes from its synset folder), not layout={o['layout']!r}")
+
+    @property
+    def is_partnet(self) -> bool:
+        return self.options["layout"] in ("partnet", "partnet_h5")
 
     @property
     def num_categories(self) -> int:
@@ -391,8 +411,12 @@ class PointPartAdapter(_PointAdapterBase):
     def samples(self, split: str) -> list[tuple[Path, Path | None]]:
         """``[(points_file, labels_file or None when the labels are the last column)]``."""
         o = self.options
-        if o["layout"] == "partnet":
+        if o["layout"] == "partnet" and o["level"] is None:
             return read_partnet(self.root, o["category"], split)
+        if o["layout"] == "partnet":
+            return partnet.data_v0_samples(self.root, o["category"], split)
+        if o["layout"] == "partnet_h5":
+            return partnet.sem_seg_h5_samples(self.root, o["category"], o["level"], split)
         if o["layout"] == "shapenetpart":
             return [(f, None) for f in shapenetpart_files(self.root, split)]
         folder = split_dir(self.root, split)
@@ -406,6 +430,8 @@ class PointPartAdapter(_PointAdapterBase):
         if o["classes"]:
             return list(o["classes"])
         n = o["num_classes"] or (50 if o["layout"] == "shapenetpart" else None)
+        if n is None and self.is_partnet and o["level"] is not None:  # "other" + the level's parts
+            n = 1 + len(partnet.level_parts(self.root, o["category"], o["level"]))
         if n is None:  # read every training file once: set num_classes to skip this on big data sets
             n = 0
             for points_file, labels_file in self.samples(o["train_split"]):
@@ -417,8 +443,13 @@ class PointPartAdapter(_PointAdapterBase):
                         f"the file, or pass num_classes=... (or classes=[...]) so no file is read for that") from e
         return [str(i) for i in range(n)]
 
-    def read(self, points_file: Path, labels_file: Path | None) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, points_file: Path, labels_file: Path | int | None) -> tuple[np.ndarray, np.ndarray]:
+        """``(points [N, in_chans], labels [N])`` of one sample: a ShapeNetPart text file (labels last), a
+        sem_seg_h5 file and row, or a points file and a labels file (PartNet data_v0: leaf ids, mapped)."""
         o = self.options
+        if o["layout"] == "partnet_h5":
+            points, labels = partnet.read_sem_seg_h5(points_file, labels_file)
+            return points[:, : o["in_chans"]], labels
         if labels_file is None:
             return read_part_txt(points_file, o["in_chans"])
         points = read_array(points_file)
@@ -429,7 +460,14 @@ class PointPartAdapter(_PointAdapterBase):
         labels = np.loadtxt(labels_file, dtype=np.int64, ndmin=1)
         if len(labels) != len(points):
             raise UnreadableFileError(f"{labels_file}: {len(labels)} labels for {len(points)} points in {points_file}")
+        if o["layout"] == "partnet" and o["level"] is not None:
+            labels = self.level_labels(points_file.parents[1] / "result.json", labels)
         return points, labels
+
+    @functools.cached_property
+    def level_labels(self) -> partnet.LevelLabels:
+        """PartNet data_v0: the map from ``result.json`` leaf ids to the labels of ``level``."""
+        return partnet.LevelLabels(self.root, self.options["category"], self.options["level"])
 
     def build_dataset(self, split: str, train: bool) -> Dataset:
         synsets = self.category_synsets() if self.options["category_onehot"] else []

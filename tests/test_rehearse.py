@@ -94,7 +94,10 @@ def test_fixture_data_sets_follow_the_official_layouts(layout: str, cache: Path)
         assert any((root / "videos_train" / "air drumming").glob("*_*_*.mp4"))
     elif layout == "partnet":
         listing = json.loads((root / "stats" / "train_val_test_split" / "Chair.train.json").read_text())
-        assert (root / "data_v0" / listing[0]["anno_id"] / "point_sample" / "label-10000.txt").is_file()
+        shape = root / "data_v0" / listing[0]["anno_id"]
+        assert (shape / "point_sample" / "sample-points-all-label-10000.txt").is_file()
+        assert json.loads((shape / "result.json").read_text())[0]["name"] == "chair"
+        assert (root / "stats" / "after_merging_label_ids" / "Chair-level-3.txt").is_file()
     elif layout == "modelnet40":
         assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["test", "train"]
 

@@ -14,8 +14,10 @@ layout             what is written (a few items per split, real file formats)
 ``shapenetpart``   ``shapenetcore_partanno_segmentation_benchmark_v0_normal``: ``synsetoffset2category.txt``,
                    ``train_test_split/shuffled_{train,val,test}_file_list.json``, ``<synset>/<id>.txt``
                    (``x y z nx ny nz label``, the benchmark's global part ids)
-``partnet``        ``stats/train_val_test_split/<Category>.{train,val,test}.json`` +
-                   ``data_v0/<anno_id>/point_sample/{pts,label}-10000.txt``
+``partnet``        ``data_v0``: ``stats/train_val_test_split/<Category>.{train,val,test}.json``,
+                   ``stats/merging_hierarchy_mapping/<Category>.txt``, ``stats/after_merging_label_ids/
+                   <Category>-level-3.txt``, ``data_v0/<anno_id>/result.json`` (the part tree) +
+                   ``point_sample/sample-points-all-{pts-nor-rgba,label}-10000.txt`` (a leaf id per point)
 ``modelnet40``     ``{train,test}/<class>/<class>_<n>.txt`` (``x,y,z,nx,ny,nz``)
 =================  ===========================================================================================
 
@@ -53,7 +55,14 @@ KINETICS_LABELS = ("abseiling", "air drumming", "answering questions", "applaudi
 AUDIOSET_CLASSES = (("/m/09x0r", "Speech"), ("/m/05zppz", "Male speech, man speaking"),
                     ("/m/02zsn", "Female speech, woman speaking"), ("/m/04rlf", "Music"), ("/m/0jbk", "Animal"))
 MODELNET_CLASSES = ("airplane", "bathtub", "bed", "bench")
-PARTNET_CATEGORY_PARTS = 4  # level-3 part labels of the rehearsal's PartNet category
+# The rehearsal's PartNet part tree, as data_v0's result.json stores one: (id, name, children); a leaf has objs.
+# The merging table renames one node and leaves one leaf off level 3 (its points are "other", label 0).
+PARTNET_TREE = (1, "chair", ((2, "chair_back", ((3, "back_surface", ()), (4, "back_frame", ()))),
+                             (5, "chair_seat", ()),
+                             (6, "chair_base", ((7, "leg", ()), (8, "foot", ())))))
+PARTNET_MERGING = {"chair/chair_base/leg": "chair/chair_base/regular_leg_base/leg"}
+PARTNET_LEVEL3 = ("chair/chair_back/back_surface", "chair/chair_back/back_frame", "chair/chair_seat",
+                  "chair/chair_base/regular_leg_base/leg")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -161,22 +170,46 @@ def write_shapenetpart(root: Path, rng: np.random.Generator, per_split: dict[str
         (root / "train_test_split" / f"shuffled_{split}_file_list.json").write_text(json.dumps(listing))
 
 
+def _partnet_node(node: tuple) -> dict:
+    node_id, name, children = node
+    if not children:
+        return {"id": node_id, "name": name, "text": name, "objs": [f"original-{node_id}"]}
+    return {"id": node_id, "name": name, "text": name, "children": [_partnet_node(c) for c in children]}
+
+
+def _partnet_paths(node: tuple, prefix: str = "") -> list[tuple[str, int, bool]]:
+    """(path, id, is leaf) of every node of the tree."""
+    node_id, name, children = node
+    path = f"{prefix}/{name}" if prefix else name
+    return [(path, node_id, not children)] + [row for c in children for row in _partnet_paths(c, path)]
+
+
 def write_partnet(root: Path, rng: np.random.Generator, per_split: dict[str, int], category: str = "Chair",
                   points: int = 400) -> None:
-    listing_dir = root / "stats" / "train_val_test_split"
-    listing_dir.mkdir(parents=True, exist_ok=True)
+    stats = root / "stats"
+    for folder in ("train_val_test_split", "merging_hierarchy_mapping", "after_merging_label_ids"):
+        (stats / folder).mkdir(parents=True, exist_ok=True)
+    nodes = _partnet_paths(PARTNET_TREE)
+    (stats / "merging_hierarchy_mapping" / f"{category}.txt").write_text(
+        "".join(f"{path} {PARTNET_MERGING.get(path, path)}\n" for path, _, _ in nodes))
+    (stats / "after_merging_label_ids" / f"{category}-level-3.txt").write_text(
+        "".join(f"{i + 10} {path} leaf\n" for i, path in enumerate(PARTNET_LEVEL3)))
+    leaves = tuple(node_id for _, node_id, leaf in nodes if leaf)
     anno = 1000
     for split, count in per_split.items():
         entries = []
         for _ in range(count):
             anno += int(rng.integers(1, 50))
-            folder = root / "data_v0" / str(anno) / "point_sample"
-            folder.mkdir(parents=True, exist_ok=True)
-            xyz, _, labels = _cloud(points, rng, tuple(range(PARTNET_CATEGORY_PARTS)))
-            np.savetxt(folder / "pts-10000.txt", xyz, fmt="%.6f")
-            np.savetxt(folder / "label-10000.txt", labels, fmt="%d")
+            folder = root / "data_v0" / str(anno)
+            (folder / "point_sample").mkdir(parents=True, exist_ok=True)
+            (folder / "result.json").write_text(json.dumps([_partnet_node(PARTNET_TREE)]))
+            xyz, normals, leaf_ids = _cloud(points, rng, leaves)
+            rgba = np.column_stack([rng.integers(0, 256, (points, 3)), np.ones(points)])
+            np.savetxt(folder / "point_sample" / "sample-points-all-pts-nor-rgba-10000.txt",
+                       np.column_stack([xyz, normals, rgba]), fmt=["%.6f"] * 6 + ["%d"] * 3 + ["%.1f"])
+            np.savetxt(folder / "point_sample" / "sample-points-all-label-10000.txt", leaf_ids, fmt="%d")
             entries.append({"anno_id": str(anno), "model_id": "".join(rng.choice(list("0123456789abcdef"), 32))})
-        (listing_dir / f"{category}.{split}.json").write_text(json.dumps(entries))
+        (stats / "train_val_test_split" / f"{category}.{split}.json").write_text(json.dumps(entries))
 
 
 def write_modelnet40(root: Path, rng: np.random.Generator, per_class: dict[str, int], points: int = 400) -> None:
