@@ -20,7 +20,10 @@ Layouts: ``root/<split>.csv`` manifests with ``path,labels`` (several labels per
 class list from ``classes``, else ``root/class_labels_indices.csv`` (``index,mid,display_name``), else
 the labels of the training manifest), or ``root/<split>/<class>/<file>`` folders. ``y`` is a float
 multi-hot vector, the task ``multilabel``, the metric mAP. A clip shorter than one 25 ms window is
-zero-padded to one window; a file that decodes to no samples is unreadable.
+zero-padded to one window. Unreadable (named, counted, skipped as any bad file): a file that decodes to no
+samples, to non-finite samples (librosa refuses them), or to less audio than its header declares (a truncated
+WAV, which libsndfile reads up to where the bytes stop without a word; a truncated FLAC already fails to
+decode). MP3 and Ogg state no length a cut could be checked against.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from .registry import register
 
 AUDIO_EXTENSIONS = ("wav", "flac", "mp3", "ogg")
 AUDIOSET_MEAN, AUDIOSET_STD = -4.2677393, 4.5689974
+TRUNCATION_TOLERANCE_S = 0.01  # decoded audio may fall short of the declared length by one 10 ms frame (resampling)
 
 
 def kaldi_mel_banks(
@@ -96,13 +100,50 @@ def spec_augment(fbank: Tensor, freqm: int, timem: int, generator: torch.Generat
 
 
 def read_audio(path: Path, sample_rate: int) -> Tensor:
-    """Mono waveform at ``sample_rate`` (librosa decodes and resamples)."""
+    """Mono waveform at ``sample_rate`` (librosa decodes, checks that every sample is finite, and resamples);
+    empty or truncated audio is unreadable."""
     import librosa
+    from audioread.exceptions import NoBackendError
 
-    wave, _ = librosa.load(str(path), sr=sample_rate, mono=True)
+    try:
+        wave, _ = librosa.load(str(path), sr=sample_rate, mono=True)
+    except NoBackendError as error:  # raised without a message
+        raise UnreadableFileError(
+            f"{path}: neither soundfile nor audioread can decode it (no audio stream, or not an audio file)"
+        ) from error
     if wave.size == 0:
         raise UnreadableFileError(f"{path} decodes to no samples")
+    declared = declared_seconds(path)
+    if declared is not None and wave.size / sample_rate < declared - TRUNCATION_TOLERANCE_S:
+        raise UnreadableFileError(
+            f"{path} is truncated: its header declares {declared:.3f} s of audio, the file holds "
+            f"{wave.size / sample_rate:.3f} s"
+        )
     return torch.from_numpy(wave)
+
+
+def declared_seconds(path: Path) -> float | None:
+    """The duration a WAV file's header declares (its ``data`` chunk size over the byte rate), or None for other
+    formats and for a size left open by a streaming writer (0 or 0xFFFFFFFF)."""
+    import struct
+
+    with path.open("rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        byte_rate = 0
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                return None
+            name, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+            if name == b"fmt ":
+                fmt = f.read(size + size % 2)
+                byte_rate = struct.unpack("<I", fmt[8:12])[0] if len(fmt) >= 12 else 0
+            elif name == b"data":
+                return size / byte_rate if byte_rate and size not in (0, 0xFFFFFFFF) else None
+            else:
+                f.seek(size + size % 2, 1)
 
 
 @register("audio")
@@ -126,6 +167,8 @@ class AudioAdapter(Adapter):
         "mask_f_prob": 0.0,  # share of frequency columns of patches dropped in training (0.2)
         "extensions": AUDIO_EXTENSIONS,
     }
+    sizes = ("sample_rate", "num_mel_bins", "target_length", "patch_size")
+    multiples = (("target_length", "patch_size"), ("num_mel_bins", "patch_size"))
 
     def check_options(self) -> None:
         super().check_options()
@@ -135,9 +178,9 @@ class AudioAdapter(Adapter):
                 raise OptionError(
                     f"AudioAdapter: {key}={o[key]} must be a share in [0, 1{']' if key == 'mixup' else ')'}"
                 )
-        for key in ("target_length", "num_mel_bins"):
-            if o[key] % o["patch_size"]:
-                raise OptionError(f"AudioAdapter: {key}={o[key]} must be a multiple of patch_size={o['patch_size']}")
+        for key in ("freqm", "timem"):
+            if not isinstance(o[key], int) or isinstance(o[key], bool) or o[key] < 0:
+                raise OptionError(f"AudioAdapter: {key}={o[key]!r} must be a whole number >= 0 (0: no mask)")
 
     def find_classes(self) -> list[str]:
         o = self.options

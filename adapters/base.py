@@ -7,17 +7,23 @@ unknown option is an error that lists the known ones (a typo must not silently f
 Long runs must not die on one bad file, nor lose good files to a failed augmentation. :class:`FileDataset`
 makes an item in two steps with two rules: a failure to *read or decode* the file marks that file bad (counted
 in ``dataset.unreadable_count()`` and ``adapter.skipped``, shared with DataLoader workers, warned once, never
-decoded again) and the next readable sample is returned; a failure of the random *augmentation* is drawn again
-and, if it keeps failing, raised as :class:`AugmentationError` (the file is fine). ``strict=True`` raises
-:class:`UnreadableFileError` on the first bad file; otherwise the run stops with
-:class:`TooManyUnreadableFilesError` once more than ``max_unreadable_share`` of a split is unreadable.
+decoded again); a failure of the random *augmentation* is drawn again and, if it keeps failing, raised as
+:class:`AugmentationError` (the file is fine). What takes an unreadable file's place depends on the set: in
+training the next readable sample (a batch keeps its size), in evaluation nothing (a :class:`LeftOut` item
+that :func:`pathway.train.data.collate` drops), so no file is scored twice and the metric is over the files
+that were read. ``strict=True`` raises :class:`UnreadableFileError` on the first bad file; otherwise the run
+stops with :class:`TooManyUnreadableFilesError` once more than ``max_unreadable_share`` of a split is unreadable.
+
+The item list is a :class:`~pathway.adapters.samples.SampleList` (numpy arrays, not Python objects), so
+DataLoader workers do not copy it page by page as they read.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from numbers import Integral
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,8 +33,10 @@ from torch.utils.data import Dataset
 
 from pathway.errors import OptionError, PathwayError
 from pathway.tokenizers.base import Tokenizer
+from pathway.train.data import Repeated
 
 from .heads import ClassificationHead, LinearProbeHead
+from .samples import SampleList
 
 
 class AdapterError(PathwayError):
@@ -51,12 +59,19 @@ class AugmentationError(AdapterError):
     """The training augmentation failed on a readable file every time it was drawn: a transform bug, not bad data."""
 
 
+class LeftOut(Repeated):
+    """An evaluation item whose file could not be read: it holds no sample, so the batch (and the metric) is
+    one item shorter instead of scoring another file twice."""
+
+
 class Adapter:
     """One modality's files -> datasets of ``(x, y)``, plus its tokenizer, head and metric.
 
     Subclasses set ``name`` (via :func:`pathway.adapters.register`), ``task``, ``metric``, extend
     ``defaults`` with their options and implement :meth:`find_classes`, :meth:`build_dataset` and
-    :meth:`tokenizer` (and :meth:`check_options` when some values are invalid).
+    :meth:`tokenizer` (and :meth:`check_options` when some values are invalid). Options that are sizes or
+    counts are named in ``sizes`` (whole numbers >= 1) and ``multiples`` (``(size, unit)``: size a multiple of
+    unit); the base check refuses other values by name before anything divides by them.
     """
 
     name: ClassVar[str]
@@ -73,6 +88,8 @@ class Adapter:
     heads: ClassVar[dict[str, Callable[[int, int], nn.Module]]] = {
         "linear": ClassificationHead, "probe": LinearProbeHead
     }
+    sizes: ClassVar[tuple[str, ...]] = ()  # options that must be whole numbers >= 1
+    multiples: ClassVar[tuple[tuple[str, str], ...]] = ()  # (size, unit) option pairs: size % unit == 0
     num_classes: int
     classes: list[str]
 
@@ -80,8 +97,11 @@ class Adapter:
         self._configure(options)
         self.root: Path | None = Path(root)
         if not self.root.exists():
+            from .layout import why_unreachable
+
             raise LayoutError(
-                f"{type(self).__name__}: data root {self.root} does not exist; pass the folder that holds the data"
+                f"{type(self).__name__}: data root {self.root} cannot be read: {why_unreachable(self.root)}; "
+                f"pass the folder that holds the data (data.root)"
             )
         self.classes = list(self.find_classes())
         self.num_classes = len(self.classes)
@@ -123,6 +143,7 @@ class Adapter:
                               f"a share between 0 and 1 (e.g. 0.05 for 5 per cent)")
         if o["head"] not in self.heads:
             raise OptionError(f"{type(self).__name__}: head={o['head']!r} is not one of {sorted(self.heads)}")
+        check_sizes(type(self).__name__, o, self.sizes, self.multiples)
 
     def find_classes(self) -> list[str]:
         """Class names, in label order: the ``classes`` option, else the class folders of the training split.
@@ -170,12 +191,16 @@ class Adapter:
         return scan_class_folders(split_dir(self.root, split), self.options["extensions"], self.classes)
 
     def dataset(self, split: str, train: bool) -> Dataset:
-        """Items ``(x, y)`` of ``split``; ``train`` turns on augmentation."""
+        """Items ``(x, y)`` of ``split``; ``train`` turns on augmentation. In an evaluation set (``train=False``)
+        an unreadable file's item is :class:`LeftOut`, never another file's."""
         if self.root is None:
             raise LayoutError(
                 f"{type(self).__name__}.spec(...) has no data; build it with {type(self).__name__}(root, ...)"
             )
-        return self.build_dataset(split, train)
+        dataset = self.build_dataset(split, train)
+        if isinstance(dataset, FileDataset):
+            dataset.evaluation = not train
+        return dataset
 
     def build_dataset(self, split: str, train: bool) -> Dataset:
         raise NotImplementedError
@@ -199,23 +224,42 @@ class Adapter:
         the paper's "fix" setting."""
         return self.heads[self.options["head"]](embed_dim, self.num_classes)
 
-    def record_skip(self, path: Path, error: BaseException) -> None:
-        """Count one unreadable file and warn about it (callers report each file once)."""
+    def record_skip(self, path: Path, error: BaseException, instead: str = "the next readable file takes its place"
+                    ) -> None:
+        """Count one unreadable file and warn about it, saying what happens ``instead`` (callers report each
+        file once)."""
         with self._skipped.get_lock():
             self._skipped.value += 1
         warnings.warn(
-            f"{type(self).__name__}: skipping unreadable file {path} ({type(error).__name__}: {error}); "
+            f"{type(self).__name__}: skipping unreadable file {path} ({type(error).__name__}: {error}); {instead}; "
             f"pass strict=True to stop on it instead",
             stacklevel=3,
         )
+
+
+def check_sizes(owner: str, options: dict[str, Any], sizes: Sequence[str], multiples: Sequence[tuple[str, str]]
+                ) -> None:
+    """Refuse size options that are not whole numbers >= 1, and sizes that are not multiples of their unit."""
+    for key in sizes:
+        value = options[key]
+        if not isinstance(value, Integral) or isinstance(value, bool) or value < 1:
+            raise OptionError(f"{owner}: {key}={value!r} must be a whole number >= 1 (data.options.{key})")
+    for size, unit in multiples:
+        if options[size] % options[unit]:
+            raise OptionError(
+                f"{owner}: {size}={options[size]} must be a multiple of {unit}={options[unit]} "
+                f"(e.g. {size}={max(1, options[size] // options[unit]) * options[unit]}); change data.options.{size} "
+                f"or data.options.{unit}"
+            )
 
 
 class FileDataset(Dataset):
     """Items ``augment(read(path, label), label, index) -> (x, y)`` over ``[(path, label)]``, skipping bad files.
 
     * ``read(path, label)`` reads and decodes the file. Any failure there means the file is unreadable: it is
-      marked in shared memory (counted and warned about once, never decoded again, whichever worker meets it)
-      and the next readable sample is returned.
+      marked in shared memory (counted and warned about once, never decoded again, whichever worker meets it).
+      In training the next readable sample is returned; in evaluation (``evaluation=True``, set by
+      :meth:`Adapter.dataset` for ``train=False``) a :class:`LeftOut` item, so the file leaves the metric.
     * ``augment(data, label, index)`` makes the item from the decoded data (random augmentation; ``index`` lets
       evaluation transforms be deterministic per sample). A failure there is not the file's fault: the
       augmentation is drawn again (the random state has moved on) up to ``redraws`` times, then
@@ -223,22 +267,25 @@ class FileDataset(Dataset):
       ``augment`` (readers that decode lazily, e.g. video frames) still marks the file.
 
     More than ``max_unreadable_share`` of the files unreadable stops with :class:`TooManyUnreadableFilesError`.
+    ``samples`` is kept as a :class:`~pathway.adapters.samples.SampleList`.
     """
 
     def __init__(
         self,
-        samples: list[tuple[Path, Any]],
+        samples: Sequence[tuple[Path, Any]],
         read: Callable[[Path, Any], Any],
         augment: Callable[[Any, Any, int], tuple[Tensor, Any]],
         adapter: Adapter,
         redraws: int = 10,
+        evaluation: bool = False,
     ) -> None:
         if not samples:
             raise LayoutError(f"{type(adapter).__name__}: no samples found under {adapter.root}")
-        self.samples = samples
+        self.samples = samples if isinstance(samples, SampleList) else SampleList(samples)
         self.read, self.augment = read, augment
         self.adapter = adapter
         self.redraws = redraws
+        self.evaluation = evaluation
         self._bad = multiprocessing.Array("b", len(samples))
         self._bad_count = multiprocessing.Value("i", 0)
 
@@ -246,25 +293,33 @@ class FileDataset(Dataset):
         return len(self.samples)
 
     def unreadable_count(self) -> int:
-        """Files of this dataset found unreadable so far, all DataLoader workers together."""
+        """Files of this dataset found unreadable so far, all DataLoader workers together (in evaluation: the
+        items left out of the metric)."""
         return int(self._bad_count.value)
 
     def unreadable_share(self) -> float:
         return self.unreadable_count() / len(self.samples)
 
+    def try_read(self, i: int) -> tuple[bool, Any, Any]:
+        """``(True, decoded data, label)`` of sample ``i``, or ``(False, None, label)`` once it is marked unreadable."""
+        path, label = self.samples[i]
+        if self._bad[i]:
+            return False, None, label
+        try:
+            return True, self.read(path, label), label
+        except (LayoutError, OptionError):
+            raise  # a wrong set-up, not a bad file: skipping would hide it on every file
+        except Exception as error:  # the reading libraries raise anything from OSError to RuntimeError
+            self.mark_unreadable(i, error)
+            return False, None, label
+
     def read_item(self, index: int) -> tuple[int, Any, Any]:
         """``(i, decoded data, label)`` of the first readable sample from ``index`` on (wrapping around)."""
         for step in range(len(self.samples)):
             i = (index + step) % len(self.samples)
-            if self._bad[i]:
-                continue
-            path, label = self.samples[i]
-            try:
-                return i, self.read(path, label), label
-            except (LayoutError, OptionError):
-                raise  # a wrong set-up, not a bad file: skipping would hide it on every file
-            except Exception as error:  # the reading libraries raise anything from OSError to RuntimeError
-                self.mark_unreadable(i, error)
+            readable, data, label = self.try_read(i)
+            if readable:
+                return i, data, label
         raise UnreadableFileError(f"{type(self.adapter).__name__}: none of the {len(self.samples)} files could be read")
 
     def mark_unreadable(self, i: int, error: BaseException) -> None:
@@ -282,7 +337,9 @@ class FileDataset(Dataset):
                     self._bad_count.value += 1
         if not first:
             return
-        self.adapter.record_skip(path, error)
+        instead = ("left out of the evaluation (the metric is over the files read)" if self.evaluation
+                   else "the next readable file takes its place in training")
+        self.adapter.record_skip(path, error, instead)
         limit = self.adapter.options["max_unreadable_share"]
         if self.unreadable_count() > limit * len(self.samples):
             raise TooManyUnreadableFilesError(
@@ -292,25 +349,38 @@ class FileDataset(Dataset):
                 f"data.options.max_unreadable_share"
             ) from error
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Any]:
+    def __getitem__(self, index: int) -> tuple[Tensor, Any] | LeftOut:
         while True:
-            i, data, label = self.read_item(index)
-            error: BaseException | None = None
-            for _ in range(1 + self.redraws):
-                try:
-                    return self.augment(data, label, i)
-                except (LayoutError, OptionError):
-                    raise
-                except UnreadableFileError as unreadable:  # decoded lazily, inside the transform
-                    if isinstance(unreadable, TooManyUnreadableFilesError) or self.adapter.options["strict"]:
-                        raise  # a stop raised for another file read inside the transform (a mixup partner)
-                    self.mark_unreadable(i, unreadable)
-                    break
-                except Exception as failed:
-                    error = failed
+            if self.evaluation:
+                readable, data, label = self.try_read(index)
+                if not readable:
+                    return LeftOut()
+                i = index
             else:
-                raise AugmentationError(
-                    f"{type(self.adapter).__name__}: the augmentation failed {1 + self.redraws} times on "
-                    f"{self.samples[i][0]}, a readable file (last: {type(error).__name__}: {error}); the file is kept, "
-                    f"the transform needs a fix (turn the failing augmentation off in data.options meanwhile)"
-                ) from error
+                i, data, label = self.read_item(index)
+            item = self.augmented(i, data, label)
+            if item is not None:
+                return item
+            if self.evaluation:
+                return LeftOut()
+
+    def augmented(self, i: int, data: Any, label: Any) -> Any:
+        """``augment(data, label, i)``, drawn again when it fails; None when the file proved unreadable there."""
+        error: BaseException | None = None
+        for _ in range(1 + self.redraws):
+            try:
+                return self.augment(data, label, i)
+            except (LayoutError, OptionError):
+                raise
+            except UnreadableFileError as unreadable:  # decoded lazily, inside the transform
+                if isinstance(unreadable, TooManyUnreadableFilesError) or self.adapter.options["strict"]:
+                    raise  # a stop raised for another file read inside the transform (a mixup partner)
+                self.mark_unreadable(i, unreadable)
+                return None
+            except Exception as failed:
+                error = failed
+        raise AugmentationError(
+            f"{type(self.adapter).__name__}: the augmentation failed {1 + self.redraws} times on "
+            f"{self.samples[i][0]}, a readable file (last: {type(error).__name__}: {error}); the file is kept, "
+            f"the transform needs a fix (turn the failing augmentation off in data.options meanwhile)"
+        ) from error

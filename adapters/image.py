@@ -4,6 +4,12 @@ Training uses timm's ``create_transform`` as MAE fine-tuning does (random resize
 RandAugment ``rand-m9-mstd0.5-inc1``, random erasing 0.25, bicubic); evaluation resizes to
 ``img_size / crop_pct`` and centre-crops. Items: ``x [C, img_size, img_size]`` float, ``y`` int.
 
+Files are read at their full range: 16-bit grey (Pillow's ``I;16`` modes, e.g. 16-bit PNGs) is scaled to
+8 bits as ``round(v * 255 / 65535)`` before the 8-bit transforms (Pillow's own conversion clips every value
+above 255 to white); 32-bit integer and float images (modes ``I`` and ``F``), whose range the format does not
+fix, are refused by name. Palette, grey + alpha, CMYK and bilevel images become RGB or grey as Pillow converts
+them (alpha dropped, as torchvision's loader does).
+
 RandAugment's posterize keeps 0 bits at the top magnitude (``PosterizeIncreasing`` at m >= 10, reached
 through ``mstd0.5`` about once in a thousand calls); Pillow 13 refuses 0 bits where older Pillow returned a
 black image, which timm's policies rely on. :func:`keep_zero_bit_posterize` restores that behaviour in
@@ -14,18 +20,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from pathway.tokenizers.base import Tokenizer
 from pathway.tokenizers.image_patch import ImagePatchTokenizer
 
-from .base import Adapter, FileDataset, OptionError
+from .base import Adapter, FileDataset, LayoutError, OptionError
 from .registry import register
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 @register("image")
@@ -49,6 +57,8 @@ class ImageAdapter(Adapter):
         "std": None,
         "extensions": IMAGE_EXTENSIONS,
     }
+    sizes = ("img_size", "patch_size")
+    multiples = (("img_size", "patch_size"),)
 
     def check_options(self) -> None:
         super().check_options()
@@ -119,9 +129,27 @@ def keep_zero_bit_posterize(transform):
 
 
 def read_image(path: Path, in_chans: int = 3):
-    """Decode an image fully (so truncated files fail here, not later) and convert it to RGB or grey."""
+    """Decode an image fully (so truncated files fail here, not later) and convert it to RGB or grey, 8 bits
+    per channel over the file's full range."""
     from PIL import Image
 
     with Image.open(path) as img:
         img.load()
-        return img.convert("RGB" if in_chans == 3 else "L")
+        return eight_bit(img, path).convert("RGB" if in_chans == 3 else "L")
+
+
+def eight_bit(img, path: Path):
+    """``img`` with 8-bit channels: 16-bit grey scaled (not clipped) to 0..255; 32-bit modes refused by name."""
+    from PIL import Image
+
+    if img.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(img, dtype=np.float64)
+        return Image.fromarray(np.rint(values * (255 / 65535)).astype(np.uint8))
+    if img.mode in ("I", "F"):
+        kind = "32-bit integer" if img.mode == "I" else "32-bit float"
+        raise LayoutError(
+            f"{path} has {kind} pixels (Pillow mode {img.mode}), whose value range the file does not state, so "
+            f"they cannot be scaled to the model's input without a guess; convert the images to 8- or 16-bit PNG "
+            f"(or JPEG), or leave them out through data.options.extensions"
+        )
+    return img

@@ -12,8 +12,10 @@ quote the field). Paths are relative to the manifest's folder unless absolute.
 from __future__ import annotations
 
 import csv
+import errno
+import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from .base import LayoutError
@@ -29,9 +31,53 @@ def split_dir(root: Path, split: str) -> Path:
     return path
 
 
-def list_files(folder: Path, extensions: Iterable[str]) -> list[Path]:
+def why_unreachable(path: Path) -> str:
+    """Why ``path`` cannot be opened, naming the first component at fault: a symlink loop, a symlink to
+    nothing, or a component that does not exist (``Path.exists`` says False for all three)."""
+    for part in [*reversed(path.parents), path]:
+        if part.is_symlink():
+            try:
+                part.stat()
+            except OSError as error:
+                target = os.readlink(part)
+                if error.errno == errno.ELOOP:
+                    return f"{part} is a symlink loop ({part} -> {target} -> ... never reaches a file or folder)"
+                return f"{part} is a symlink to {target}, which does not exist"
+        elif not part.exists():
+            return f"{part} does not exist"
+    return f"{path} cannot be opened"
+
+
+def iter_files(folder: Path, extensions: Iterable[str]) -> Iterator[Path]:
+    """Files with one of ``extensions`` under ``folder``, in sorted walk order, following symlinked folders (as
+    torchvision's ImageFolder does). Broken file symlinks are yielded, so that reading them names them instead
+    of their being left out without a word; a symlinked folder that leads to a folder already walked (a loop,
+    or the same files twice) is refused."""
     exts = {e.lower().lstrip(".") for e in extensions}
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in exts)
+    walked: set[str] = set()
+    for top, dirs, files in os.walk(folder, onerror=refuse_unlistable, followlinks=True):
+        walked.add(os.path.realpath(top))
+        for d in dirs:
+            link = os.path.join(top, d)
+            real = os.path.realpath(link)
+            if os.path.islink(link) and (real in walked or os.path.realpath(top).startswith(real + os.sep)):
+                raise LayoutError(
+                    f"{link} is a symlink to {real}, a folder this scan of {folder} already reads (or one above "
+                    f"it): its files would be read twice or forever; remove the link"
+                )
+        dirs.sort()
+        for name in sorted(files):
+            if os.path.splitext(name)[1].lower().lstrip(".") in exts:
+                yield Path(top, name)
+
+
+def refuse_unlistable(error: OSError) -> None:
+    """``os.walk``'s error hook: a folder that cannot be listed is named, not passed over."""
+    raise LayoutError(f"cannot list the folder {error.filename} ({error.strerror}); fix its permissions or remove it")
+
+
+def list_files(folder: Path, extensions: Iterable[str]) -> list[Path]:
+    return sorted(iter_files(folder, extensions))
 
 
 def class_names(folder: Path, extensions: Iterable[str]) -> list[str]:
@@ -42,6 +88,22 @@ def class_names(folder: Path, extensions: Iterable[str]) -> list[str]:
         raise LayoutError(
             f"no class folders in {folder} ({len(loose)} loose files, e.g. {loose[:3]}); put each sample in a "
             f"folder named after its class: {folder}/<class_name>/<file> (extensions {sorted(extensions)})"
+        )
+    return names
+
+
+def classes_with_files(folder: Path, extensions: Iterable[str]) -> list[str]:
+    """The class folder names of ``folder``, each holding at least one file with ``extensions``.
+
+    A class folder without such files would become a class no item has (torchvision's ImageFolder raises
+    FileNotFoundError for it): it is refused by name, with the ways out."""
+    names = class_names(folder, extensions)
+    empty = [name for name in names if next(iter_files(folder / name, extensions), None) is None]
+    if empty:
+        raise LayoutError(
+            f"class folder(s) {[str(folder / name) for name in empty[:5]]}{' ...' if len(empty) > 5 else ''} "
+            f"({len(empty)} of {len(names)}) hold no files with extensions {sorted(extensions)}, so they would be "
+            f"classes without a sample; add files, remove the folders, or list the classes in the `classes` option"
         )
     return names
 
@@ -103,4 +165,4 @@ def folder_classes(root: Path, classes: Sequence[str] | None, train_split: str, 
     """The class list: the ``classes`` option if given, else the class folders of the training split."""
     if classes:
         return list(classes)
-    return class_names(split_dir(root, train_split), extensions)
+    return classes_with_files(split_dir(root, train_split), extensions)

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from pathway.tokenizers.base import Tokenizer
 from pathway.tokenizers.patch import PatchTokenizer
 
-from .base import Adapter, FileDataset, LayoutError, OptionError, UnreadableFileError
+from .base import Adapter, FileDataset, LayoutError, UnreadableFileError
 from .registry import register
 
 
@@ -57,14 +57,8 @@ class TimeSeriesAdapter(Adapter):
         "pos_embed": "sincos",
         "extensions": ("npy", "csv"),
     }
-
-    def check_options(self) -> None:
-        super().check_options()
-        o = self.options
-        if o["length"] % o["patch_size"]:
-            raise OptionError(
-                f"TimeSeriesAdapter: length={o['length']} must be a multiple of patch_size={o['patch_size']}"
-            )
+    sizes = ("in_chans", "length", "patch_size")
+    multiples = (("length", "patch_size"),)
 
     def build_dataset(self, split: str, train: bool) -> Dataset:
         o = self.options

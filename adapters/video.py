@@ -159,6 +159,8 @@ class VideoAdapter(Adapter):
         "std": IMAGENET_STD,
         "extensions": VIDEO_EXTENSIONS,
     }
+    sizes = ("num_frames", "sampling_rate", "img_size", "tubelet_size", "patch_size", "test_clips")
+    multiples = (("num_frames", "tubelet_size"), ("img_size", "patch_size"))
 
     def check_options(self) -> None:
         super().check_options()
@@ -169,10 +171,6 @@ class VideoAdapter(Adapter):
             )
         if o["test_crops"] not in (1, 3):
             raise OptionError(f"VideoAdapter: test_crops={o['test_crops']} must be 1 (centre) or 3 (ends + centre)")
-        if o["num_frames"] % o["tubelet_size"]:
-            raise OptionError(
-                f"VideoAdapter: num_frames={o['num_frames']} must be a multiple of tubelet_size={o['tubelet_size']}"
-            )
 
     def find_classes(self) -> list[str]:
         o = self.options
@@ -223,13 +221,13 @@ class VideoAdapter(Adapter):
         if self.root is None:
             raise LayoutError("VideoAdapter.spec(...) has no data; build it with VideoAdapter(root, ...)")
         views = self.test_views()
-        samples = [(path, (label, j, view)) for j, (path, label) in enumerate(self.samples(split)) for view in views]
+        samples = [(path, label) for path, label in self.samples(split) for _ in views]
 
-        def augment(video, key: tuple[int, int, tuple[int, float]], index: int) -> tuple[Tensor, int, int]:
-            label, j, (clip, pos) = key
+        def augment(video, label: int, index: int) -> tuple[Tensor, int, int]:
+            j, (clip, pos) = index // len(views), views[index % len(views)]
             return self.view(video, self.test_clip_start(video[0], clip), pos), label, j
 
-        return FileDataset(samples, read_video, augment, self)
+        return FileDataset(samples, read_video, augment, self, evaluation=True)
 
     def test_clip_start(self, num_video_frames: int, clip: int) -> int:
         """First frame of test clip ``clip``: VideoMAE's ``int(clip * temporal_step)`` over the video subsampled

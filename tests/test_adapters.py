@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import warnings
@@ -13,8 +14,16 @@ import pytest
 import torch
 
 import pathway.adapters.registry as adapters
-from pathway.adapters.base import Adapter, LayoutError, OptionError, UnreadableFileError
+from pathway.adapters.base import (
+    Adapter,
+    LayoutError,
+    LeftOut,
+    OptionError,
+    TooManyUnreadableFilesError,
+    UnreadableFileError,
+)
 from pathway.tokenizers.base import Tokenizer
+from pathway.train.data import collate
 
 
 def read_all(ds) -> list:
@@ -22,6 +31,12 @@ def read_all(ds) -> list:
         warnings.simplefilter("always")
         items = [ds[i] for i in range(len(ds))]
     return items, [str(w.message) for w in caught]
+
+
+def read_kept(ds) -> tuple[list, list[str]]:
+    """An evaluation set's items with the files left out (unreadable) removed, and the warnings."""
+    items, messages = read_all(ds)
+    return [item for item in items if not isinstance(item, LeftOut)], messages
 
 
 # ---------------------------------------------------------------- registry and import
@@ -117,11 +132,11 @@ def test_skip_count_is_shared_with_workers(image_root: Path):
     mf.corrupt(image_root / "train" / "dog" / "0.png", "garbage")
     ad = adapters.get("image")(image_root, img_size=32, max_unreadable_share=0.5)
     ds = ad.dataset("train", False)
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         batches = list(loader)
-    assert sum(len(b[1]) for b in batches) == 8 and ad.skipped == 1 and ds.unreadable_count() == 1
+    assert sum(len(b[1]) for b in batches) == 7 and ad.skipped == 1 and ds.unreadable_count() == 1
 
 
 def test_image_layout_and_option_errors(tmp_path: Path, image_root: Path):
@@ -248,8 +263,8 @@ def test_audio_adapter_folders_bad_files_and_errors(tmp_path: Path, audio_root: 
     mf.corrupt(mf.write_audio(tmp_path / "f" / "train" / "tone" / "garbage.flac"), "garbage")
     mf.corrupt(mf.write_audio(tmp_path / "f" / "train" / "tone" / "cut.flac"), "truncated")
     ad = adapters.get("audio")(tmp_path / "f", target_length=64, max_unreadable_share=0.5)
-    items, messages = read_all(ad.dataset("train", False))
-    assert len(items) == 6 and ad.skipped == 3 and ad.num_classes == 1
+    items, messages = read_kept(ad.dataset("train", False))
+    assert len(items) == 3 and ad.skipped == 3 and ad.num_classes == 1
     assert all(any(name in m for m in messages) for name in ("empty.wav", "garbage.flac", "cut.flac"))
     (audio_root / "val.csv").write_text("path,labels\nclips/a.wav,/m/speech\nclips/missing.wav,/m/dog\n")
     with pytest.raises(LayoutError, match=r"line 3: 'clips/missing.wav' points to .*does not exist"):
@@ -305,7 +320,9 @@ def test_point_adapter_normals_and_augmentation(point_root: Path):
     torch.testing.assert_close(x[:, 3:].norm(dim=1), torch.ones(128))  # normals stay unit length
     assert ad.tokenizer(16).first_conv[0].weight.shape == (128, 6, 1)
     with pytest.raises(LayoutError, match="has no normals"):
-        adapters.get("point")(point_root, in_chans=6, extensions=("xyz",), strict=True).dataset("train", False)[0]
+        adapters.get("point")(  # `classes`: the box folder holds no xyz file
+            point_root, in_chans=6, extensions=("xyz",), classes=["blob", "box"], strict=True
+        ).dataset("train", False)[0]
     with pytest.raises(OptionError, match="num_points=16 must be at least group_size=32"):
         adapters.get("point")(point_root, num_points=16)
 
@@ -473,8 +490,8 @@ def test_video_manifest_bad_files_and_errors(video_root: Path):
     (video_root / "val.csv").write_text(
         "path,label\ntrain/up/a.mp4,3\nbad/empty/a.mp4,3\nbad/truncated/c.avi,0\nbad/garbage/b.webm,0\n"
     )
-    items, messages = read_all(ad.dataset("val", False))
-    assert len(items) == 4 and ad.skipped == 3 and sum("bad/" in m for m in messages) == 3
+    items, messages = read_kept(ad.dataset("val", False))
+    assert len(items) == 1 and ad.skipped == 3 and sum("bad/" in m for m in messages) == 3
     (video_root / "val.csv").write_text("path,label\ntrain/up/a.mp4,7\n")
     with pytest.raises(LayoutError, match=r"\['7'\] not in the class list"):
         ad.dataset("val", False)
@@ -491,8 +508,8 @@ def test_timeseries_adapter(tmp_path: Path):
     mf.corrupt(mf.write_series(tmp_path / "train" / "wild" / "c.npy"), "garbage")
     ad = adapters.get("timeseries")(tmp_path, in_chans=3, length=64, patch_size=8, max_unreadable_share=0.5)
     ds = ad.dataset("train", train=False)
-    items, _ = read_all(ds)
-    assert len(items) == 3 and ad.skipped == 1
+    items, _ = read_kept(ds)
+    assert len(items) == 2 and ad.skipped == 1
     raw = np.load(tmp_path / "train" / "calm" / "a.npy")[:, 18:82]  # centre crop of 100 -> 64
     ref = (raw - raw.mean(1, keepdims=True)) / raw.std(1, keepdims=True)
     np.testing.assert_allclose(items[0][0].numpy(), ref, atol=1e-5)
@@ -505,7 +522,7 @@ def test_timeseries_adapter(tmp_path: Path):
     assert isinstance(tok, TimeSeriesPatchTokenizer) and tok.proj.weight.shape == (16, 3, 8)
     batch = torch.stack([x for x, _ in items])
     out = tok.encode(batch)
-    assert out.tokens.shape == (3, 8, 16) and tok.reconstruction_targets(batch, out).shape == (3, 8, 24)
+    assert out.tokens.shape == (2, 8, 16) and tok.reconstruction_targets(batch, out).shape == (2, 8, 24)
     with pytest.raises(LayoutError, match="has 3 channels but in_chans=2"):
         adapters.get("timeseries")(
             tmp_path, in_chans=2, length=64, patch_size=8, strict=True
@@ -536,3 +553,152 @@ def test_part_segmentation_bad_files_are_named(tmp_path: Path):
     np.savetxt(labels, np.zeros(40, dtype=int), fmt="%d")
     with pytest.raises(LayoutError, match=r"p\.txt has 3 values per point but in_chans=6"):
         adapters.get("point_part").spec(4, in_chans=6).read(points, labels)
+
+
+# ---------------------------------------------------------------- data read right, or refused by name (issue 18)
+
+
+def test_sixteen_bit_grey_is_read_over_its_full_range(tmp_path: Path):
+    from PIL import Image
+
+    ramp = np.linspace(0, 65535, 32 * 32).round().astype(np.uint16).reshape(32, 32)
+    for cls in ("a", "b"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        Image.fromarray(ramp).save(tmp_path / "train" / cls / "ramp.png")
+        Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "train" / cls / "ramp.tif")
+    assert Image.open(tmp_path / "train" / "a" / "ramp.png").mode == "I;16"
+    plain = dict(img_size=32, patch_size=8, crop_pct=1.0, mean=(0.0,), std=(1.0,))
+    x, _ = adapters.get("image")(tmp_path, in_chans=1, **plain).dataset("train", False)[0]
+    np.testing.assert_allclose(x[0].numpy(), ramp / 65535, atol=0.5 / 255 + 1e-6)  # was 255 above 0.4 % of the ramp
+    rgb, _ = adapters.get("image")(tmp_path, **{**plain, "mean": (0.0,) * 3, "std": (1.0,) * 3}).dataset(
+        "train", False)[0]
+    torch.testing.assert_close(rgb, x.expand(3, -1, -1))
+    floats = adapters.get("image")(tmp_path, extensions=("tif",), **plain).dataset("train", False)
+    with pytest.raises(LayoutError, match=r"ramp\.tif has 32-bit float pixels \(Pillow mode F\).*8- or 16-bit PNG"):
+        floats[0]
+
+
+def test_an_empty_class_folder_is_refused_not_made_a_class(image_root: Path):
+    (image_root / "train" / "bird").mkdir()
+    (image_root / "train" / "fish").mkdir()
+    (image_root / "train" / "fish" / "notes.txt").write_text("no image here")
+    with pytest.raises(LayoutError, match=r"train/bird', .*train/fish'\] \(2 of 4\) hold no files with extensions"):
+        adapters.get("image")(image_root)
+    kept = adapters.get("image")(image_root, classes=["bird", "cat", "dog", "fish"])  # named on purpose: kept
+    assert kept.num_classes == 4 and len(kept.dataset("train", False)) == 8
+
+
+def test_truncated_wavs_are_named_not_read_as_short_clips(tmp_path: Path):
+    import soundfile as sf
+
+    mf.write_audio(tmp_path / "train" / "tone" / "whole.wav")
+    for i in range(3):
+        mf.corrupt(mf.write_audio(tmp_path / "val" / "tone" / f"cut{i}.wav", freq=300 + 100 * i), "truncated")
+    stream = mf.write_audio(tmp_path / "val" / "tone" / "stream.wav")  # a streaming writer leaves the size open
+    data = bytearray(stream.read_bytes())
+    data[data.index(b"data") + 4 : data.index(b"data") + 8] = b"\xff\xff\xff\xff"
+    stream.write_bytes(bytes(data))
+    assert sf.info(str(tmp_path / "val" / "tone" / "cut0.wav")).frames < 16000 / 2  # libsndfile reads the stump
+    ad = adapters.get("audio")(tmp_path, target_length=128, max_unreadable_share=1.0)
+    items, messages = read_kept(ad.dataset("val", False))
+    assert len(items) == 1 and ad.skipped == 3  # the stream wav is whole
+    assert sum(bool(re.search(r"cut\d\.wav is truncated: its header declares 1\.000 s of audio, the file holds "
+                              r"0\.33\d s", m)) for m in messages) == 3
+    with warnings.catch_warnings(), pytest.raises(TooManyUnreadableFilesError, match=r"cut\d\.wav is truncated"):
+        warnings.simplefilter("ignore")
+        read_all(adapters.get("audio")(tmp_path, target_length=128).dataset("val", False))
+
+
+def test_an_unreadable_evaluation_file_is_left_out_not_replaced_by_a_neighbour(tmp_path: Path):
+    from pathway.adapters.image import read_image
+
+    for i in range(6):
+        mf.write_image(tmp_path / "train" / ("a" if i < 3 else "b") / f"{i}.png", seed=i)
+    mf.corrupt(tmp_path / "train" / "a" / "1.png", "garbage")
+    ad = adapters.get("image")(tmp_path, img_size=32, patch_size=8, max_unreadable_share=0.5)
+    ev = ad.dataset("train", train=False)
+    with pytest.warns(UserWarning, match=r"1\.png .*left out of the evaluation"):
+        batches = list(torch.utils.data.DataLoader(ev, batch_size=4, collate_fn=collate))
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    assert y.tolist() == [0, 0, 1, 1, 1] and ev.unreadable_count() == 1  # 5 items from 5 readable images
+    readable = [path for path, _ in ev.samples if path.name != "1.png"]
+    torch.testing.assert_close(x, torch.stack([ad.transform(False)(read_image(p)) for p in readable]))
+    train, messages = read_all(ad.dataset("train", train=True))  # training: the next file takes the place
+    assert len(train) == 6 and not any(isinstance(item, LeftOut) for item in train)
+    assert any("next readable file takes its place" in m for m in messages)
+
+
+def test_an_unreachable_data_root_says_why(tmp_path: Path):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(LayoutError, match=r"loop is a symlink loop \(.*loop -> .*loop -> \.\.\."):
+        adapters.get("image")(tmp_path / "loop")
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(LayoutError, match=r"data root \S+/a/images cannot be read: \S+/a is a symlink loop"):
+        adapters.get("image")(tmp_path / "a" / "images")
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(LayoutError, match=r"gone is a symlink to \S+/nowhere, which does not exist"):
+        adapters.get("image")(tmp_path / "gone")
+    with pytest.raises(LayoutError, match=r"\S+/missing does not exist; pass the folder .*data\.root"):
+        adapters.get("image")(tmp_path / "missing" / "images")
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("image", {"patch_size": 0}, r"patch_size=0 must be a whole number >= 1 \(data\.options\.patch_size\)"),
+    ("image", {"patch_size": -16}, r"patch_size=-16 must be a whole number >= 1"),
+    ("image", {"img_size": "224"}, r"img_size='224' must be a whole number >= 1"),
+    ("image", {"img_size": 30, "patch_size": 16}, r"img_size=30 must be a multiple of patch_size=16 \(e\.g\. img_si"),
+    ("video", {"tubelet_size": 0}, r"tubelet_size=0 must be"),
+    ("video", {"num_frames": 15}, r"num_frames=15 must be a multiple of tubelet_size=2"),
+    ("video", {"img_size": 200}, r"img_size=200 must be a multiple of patch_size=16"),
+    ("audio", {"patch_size": 0}, r"patch_size=0 must be"),
+    ("audio", {"num_mel_bins": 100}, r"num_mel_bins=100 must be a multiple of patch_size=16"),
+    ("audio", {"timem": -1}, r"timem=-1 must be a whole number >= 0"),
+    ("timeseries", {"patch_size": 0}, r"patch_size=0 must be"),
+    ("timeseries", {"in_chans": 0}, r"in_chans=0 must be"),
+])
+def test_size_options_that_cannot_work_are_refused_by_name(name, options, message):
+    with pytest.raises(OptionError, match=message):
+        adapters.get(name).spec(4, **options)
+
+
+def test_a_patch_tokenizer_refuses_a_patch_of_zero():
+    from pathway.tokenizers.patch import PatchTokenizer
+    from pathway.tokenizers.pos_embed import resample_pos_embed
+
+    with pytest.raises(OptionError, match=r"patch_size \(0, 0\) must be whole numbers >= 1"):
+        PatchTokenizer((32, 32), (0, 0), 3, 16)
+    with pytest.raises(ValueError, match=r"token grid \(0, 2\) has an axis without tokens"):
+        resample_pos_embed(torch.zeros(1, 4, 8), (2, 2), (0, 2))
+
+
+def test_the_item_list_is_held_in_arrays(image_root: Path):
+    import os
+    import tracemalloc
+
+    from pathway.adapters.samples import SampleList
+
+    n = 10_000
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        items = [(Path("/data/imagenet/train") / f"n{i // 1300:08d}" / f"n{i // 1300:08d}_{i}.JPEG", i // 1300)
+                 for i in range(n)]
+        [str(path) for path, _ in items]  # as once the files are opened: each Path caches its string
+        as_list = tracemalloc.get_traced_memory()[0] - base
+        before_packing = tracemalloc.get_traced_memory()[0]
+        packed = SampleList(items)
+        as_arrays = tracemalloc.get_traced_memory()[0] - before_packing
+    finally:
+        tracemalloc.stop()
+    assert as_list / n > 300 and packed.nbytes / n < 60 and as_arrays < as_list / 5
+    assert list(packed) == items and packed[-1] == items[-1] and len(packed) == n
+    with pytest.raises(IndexError):
+        packed[n]
+    odd = Path(os.fsdecode(b"clips/caf\xe9 \xe2\x88\x95 1.wav"))  # a name that is not UTF-8, and a Unicode slash
+    mixed = [(odd, [2, 0]), (Path("/abs/b.wav"), []), (Path("c.wav"), [1])]
+    assert list(SampleList(mixed)) == mixed
+    others = [(Path("x/p.txt"), Path("x/p.labels")), (Path("x/q.txt"), None)]
+    assert list(SampleList(others)) == others
+    held = adapters.get("image")(image_root, img_size=32).dataset("val", False).samples  # what a worker copies
+    assert isinstance(held, SampleList) and [label for _, label in held] == [0] * 4 + [1] * 4

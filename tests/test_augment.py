@@ -15,7 +15,7 @@ import torch
 
 import pathway.adapters.registry as adapters
 from pathway.adapters.base import AugmentationError, TooManyUnreadableFilesError
-from pathway.train.data import SeededItems, make_loader
+from pathway.train.data import SeededItems, collate, make_loader
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def test_unreadable_files_are_counted_and_too_many_stop_the_run(image_root: Path
         adapters.get("image")(image_root, max_unreadable_share=5)
     loader = torch.utils.data.DataLoader(  # the share is counted over the workers; the error keeps its class
         adapters.get("image")(image_root, img_size=32, max_unreadable_share=0.1).dataset("train", train=False),
-        batch_size=2, num_workers=2)
+        batch_size=2, num_workers=2, collate_fn=collate)
     with warnings.catch_warnings(), pytest.raises(TooManyUnreadableFilesError, match="max_unreadable_share=0.1"):
         warnings.simplefilter("ignore")
         list(loader)

@@ -75,6 +75,11 @@ class PatchTokenizer(Tokenizer):
             raise OptionError(
                 f"input_size {self.input_size} and patch_size {self.patch_size} must both have 1, 2 or 3 entries"
             )
+        if min(self.patch_size) < 1 or min(self.input_size) < 1:
+            raise OptionError(
+                f"{type(self).__name__}: input_size {self.input_size} and patch_size {self.patch_size} must be "
+                f"whole numbers >= 1 along every axis"
+            )
         self._check_multiple(self.input_size, "input_size")
         if pos_embed not in POS_EMBED_KINDS:
             raise OptionError(f"pos_embed={pos_embed!r} is not one of {POS_EMBED_KINDS}")

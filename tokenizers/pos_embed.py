@@ -26,6 +26,13 @@ from .base import TokenizerInputError
 _MODES = {1: "linear", 2: "bicubic", 3: "trilinear"}
 
 
+def check_grid(grid: Sequence[int], what: str) -> None:
+    """A token grid has at least one token along every axis (a size or patch size of 0 gives an empty grid)."""
+    if not grid or min(grid) < 1:
+        raise TokenizerInputError(f"{what}: token grid {tuple(grid)} has an axis without tokens; the input size "
+                                  f"must be at least one patch along every axis")
+
+
 def sincos_1d(positions: Tensor, dim: int) -> Tensor:
     """MAE's 1-D table: ``[sin(p * w_i), cos(p * w_i)]`` with ``w_i = 10000^(-i / (dim/2))``; ``[n, dim]``."""
     if dim % 2:
@@ -42,6 +49,9 @@ def sincos_pos_embed(grid: Sequence[int], dim: int) -> Tensor:
     In 2-D this equals MAE's ``get_2d_sincos_pos_embed`` (first half of the width encodes the column).
     """
     grid = tuple(int(g) for g in grid)
+    check_grid(grid, "sin-cos position embedding")
+    if dim < 1:
+        raise OptionError(f"sin-cos position embedding needs embed_dim >= 1, got {dim}")
     if dim % (2 * len(grid)):
         raise OptionError(
             f"sin-cos position embedding of a {len(grid)}-D grid needs a width divisible by {2 * len(grid)}, "
@@ -74,6 +84,7 @@ def resample_pos_embed(pos: Tensor, old_grid: Sequence[int], new_grid: Sequence[
                                   f"{math.prod(old_grid)}; the checkpoint's pos_embed was made for another input size")
     if old_grid == new_grid:
         return pos
+    check_grid(new_grid, "position embedding resampling")
     dim = pos.shape[-1]
     grid = pos.reshape(1, *old_grid, dim).movedim(-1, 1).float()  # [1, D, *old_grid]
     mode = _MODES[len(old_grid)]
