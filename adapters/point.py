@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -234,22 +235,56 @@ class PointAdapter(_PointAdapterBase):
     :class:`~pathway.adapters.heads.PointMAEClassificationHead` ([class token, max over the groups] -> MLP,
     ``models/Point_MAE.py:459-469, 546-547``), which needs ``model.cls_token: true``; a Point-MAE fine-tuned
     file's ``cls_head_finetune.*`` load into it.
+
+    Option ``test_votes`` (Point-MAE's voting, ``tools/runner_finetune.py:271-310``): with V > 1, the final test
+    scores each cloud V times, every vote a fresh draw of ``num_points`` points scaled and translated as in
+    training (``test_transforms``, ``:27-34``), and the predictions of an item's votes are averaged; see
+    :meth:`multiview_dataset`. The per-epoch evaluation stays one fixed view per cloud.
     """
 
     task = "classification"
     metric = "top1"
     heads = {**_PointAdapterBase.heads, "pointmae": PointMAEClassificationHead}
+    defaults = {**_PointAdapterBase.defaults, "test_votes": 1}
+
+    def check_options(self) -> None:
+        super().check_options()
+        if not isinstance(self.options["test_votes"], int) or self.options["test_votes"] < 1:
+            raise OptionError(f"PointAdapter: test_votes={self.options['test_votes']!r} must be a whole number >= 1 "
+                              f"(1: no voting; Point-MAE votes 10 times)")
+
+    def read_cloud(self, path: Path, key: Any) -> np.ndarray:
+        """The points of one file (``key``, its label or vote key, is not needed to read it)."""
+        return read_points(path, self.options["in_chans"], self.options["mesh_points"])
 
     def build_dataset(self, split: str, train: bool) -> Dataset:
-        o = self.options
-
-        def read(path: Path, label: int) -> np.ndarray:
-            return read_points(path, o["in_chans"], o["mesh_points"])
-
         def augment(points: np.ndarray, label: int, index: int) -> tuple[Tensor, int]:
             return self.process(points, None, train, index)[0], label
 
-        return FileDataset(self.folder_samples(split), read, augment, self)
+        return FileDataset(self.folder_samples(split), self.read_cloud, augment, self)
+
+    def test_views(self) -> list[int]:
+        """The votes of the final test (one view: no multi-view test)."""
+        return list(range(self.options["test_votes"]))
+
+    def multiview_dataset(self, split: str) -> Dataset:
+        """The voting test, one vote per item: item ``v + V * j`` is vote ``v`` of cloud ``j`` as ``(x, label, j)``,
+        its points and its scale / translation drawn from a generator seeded by ``(j, v)`` (the same every run)."""
+        if self.root is None:
+            raise LayoutError("PointAdapter.spec(...) has no data; build it with PointAdapter(root, ...)")
+        o = self.options
+        votes = self.test_views()
+        samples = [(path, (label, j, v)) for j, (path, label) in enumerate(self.folder_samples(split)) for v in votes]
+
+        def one_vote(points: np.ndarray, key: tuple[int, int, int], index: int) -> tuple[Tensor, int, int]:
+            label, j, vote = key
+            rng = np.random.default_rng((j, vote))
+            cloud = normalize_unit_sphere(points[sample_indices(len(points), o["num_points"], rng)])
+            cloud = augment(cloud, rng, o["up_axis"], False, 0.0, tuple(o["scale"]), o["isotropic_scale"],
+                            o["translate"])
+            return torch.from_numpy(np.ascontiguousarray(cloud, dtype=np.float32)), label, j
+
+        return FileDataset(samples, self.read_cloud, one_vote, self)
 
 
 def read_part_txt(path: Path, in_chans: int) -> tuple[np.ndarray, np.ndarray]:
