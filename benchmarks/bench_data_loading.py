@@ -9,10 +9,16 @@ Files are written into a temporary folder with the same writers the tests use (`
 images 224^2 PNG, 10 s wav at 16 kHz (-> 1024 x 128 fbank), 8192-point binary PLY clouds (-> 1024 points),
 64-frame 128^2 mp4 (-> 16 frames at rate 4, 112^2) and 3 x 512 time series. Training transforms are on.
 Run: ``.venv/bin/python benchmarks/bench_data_loading.py``.
+
+``--epoch-start``: the first log window of each epoch (its first ``2 x workers`` batches) through the engine's
+loader pieces (``SeededItems``, ``EpochSampler``, ``collate``), with workers kept across epochs (what
+``make_loader`` builds) and forked again at every epoch (the engine before issue 19). Epoch 0 starts the workers
+in both; the later epochs show what the re-fork costs.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import time
@@ -72,15 +78,57 @@ def load_and_step_seconds(adapter, batch_size: int) -> tuple[float, float]:
     return statistics.median(loads[1:]), statistics.median(steps[1:])
 
 
+def write_files(name: str, root: Path):
+    """The case's files under ``root`` (two classes) and its adapter."""
+    per_class, write, ext, options = CASES[name]
+    for c in ("a", "b"):
+        for i in range(per_class):
+            write(root / "train" / c / f"{i}.{ext}", i)
+    return adapters.get(name)(root, **options)
+
+
+def epoch_start_rates(dataset, *, persistent: bool, workers: int, batch_size: int, epochs: int) -> list[float]:
+    """Samples/s over the first ``2 x workers`` batches of each epoch (iterator creation included)."""
+    from pathway.train.data import EpochSampler, SeededItems, collate
+    from pathway.train.seeding import seed_worker
+
+    items = SeededItems(dataset, seed=0)
+    sampler = EpochSampler(len(items), seed=0, shuffle=True)
+    loader = DataLoader(items, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+                        drop_last=True, worker_init_fn=seed_worker, persistent_workers=persistent, prefetch_factor=2)
+    window = 2 * workers
+    rates = []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        start = time.perf_counter()
+        batches = iter(loader)
+        for _ in range(window):
+            next(batches)
+        rates.append(window * batch_size / (time.perf_counter() - start))
+        for _ in batches:  # the rest of the epoch, as the loop reads it
+            pass
+    return rates
+
+
+def epoch_start(name: str = "image", workers: int = 2, batch_size: int = 8, epochs: int = 4) -> None:
+    print(f"torch {torch.__version__}, {name}: first {2 * workers} batches of {batch_size} of each epoch, "
+          f"{workers} workers")
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset = write_files(name, Path(tmp) / name).dataset("train", train=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for persistent in (False, True):
+                rates = epoch_start_rates(dataset, persistent=persistent, workers=workers, batch_size=batch_size,
+                                          epochs=epochs)
+                print(f"{'persistent' if persistent else 'forked per epoch':17s} samples/s by epoch: "
+                      + "  ".join(f"{r:7.1f}" for r in rates), flush=True)
+
+
 def main(workers: int = 2, batch_size: int = 8) -> None:
     print(f"torch {torch.__version__}, DataLoader num_workers={workers}, batch_size={batch_size}")
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (per_class, write, ext, options) in CASES.items():
-            root = Path(tmp) / name
-            for c in ("a", "b"):
-                for i in range(per_class):
-                    write(root / "train" / c / f"{i}.{ext}", i)
-            adapter = adapters.get(name)(root, **options)
+        for name in CASES:
+            adapter = write_files(name, Path(tmp) / name)
             loader = DataLoader(adapter.dataset("train", train=True), batch_size=batch_size, num_workers=workers,
                                 shuffle=True, persistent_workers=True)
             with warnings.catch_warnings():
@@ -97,4 +145,12 @@ def main(workers: int = 2, batch_size: int = 8) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epoch-start", action="store_true",
+                        help="the first window of each epoch, workers kept vs forked again per epoch")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    if args.epoch_start:
+        epoch_start(workers=args.workers)
+    else:
+        main(workers=args.workers)
