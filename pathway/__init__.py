@@ -26,6 +26,9 @@ from .errors import (
     LayoutError as LayoutError,
 )
 from .errors import (
+    NonFiniteError as NonFiniteError,
+)
+from .errors import (
     NoPairsError as NoPairsError,
 )
 from .errors import (
@@ -53,6 +56,7 @@ from .inject import lambdas as lambdas
 from .io import load as load
 from .io import save as save
 from .layer import PathwayWeight as PathwayWeight
+from .layer import PicklingError as PicklingError
 from .optim import param_groups as param_groups
 from .plan import Options as Options
 from .plan import plan as plan

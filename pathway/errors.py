@@ -59,3 +59,7 @@ class CoverageError(PathwayError):
 
 class LayoutError(PathwayError):
     """The row layout of a fused attention projection (``[q | k | v]`` or per head) could not be read."""
+
+
+class NonFiniteError(PathwayError):
+    """An aux tensor or a merged weight holds NaN or inf values."""

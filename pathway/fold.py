@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from .errors import NotConnectedError, PathwayError
+from .errors import NonFiniteError, NotConnectedError, PathwayError
 from .layer import PathwayWeight
-from .modules import pathway_sites
+from .modules import pathway_sites, plain_parameters
 
 
 def fold(model: nn.Module) -> nn.Module:
@@ -28,6 +28,7 @@ def fold(model: nn.Module) -> nn.Module:
         NotConnectedError: ``model`` carries no pathway.
         PathwayError: a module also carries parametrizations that are not pathways (e.g. weight
             norm); fold cannot know how to merge those.
+        NonFiniteError: a merged weight would hold NaN or inf; the model is left connected.
     """
     sites = list(pathway_sites(model))
     if not sites:
@@ -48,6 +49,7 @@ def fold(model: nn.Module) -> nn.Module:
                 dtype = torch.promote_types(original.dtype, torch.float32)
                 total = original.to(dtype) + sum(p.delta(dtype) for p in pathways)
                 merged[id(original)] = (original, total.to(original.dtype), pathways[0].target_requires_grad)
+        _check_finite(model, merged)
         for module in {id(m): m for _, m, _, _ in sites}.values():
             originals = {n: plist.original for n, plist in module.parametrizations.items()}
             module.__class__ = parametrize.type_before_parametrizations(module)
@@ -57,6 +59,18 @@ def fold(model: nn.Module) -> nn.Module:
             original.copy_(value)
             original.requires_grad_(requires_grad)
     return model
+
+
+def _check_finite(model: nn.Module, merged: dict[int, tuple[nn.Parameter, torch.Tensor, bool]]) -> None:
+    """Refuse to write NaN or inf into the user's weights (a diverged run); nothing is changed then."""
+    names = {id(p): n for n, p in plain_parameters(model).items()}
+    bad = [f"{names.get(key, '?')} ({int((~torch.isfinite(value)).sum())} of {value.numel()})"
+           for key, (_, value, _) in merged.items() if not torch.isfinite(value).all()]
+    if bad:
+        raise NonFiniteError(f"fold would write non-finite values (NaN or inf) into {len(bad)} weight(s): "
+                             f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}. The run diverged (lower the "
+                             f"learning rate, check the loss) or an aux tensor is broken: fold a checkpoint from "
+                             f"before it; the model is left connected")
 
 
 def _restore_first(module: nn.Module, originals: dict[str, nn.Parameter]) -> None:

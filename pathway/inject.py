@@ -7,25 +7,28 @@ pathway on every alias, so the tie survives.
 
 The aux may also be a path (:func:`pathway.source.open_aux`): the plan is made on its meta-device
 model, and each aux tensor is read from disk only when a pair needs it and dropped after its last
-use, so the peak is the target plus the built aux tensors plus one aux tensor or so.
+use (under ``on_shape_mismatch="select"`` only the rows the selection keeps: :mod:`pathway.reads`), so
+the peak is the target plus the built aux tensors plus one aux tensor or so. Every pathway is built
+and checked before the first is attached, for every aux of a list: nothing is half-applied.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from .errors import CoverageError
-from .layer import PathwayWeight
-from .modules import owners, pathway_sites, plain_parameters
+from .errors import CoverageError, NonFiniteError, OptionError
+from .layer import PathwayWeight, attach_pathway
+from .modules import owners, pathway_sites
 from .plan import AuxLike, Options, aux_module, coverage_problem, plan_with
+from .reads import aux_tensors
 from .report import Pair, Report
 from .shapes import Selected, select_report
 from .source import AuxSource, open_aux
@@ -66,32 +69,6 @@ def _scale_shape(weight: torch.Tensor, pair: Pair, per_channel: bool) -> tuple[i
     return (weight.shape[0],) + (1,) * (weight.dim() - 1)
 
 
-class _AuxTensors:
-    """The aux tensors the pairs read, each fetched once and dropped after the last pair using it."""
-
-    def __init__(self, fetch: Callable[[list[str]], Mapping[str, torch.Tensor]], uses: Counter[str]):
-        self.fetch, self.uses, self.held = fetch, uses, {}
-
-    def take(self, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        missing = [n for n in dict.fromkeys(names) if n not in self.held]
-        self.held.update(self.fetch(missing) if missing else {})
-        return {n: self.held[n] for n in names}
-
-    def release(self, names: tuple[str, ...]) -> None:
-        for name in names:
-            self.uses[name] -= 1
-            if self.uses[name] <= 0:
-                self.held.pop(name, None)
-
-
-def _aux_tensors(aux: nn.Module | AuxSource, reads: list[tuple[str, ...]]) -> _AuxTensors:
-    uses = Counter(n for names in reads for n in names)
-    if isinstance(aux, AuxSource):
-        return _AuxTensors(aux.read, uses)
-    params = plain_parameters(getattr(aux, "_orig_mod", aux))
-    return _AuxTensors(lambda names: {n: params[n] for n in names}, uses)
-
-
 def resolve(report: Report, target: nn.Module, aux: nn.Module, opts: Options) -> tuple[Report, dict[str, Selected]]:
     """Under ``on_shape_mismatch='select'``: the report naming each pair's selection, and the selections."""
     if opts.on_shape_mismatch != "select":
@@ -101,42 +78,84 @@ def resolve(report: Report, target: nn.Module, aux: nn.Module, opts: Options) ->
     return select_report(report, target, aux, opts.gated_mlp)
 
 
-def inject(target: nn.Module, aux: nn.Module | AuxSource, report: Report, opts: Options,
-           selected: Mapping[str, Selected] | None = None) -> None:
-    """Register the pathways of ``report`` on ``target``; all tensors are built before any change.
+@dataclasses.dataclass
+class Staged:
+    """One pathway ready to attach: built, converted and checked, nothing changed yet."""
 
-    ``aux`` is the aux model, or an :class:`~pathway.source.AuxSource` whose tensors are read as the
-    pairs need them; ``selected`` holds the selections of pairs whose shapes differ (:func:`resolve`).
+    sites: list[tuple[nn.Module, str]]
+    pair: Pair
+    aux_tensor: torch.Tensor
+    lambda_init: float
+    scale_shape: tuple[int, ...]
+
+
+def build(target: nn.Module, aux: nn.Module | AuxSource, report: Report, opts: Options,
+          selected: Mapping[str, Selected] | None = None) -> list[Staged]:
+    """Every pathway of ``report``, built in the target weights' layout and checked; ``target`` is not changed.
+
+    ``aux`` is the aux model, or an :class:`~pathway.source.AuxSource` whose tensors (or the rows a
+    selection keeps) are read as the pairs need them; ``selected`` holds the selections of pairs
+    whose shapes differ (:func:`resolve`).
+
+    Raises:
+        NonFiniteError: an aux tensor holds NaN or inf (``0 * inf`` is NaN: it would change the
+            output even at lambda 0).
+        OptionError: ``lambda_init`` gives a value that is not a finite number.
     """
     selected = selected or {}
     model = getattr(target, "_orig_mod", target)
-    reads = [selected[p.target].aux if p.target in selected else p.aux for p in report.pairs]
-    tensors = _aux_tensors(aux, reads)
+    tensors = aux_tensors(aux, [(p, selected.get(p.target)) for p in report.pairs])
     staged = []
-    for pair, names in zip(report.pairs, reads):
+    for pair in report.pairs:
         sites = owners(model, pair.target)
         module, tensor_name = sites[0]
         weight = getattr(module, tensor_name)
-        aux_tensor = materialise(pair, tensors.take(names), selected.get(pair.target))
+        aux_tensor = tensors.build(pair, selected.get(pair.target), materialise)
         aux_tensor = aux_tensor.to(device=weight.device, dtype=weight.dtype)
-        tensors.release(names)
         if aux_tensor.shape != weight.shape:   # the plan checked shapes; this guards the layout logic
             raise AssertionError(f"{pair.target}: built aux tensor {list(aux_tensor.shape)} != {list(weight.shape)}")
-        init = opts.lambda_init(pair.target, pair.target_block) if callable(opts.lambda_init) else opts.lambda_init
-        staged.append(
-            (sites, pair, aux_tensor, float(init), _scale_shape(weight, pair, opts.lambda_shape == "channel"))
-        )
+        _check_finite(pair, aux_tensor)
+        staged.append(Staged(sites, pair, aux_tensor, _lambda_init(pair, opts),
+                             _scale_shape(weight, pair, opts.lambda_shape == "channel")))
+    return staged
+
+
+def _lambda_init(pair: Pair, opts: Options) -> float:
+    init = opts.lambda_init(pair.target, pair.target_block) if callable(opts.lambda_init) else opts.lambda_init
+    try:
+        value = float(init)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise OptionError(f"lambda_init gives {init!r} for '{pair.target}': lambda must start at a finite number "
+                          f"(0 starts the connected model exactly as the target)")
+    return value
+
+
+def _check_finite(pair: Pair, aux_tensor: torch.Tensor) -> None:
+    bad = ~torch.isfinite(aux_tensor)
+    if bad.any():
+        nan, count = int(torch.isnan(aux_tensor).sum()), int(bad.sum())
+        raise NonFiniteError(f"the aux tensor for '{pair.target}' (from {pair.source}) holds {count} non-finite "
+                             f"value(s) ({nan} NaN, {count - nan} inf): 0 * inf is NaN, so even lambda 0 would "
+                             f"change the output. Repair or re-export the aux weights {list(pair.aux)}, or leave "
+                             f"the weight out: exclude=[{pair.target!r}]")
+
+
+def attach(staged: list[Staged], opts: Options) -> None:
+    """Register the built pathways; ``staged`` is emptied, each built tensor freed once its pathway holds it."""
     staged.reverse()
-    while staged:   # popped, so each built tensor is freed once its pathway holds its copy
-        sites, pair, aux_tensor, init, scale_shape = staged.pop()
-        module, tensor_name = sites[0]
+    while staged:
+        item = staged.pop()
+        module, tensor_name = item.sites[0]
         original = (module.parametrizations[tensor_name].original if parametrize.is_parametrized(module, tensor_name)
                     else getattr(module, tensor_name))
-        pathway = PathwayWeight(aux_tensor, scale_shape, init, train_aux=opts.train_aux, train_lambda=opts.train_lambda,
-                                source=pair.source, transform=pair.transform,
+        pathway = PathwayWeight(item.aux_tensor, item.scale_shape, item.lambda_init, train_aux=opts.train_aux,
+                                train_lambda=opts.train_lambda, source=item.pair.source,
+                                transform=item.pair.transform,
                                 target_requires_grad=_first_requires_grad(module, tensor_name, original))
-        for owner, name in sites:
-            parametrize.register_parametrization(owner, name, pathway)
+        for owner, name in item.sites:
+            attach_pathway(owner, name, pathway)
         if opts.freeze_target:
             original.requires_grad_(False)
 
@@ -150,6 +169,13 @@ def _first_requires_grad(module: nn.Module, tensor_name: str, original: nn.Param
     return original.requires_grad
 
 
+def _aux_list(aux: AuxLike | list[AuxLike]) -> list[nn.Module | AuxSource]:
+    items = list(aux) if isinstance(aux, (list, tuple)) else [aux]
+    if not items:
+        raise OptionError("aux is an empty list: pass one aux model (or path), or a list of them")
+    return [open_aux(a) if isinstance(a, (str, os.PathLike)) else a for a in items]
+
+
 def connect(target: nn.Module, aux: AuxLike | list[AuxLike], **options: Any) -> Report | list[Report]:
     """Connect ``target`` to ``aux`` in place: every paired weight becomes ``W + lambda * W_aux``.
 
@@ -158,7 +184,8 @@ def connect(target: nn.Module, aux: AuxLike | list[AuxLike], **options: Any) -> 
         aux: a model trained on another modality, or a list of them (``W + l1*W1 + l2*W2``).
             Connecting again adds another pathway. A path (a Hugging Face model directory) or an
             :class:`~pathway.source.AuxSource` (``open_aux(path, architecture)``) is read lazily:
-            only the tensors the pairs use are read from disk.
+            only the tensors the pairs use are read from disk. An aux that is itself connected
+            gives its effective weights (what it computes).
         **options: see :class:`~pathway.plan.Options` and the README.
 
     Returns:
@@ -166,7 +193,9 @@ def connect(target: nn.Module, aux: AuxLike | list[AuxLike], **options: Any) -> 
 
     Raises:
         CoverageError: some target body weights found no counterpart and ``allow_partial`` is False.
-        Every error of :func:`~pathway.plan.plan`; nothing is changed when anything fails.
+        NonFiniteError: an aux tensor holds NaN or inf.
+        Every error of :func:`~pathway.plan.plan`. Nothing is changed when anything fails: every aux
+        of a list is planned, read and checked before the first pathway is attached.
 
     Example:
         >>> import timm, torch, pathway
@@ -177,16 +206,16 @@ def connect(target: nn.Module, aux: AuxLike | list[AuxLike], **options: Any) -> 
         48
     """
     opts = Options.parse(options)
-    auxes = [open_aux(a) if isinstance(a, (str, os.PathLike)) else a
-             for a in (aux if isinstance(aux, (list, tuple)) else [aux])]
+    auxes = _aux_list(aux)
     reports = [plan_with(target, a, opts) for a in auxes]
     for report in reports:
         problem = coverage_problem(report)
         if problem and not opts.allow_partial:
             raise CoverageError(problem)
     resolved = [resolve(report, target, aux_module(a)[0], opts) for a, report in zip(auxes, reports)]
-    for a, (report, selected) in zip(auxes, resolved):
-        inject(target, a, report, opts, selected)
+    staged = [build(target, a, report, opts, selected) for a, (report, selected) in zip(auxes, resolved)]
+    for pathways in staged:
+        attach(pathways, opts)
     reports = [report for report, _ in resolved]
     return reports if isinstance(aux, (list, tuple)) else reports[0]
 

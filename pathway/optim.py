@@ -11,10 +11,12 @@ preserve), so it takes no layer decay.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch.nn as nn
 
+from .errors import OptionError
 from .modules import block_of, find_blocks, pathway_sites, plain_name
 
 
@@ -34,7 +36,11 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, *, lambda_lr:
     Returns:
         Groups with ``params``, ``lr``, ``weight_decay``, ``lr_scale`` (a scheduler sets
         ``lr = base_lr_now * lr_scale``) and ``name``.
+
+    Raises:
+        OptionError: a rate that is not a finite number >= 0 (``layer_decay`` > 0).
     """
+    _check_rates(lr=lr, weight_decay=weight_decay, lambda_lr=lambda_lr, layer_decay=layer_decay)
     model = getattr(model, "_orig_mod", model)   # torch.compile wrapper
     scales = {id(p.scale) for *_, pathways in pathway_sites(model) for p in pathways}
     blocks = find_blocks(model)
@@ -64,3 +70,14 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, *, lambda_lr:
                            "lr": lr * scale}
         groups[key]["params"].append(p)
     return list(groups.values())
+
+
+def _check_rates(**rates: float | None) -> None:
+    """Every rate a finite number, none negative, layer_decay above 0 (lambda_lr and layer_decay may be None)."""
+    for key, value in rates.items():
+        if value is None and key in ("lambda_lr", "layer_decay"):
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or value < 0 or (value == 0 and key == "layer_decay"):
+            raise OptionError(f"param_groups: {key}={value!r} must be a finite number "
+                              f"{'> 0' if key == 'layer_decay' else '>= 0'}")

@@ -23,10 +23,11 @@ What a path may be:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,7 +55,7 @@ class AuxSource:
         model: the aux ``nn.Module`` on the meta device (structure and shapes only), for ``plan``.
         keys: plain parameter name of ``model`` -> (safetensors file, key in that file).
         sizes: plain parameter name -> bytes it takes in its file (from the file headers).
-        bytes_read: bytes of every tensor read so far (what ``read`` took from disk).
+        bytes_read: bytes read so far (whole tensors, or the rows of them a selection keeps).
         tensors_read: names read so far, in order (a name read twice is listed twice).
     """
 
@@ -65,16 +66,26 @@ class AuxSource:
     bytes_read: int = 0
     tensors_read: list[str] = field(default_factory=list)
 
-    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """The named aux tensors (plain parameter names), as stored (dtype of the file), on the CPU."""
+    def read(self, names: Iterable[str], rows: Mapping[str, torch.Tensor | None] | None = None
+             ) -> dict[str, torch.Tensor]:
+        """The named aux tensors (plain parameter names), as stored (dtype of the file), on the CPU.
+
+        ``rows`` may give, per name, the sorted rows (first dimension) to read instead of the whole
+        tensor: they are read as runs of consecutive rows (safetensors slices) and returned stacked.
+        """
         from safetensors import SafetensorError, safe_open  # here: ``import pathway`` loads torch alone
 
         out = {}
         for name in names:
             file, key = self._where(name)
+            keep = rows.get(name) if rows is not None else None
             try:
                 with safe_open(str(file), "pt") as f:   # one open per tensor: see the module docstring
-                    tensor = f.get_tensor(key)
+                    if keep is None:
+                        tensor = f.get_tensor(key)
+                    else:
+                        piece = f.get_slice(key)
+                        tensor = torch.cat([piece[int(a):int(b)] for a, b in _runs(keep)])
             except (SafetensorError, OSError) as e:
                 raise SourceError(f"{file}: cannot read tensor '{key}' (aux weight '{name}'): {e}") from e
             self.bytes_read += tensor.numel() * tensor.element_size()
@@ -107,6 +118,15 @@ class AuxSource:
                               ) from None
 
 
+def _runs(rows: torch.Tensor) -> list[tuple[int, int]]:
+    """Sorted row numbers as ``[start, stop)`` runs of consecutive rows."""
+    if len(rows) == 0:
+        return [(0, 0)]
+    breaks = (torch.nonzero(rows[1:] != rows[:-1] + 1).flatten() + 1).tolist()
+    starts, stops = [0, *breaks], [*breaks, len(rows)]
+    return [(int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, stops)]
+
+
 _DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
                 "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -119,7 +139,9 @@ def open_aux(path: str | os.PathLike, architecture: Architecture = None) -> AuxS
     """Open an aux model on disk without loading it: see the module docstring for what ``path`` may be.
 
     Raises:
-        SourceError: the path is missing, holds no safetensors weights, or needs ``architecture``. A tensor
+        SourceError: the path is missing, holds no safetensors weights, needs ``architecture``, its
+            config.json cannot be read or built, or a tensor in the files has another shape than the
+            model built from the config (the tensor, both shapes and the config key are named). A tensor
             of the model that the files lack is named by a SourceError when ``connect`` asks to read it.
     """
     path = Path(path)
@@ -138,8 +160,9 @@ def open_aux(path: str | os.PathLike, architecture: Architecture = None) -> AuxS
     else:
         files = [path]
     model = _build(architecture) if architecture is not None else _from_config(path)
-    keys, sizes = _file_keys(files)
+    keys, shapes, sizes = _file_keys(files)
     table = _key_map(model, keys, path)
+    _check_shapes(model, table, shapes, architecture)
     return AuxSource(path, model.eval(), table, {name: sizes[key] for name, (_, key) in table.items()})
 
 
@@ -173,9 +196,24 @@ def _from_config(path: Path) -> nn.Module:
     except ImportError as e:
         raise SourceError(f"{path}: building a Hugging Face model from config.json needs the transformers "
                           f"package (pip install transformers)") from e
-    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    with torch.device("meta"):
-        return AutoModel.from_config(config)
+    file = path / "config.json"
+    try:
+        declared = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SourceError(f"{file} is not valid JSON ({e}): repair it, or write it again from the model "
+                          f"(model.config.save_pretrained(folder))") from e
+    if not isinstance(declared, dict):
+        raise SourceError(f"{file} holds a JSON {type(declared).__name__}, not the object of a Hugging Face config")
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        with torch.device("meta"):
+            return AutoModel.from_config(config)
+    except (ValueError, KeyError, OSError) as e:   # transformers' words for a config it cannot build
+        kind = declared.get("model_type")
+        raise SourceError(f"{file}: transformers cannot build a model from it (model_type {kind!r}): "
+                          f"{str(e).splitlines()[0]} Fix model_type / the config, upgrade transformers if the "
+                          f"architecture is newer than it, or pass architecture=... (an nn.Module built under "
+                          f"torch.device('meta'))") from e
 
 
 def _build(architecture: Architecture) -> nn.Module:
@@ -186,6 +224,10 @@ def _build(architecture: Architecture) -> nn.Module:
             import timm
         except ImportError as e:
             raise SourceError(f"architecture={architecture!r} names a timm model, which needs timm installed") from e
+        if not timm.is_model(architecture):
+            raise SourceError(f"architecture={architecture!r} is not a timm model name (timm {timm.__version__}); "
+                              f"timm.list_models('{architecture.split('_')[0]}*') lists the names it knows, or pass "
+                              f"an nn.Module built under torch.device('meta')")
         with torch.device("meta"):
             return timm.create_model(architecture, pretrained=False)
     if callable(architecture):
@@ -197,11 +239,12 @@ def _build(architecture: Architecture) -> nn.Module:
                       f"not {type(architecture).__name__}")
 
 
-def _file_keys(files: list[Path]) -> tuple[dict[str, Path], dict[str, int]]:
-    """Every key of ``files`` -> its file, and -> its size in bytes (headers only: no tensor is read)."""
+def _file_keys(files: list[Path]) -> tuple[dict[str, Path], dict[str, torch.Size], dict[str, int]]:
+    """Every key of ``files`` -> its file, its shape and its size in bytes (headers only: no tensor is read)."""
     from safetensors import SafetensorError, safe_open
 
     keys: dict[str, Path] = {}
+    shapes: dict[str, torch.Size] = {}
     sizes: dict[str, int] = {}
     for file in files:
         try:
@@ -209,10 +252,76 @@ def _file_keys(files: list[Path]) -> tuple[dict[str, Path], dict[str, int]]:
                 for key in f.keys():
                     piece = f.get_slice(key)
                     keys[key] = file
-                    sizes[key] = torch.Size(piece.get_shape()).numel() * _DTYPE_BYTES.get(piece.get_dtype(), 4)
+                    shapes[key] = torch.Size(piece.get_shape())
+                    sizes[key] = shapes[key].numel() * _DTYPE_BYTES.get(piece.get_dtype(), 4)
         except (SafetensorError, OSError) as e:
             raise SourceError(f"{file}: not a readable safetensors file: {e}") from e
-    return keys, sizes
+    return keys, shapes, sizes
+
+
+def _check_shapes(model: nn.Module, table: dict[str, tuple[Path, str]], shapes: dict[str, torch.Size],
+                  architecture: Architecture) -> None:
+    """Refuse files whose tensors do not have the shapes of the model built for them.
+
+    The plan reads the meta model's shapes and selects rows by them; a file holding other shapes (a
+    config.json that says ``intermediate_size: 768`` beside 1024-row tensors) would be read wrongly
+    without a word.
+    """
+    params = plain_parameters(model)
+    wrong = [(name, key, file, params[name].shape, shapes[key]) for name, (file, key) in table.items()
+             if params[name].shape != shapes[key]]
+    if not wrong:
+        return
+    name, key, file, built, stored = wrong[0]
+    config = getattr(model, "config", None)
+    if architecture is None and config is not None:
+        blame = _config_fix(model, config, built, stored, {n: shapes[k] for n, (_, k) in table.items()})
+        fix = (f"config.json says {blame}" if blame else
+               "make config.json agree with the files (use the config saved with these weights)")
+        where = "the model built from config.json"
+    else:
+        where, fix = "the architecture given", "pass the architecture these weights were saved from"
+    raise SourceError(f"{file}: tensor '{key}' (aux weight '{name}') is {list(stored)} in the file but "
+                      f"{list(built)} in {where}; {len(wrong)} of {len(table)} tensors disagree. Fix: {fix}")
+
+
+def _config_fix(model: nn.Module, config: object, built: torch.Size, stored: torch.Size,
+                stored_shapes: dict[str, torch.Size]) -> str:
+    """Which config.json entry makes the model disagree with its files, and the value that fits them.
+
+    Candidates come from the first differing dimension: an entry equal to the built size
+    (``intermediate_size``), or one that divides it and scales to a whole number for the stored size
+    (``num_key_value_heads`` times the head size); each is tried on the meta device and named only if
+    the model it builds has every stored shape.
+    """
+    if len(built) != len(stored):
+        return ""
+    made, found = next((m, f) for m, f in zip(built, stored) if m != f)
+    values = {k: v for k, v in config.to_dict().items() if isinstance(v, int) and not isinstance(v, bool) and v > 1}
+    exact = [(k, found) for k, v in values.items() if v == made]
+    scaled = [(k, v * found // made) for k, v in values.items() if made % v == 0 and (v * found) % made == 0]
+    for key, value in exact or scaled:
+        trial = copy.deepcopy(config)
+        setattr(trial, key, value)
+        try:
+            with torch.device("meta"):
+                params = plain_parameters(type(model)(trial))
+        except Exception:  # an architecture rejecting the value: then it is not the fix
+            continue
+        if all(n in params and params[n].shape == shape for n, shape in stored_shapes.items()):
+            return f"{key} = {values[key]} but the files hold a model with {key} = {value}"
+    return ""
+    values = {k: v for k, v in config.to_dict().items() if isinstance(v, int) and not isinstance(v, bool) and v > 1}
+    for made, found in zip(built, stored):
+        if made == found:
+            continue
+        exact = [f"{k} = {v} (the files need {found})" for k, v in values.items() if v == made]
+        if exact:
+            return " / ".join(exact)
+        scaled = [f"{k} = {v} (the files need {v * found // made})" for k, v in values.items()
+                  if made % v == 0 and (v * found) % made == 0]
+        return " / ".join(scaled)
+    return ""
 
 
 def _key_map(model: nn.Module, keys: dict[str, Path], path: Path) -> dict[str, tuple[Path, str]]:

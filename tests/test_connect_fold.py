@@ -295,3 +295,57 @@ def test_bf16_model_folds_to_exactly_what_it_computed():
         connected = target(x)
         pathway.fold(target)
         assert torch.equal(target(x), connected)
+
+
+def test_a_connected_aux_gives_its_effective_weights():
+    aux, inner = toys.timm_vit(classes=0), toys.timm_vit(classes=0)
+    pathway.connect(aux, inner)
+    set_lambdas(aux, 1.0)
+    target = toys.timm_vit()
+    pathway.connect(target, aux)
+    built = dict(pathway_aux_tensors(target))
+    fc2 = aux.blocks[1].mlp.fc2
+    assert torch.equal(built["blocks.1.mlp.fc2.weight"], fc2.weight)            # W + 1 * W_inner, as aux computes
+    assert not torch.equal(built["blocks.1.mlp.fc2.weight"], fc2.parametrizations.weight.original)
+
+
+def pathway_aux_tensors(model):
+    from pathway.modules import pathway_sites
+
+    return [(name, pathways[-1].aux_weight) for name, _, _, pathways in pathway_sites(model)]
+
+
+def test_save_pretrained_writes_a_folder_from_pretrained_loads_to_the_same_outputs(tmp_path):
+    from transformers import BertModel
+
+    target = toys.hf_bert(dim=32, heads=2).eval()
+    pathway.connect(target, toys.hf_bert(dim=32, heads=2))
+    set_lambdas(target)
+    ids = torch.randint(0, 100, (2, 6))
+    with torch.no_grad():
+        expected = target(ids).last_hidden_state
+    target.save_pretrained(tmp_path)
+    plain = BertModel.from_pretrained(tmp_path).eval()          # a plain model holding the effective weights
+    assert not pathway.is_connected(plain)
+    with torch.no_grad():
+        assert torch.equal(plain(ids).last_hidden_state, expected)
+    # the plain keys beside the connected state are skipped by a connected model, unless its own state is missing
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\)[^\n]*parametrizations\.weight\.original"):
+        target.load_state_dict(plain.state_dict())
+
+
+@pytest.mark.parametrize("scale_shape", [(), (6, 1), (1, 5), (6, 1, 1, 1)], ids=["scalar", "rows", "cols", "conv"])
+def test_custom_gradient_matches_the_plain_formula(scale_shape):
+    from pathway.layer import AddScaled
+
+    shape = (6, 5) if len(scale_shape) < 3 else (6, 5, 2, 2)
+    weight, aux = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    scale = torch.randn(scale_shape, dtype=torch.float64)
+    inputs = [t.clone().requires_grad_() for t in (weight, scale, aux)]
+    assert torch.autograd.gradcheck(AddScaled.apply, inputs)
+    plain = [t.clone().requires_grad_() for t in (weight, scale, aux)]
+    grad = torch.randn(shape, dtype=torch.float64)
+    torch.autograd.backward(AddScaled.apply(*inputs), grad)
+    torch.autograd.backward(plain[0] + plain[1] * plain[2], grad)
+    for mine, reference in zip(inputs, plain):
+        torch.testing.assert_close(mine.grad, reference.grad, rtol=1e-12, atol=1e-12)

@@ -44,9 +44,10 @@ def test_lazy_connect_from_a_directory_equals_connect_from_memory(tmp_path, shar
     used = [n for n in dict.fromkeys(n for p in report.pairs for n in p.aux) if ".gate_proj." not in n]
     assert source.tensors_read == used                        # each matched tensor read once, nothing else
     assert "layers.0.mlp.gate_proj.weight" not in source.tensors_read
-    params = dict(lm.model.named_parameters())
-    assert source.bytes_read == sum(params[n].numel() * params[n].element_size() for n in used)
-    assert source.bytes_read == source.nbytes(n for n in used) < source.nbytes(source.keys)
+    # only the rows the selection keeps are read (fp32, inputs 96 wide, up/down 384): q 4 of 6 heads (64 rows),
+    # k and v both kv heads (32 rows each), o and down 64 of 96 rows, up 256 of 384 rows; per layer:
+    assert source.bytes_read == 2 * 4 * (64 * 96 + 2 * 32 * 96 + 64 * 96 + 256 * 96 + 64 * 384)
+    assert source.bytes_read < source.nbytes(used) < source.nbytes(source.keys)
     line = source.describe_reads(used)
     assert line.startswith(f"reads {len(used)} of {len(source.keys)} aux tensors from {tmp_path}")
 
@@ -119,3 +120,26 @@ def test_engine_checkpoint_read_into_the_engine_model_built_on_meta(tmp_path):
     assert report.coverage == (8, 8) and len(source.tensors_read) == 8
     expected = aux.blocks[1].mlp.fc2.weight[torch.arange(0, 64, 2)][:, torch.arange(0, 256, 2)]
     assert torch.equal(aux_tensors(target)["blocks.1.mlp.fc2.weight"], expected)
+
+
+def test_sliced_reads_of_a_per_head_interleaved_aux_equal_whole_reads(tmp_path):
+    from transformers import GPTNeoXConfig, GPTNeoXModel
+
+    aux = GPTNeoXModel(GPTNeoXConfig(hidden_size=96, intermediate_size=384, num_hidden_layers=2, num_attention_heads=6,
+                                     vocab_size=100, max_position_embeddings=64))
+    aux.save_pretrained(tmp_path)
+    in_memory, from_disk = toys.timm_vit(dim=64, heads=4), toys.timm_vit(dim=64, heads=4)
+    from_disk.load_state_dict(in_memory.state_dict())
+    pathway.connect(in_memory, aux, on_shape_mismatch="select")       # whole tensors, selected in memory
+    source = open_aux(tmp_path)
+    report = pathway.connect(from_disk, source, on_shape_mismatch="select")
+    assert report.pairs[0].layout == ("", "heads")                     # query_key_value: [head, (q, k, v), 16]
+    built, reference = aux_tensors(from_disk), aux_tensors(in_memory)
+    assert built.keys() == reference.keys() and all(torch.equal(built[k], reference[k]) for k in built)
+    # 4 of 6 heads of q, k and v; 64 of 96 rows of dense and dense_4h_to_h, 256 of 384 of dense_h_to_4h
+    kept_rows = 3 * 64 * 96 + 64 * 96 + 256 * 96 + 64 * 384
+    assert source.bytes_read == 2 * 4 * kept_rows < source.nbytes(source.tensors_read)
+    name = "layers.0.mlp.dense_h_to_4h.weight"
+    rows = torch.tensor([0, 1, 2, 5, 9, 10, 383])
+    whole = dict(aux.named_parameters())[name].detach()
+    assert torch.equal(source.read([name], rows={name: rows})[name], whole[rows])
