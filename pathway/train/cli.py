@@ -30,6 +30,7 @@ EPILOG = """examples:
   pathway inspect RECIPE                                         # connect report, target vs aux
   pathway inspect timm:vit_small_patch16_224 timm:vit_small_patch16_224
   pathway experiment                                             # the embedded experiment -> results/
+  pathway screen RECIPE --candidate a=aux.safetensors --candidate b=hf_dir:transformers --seeds 5 --align
 
 Recipes are YAML over typed defaults (pathway/train/config.py, docs/training.md)."""
 
@@ -107,6 +108,24 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and recipes/demo/experiment_image*.yaml.")
     p.add_argument("--out", type=Path, default=Path("results"), help="output folder (default: results)")
     p.add_argument("--quick", action="store_true", help="toy sizes and 2 seeds, same code path (about a minute)")
+
+    p = sub.add_parser("screen", help="which donor helps my model: candidates against their placebos and the "
+                                      "baseline on the same seeds, paired intervals, a ranking",
+                       description="Screen candidate aux models on a recipe: each beside two placebos made from "
+                                   "its own file (Gaussian with its norms; rows permuted) and the baseline, on the "
+                                   "same seeds; writes screen.json, screen.md, screen.png (README: pathway screen).")
+    _add_recipe_args(p)
+    p.add_argument("--candidate", action="append", required=True, metavar="NAME=SPEC",
+                   help="a donor: NAME=PATH or NAME=PATH:FORMAT, anything aux.checkpoint takes (repeatable)")
+    p.add_argument("--setting", choices=["fix", "tune", "both"], default="fix",
+                   help="fix: target frozen, lambda and head train (default); tune: short full fine-tune; both")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, shared by every condition (default 3)")
+    p.add_argument("--layers", default="all", help="layer groups screened side by side: all, attn, mlp "
+                                                   "(comma-separated; default all)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the recipe's schedule)")
+    p.add_argument("--align", action="store_true",
+                   help="also screen each candidate aligned to the target's basis (pathway.align, weight matching)")
+    p.add_argument("--out", type=Path, default=Path("screen"), help="output folder (default: screen)")
 
     p = sub.add_parser("demo-data", help="write the embedded demo data of one modality",
                        description="Generate the small on-disk data set the demo recipes use.")
@@ -224,8 +243,16 @@ def _cmd_experiment(args) -> int:
     return 0
 
 
-COMMANDS = {"experiment": _cmd_experiment, "train": _cmd_train, "pretrain": _cmd_pretrain, "eval": _cmd_eval,
-            "fold": _cmd_fold, "inspect": _cmd_inspect, "demo-data": _cmd_demo_data}
+def _cmd_screen(args) -> int:
+    from pathway.screen import screen
+
+    screen(args.recipe, args.candidate, setting=args.setting, seeds=args.seeds, layers=args.layers,
+           overrides=args.overrides, out=args.out, steps=args.steps, align=args.align)
+    return 0
+
+
+COMMANDS = {"experiment": _cmd_experiment, "screen": _cmd_screen, "train": _cmd_train, "pretrain": _cmd_pretrain,
+            "eval": _cmd_eval, "fold": _cmd_fold, "inspect": _cmd_inspect, "demo-data": _cmd_demo_data}
 
 
 def main(argv: list[str] | None = None) -> int:
