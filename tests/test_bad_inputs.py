@@ -17,6 +17,8 @@ from pathway.train.demo_data import make_demo_data
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "recipes/demo/timeseries.yaml")
 SMALL = ["model.embed_dim=16", "model.depth=1", "model.num_heads=2", "data.batch_size=4"]
+TRAINED = ["model.depth=2", "train.max_steps=2", "train.log_every=1", "output.name=trained", "data.val_split=",
+           "output.plots=false"]  # the fixture's run: no evaluation, no plots (fast)
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +43,17 @@ def world(tmp_path_factory) -> dict[str, Path]:
     torch.save({"model": {}}, base / "half.pt")
     (base / "runs" / "empty" / "checkpoints").mkdir(parents=True)
     (base / "exists.safetensors").write_text("the user's file\n")
+    (user / "myexp").mkdir()  # looks like a run folder (recipe + log), but it is the user's
+    (user / "myexp" / "recipe.yaml").write_text("my own notes on a recipe\n")
+    (user / "myexp" / "metrics.jsonl").write_text('{"mine": 1}\n')
+    (base / "latin1.yaml").write_bytes(f"extends: {DEMO}\ndescription: caf\xe9\n".encode("latin-1"))
+    (base / "loop_a").symlink_to(base / "loop_b")
+    (base / "loop_b").symlink_to(base / "loop_a")
+    (base / "recipes.d").mkdir()
+    (base / "dangling").symlink_to(base / "nothing-here")
+    # a finished run to resume with a changed recipe (its folder, under runs/, is watched too)
+    assert main(_train(f"data.root={data}", "data.demo=false", f"output.dir={base / 'runs'}", *TRAINED,
+                       flags=("--no-progress",))) == 0
     return {"base": base, "user": user, "data": data}
 
 
@@ -54,6 +67,11 @@ def _snapshot(*folders: Path) -> dict[str, str]:
 
 def _train(*sets: str, recipe: str = DEMO, flags: tuple[str, ...] = ()) -> list[str]:
     return ["train", recipe, *flags, *[a for s in (*SMALL, *sets) for a in ("--set", s)]]
+
+
+def _resume(w: dict[str, Path], *changed: str) -> list[str]:
+    """The fixture's finished run, started again with ``changed`` recipe values."""
+    return _train(*_data(w), f"output.dir={w['base'] / 'runs'}", *TRAINED, *changed, flags=("--no-progress",))
 
 
 def _data(w: dict[str, Path]) -> list[str]:
@@ -120,6 +138,50 @@ CASES = [
      "holds files pathway did not write"),
     ("experiment into the user's folder", lambda w: ["experiment", "--quick", "--out", str(w["user"])],
      "holds files pathway did not write"),
+    # issue 18, training side
+    ("a user's folder holding recipe.yaml and metrics.jsonl", lambda w: _train(*_data(w), f"output.dir={w['user']}",
+                                                                             "output.name=myexp"),
+     "holds files pathway did not write"),
+    ("infinite base lr", lambda w: _train("optim.blr=.inf"), "'optim.blr' = inf; it must be a finite number"),
+    ("an lr that diverges to NaN", lambda w: _train(*_data(w), "optim.lr=1e30", "model.depth=2",
+                                                    f"output.dir={w['base'] / 'scratch'}", flags=("--no-progress",)),
+     "loss is nan at step"),
+    ("an MLP of zero width", lambda w: _train("model.mlp_ratio=1e-9"), "gives an MLP of int(1e-09 x 16) = 0 units"),
+    ("infinite mlp_ratio", lambda w: _train("model.mlp_ratio=.inf"), "'model.mlp_ratio' = inf"),
+    ("infinite warm-up", lambda w: _train("optim.warmup_epochs=.inf"), "'optim.warmup_epochs' = inf"),
+    ("patch of zero steps", lambda w: _train("data.options.patch_size=0"),
+     "'data.options.patch_size' = 0; it is a size or count"),
+    ("seed beyond the per-item seeds", lambda w: _train("train.seed=100000000000000000000000"),
+     "'train.seed' = 100000000000000000000000; it must be in [0, 1_000_000)"),
+    ("a model larger than memory", lambda w: _train(*_data(w), "model.embed_dim=400000000",
+                                                    f"output.dir={w['base'] / 'runs'}"), "GiB in fp32"),
+    ("a latin-1 recipe file", lambda w: ["train", str(w["base"] / "latin1.yaml")], "not UTF-8 text (byte 0xe9"),
+    ("resume with fewer heads", lambda w: _resume(w, "model.num_heads=1"), "model.num_heads: 2 -> 1"),
+    ("resume with another width", lambda w: _resume(w, "model.embed_dim=32"), "model.embed_dim: 16 -> 32"),
+    ("resume without the aux", lambda w: _resume(w, "aux.enabled=false"), "aux.enabled: True -> False"),
+    ("data.root a symlink loop", lambda w: _train("data.demo=false", f"data.root={w['base'] / 'loop_a'}"),
+     "is a symlink loop"),
+    ("NaN lambda_init", lambda w: _train("pathway.lambda_init=.nan"), "'pathway.lambda_init' = nan"),
+    # more of our own
+    ("a folder given as the recipe", lambda w: ["train", str(w["base"] / "recipes.d")], "is a folder; name a recipe"),
+    ("a checkpoint given as the recipe", lambda w: ["train", str(w["base"] / "garbage.pt")], "not valid YAML"),
+    ("a run name that climbs out of output.dir", lambda w: _train("output.name=../escape"),
+     "'output.name' = '../escape' is not a folder name"),
+    ("an absolute run name", lambda w: _train("output.name=/tmp/elsewhere"), "is not a folder name"),
+    ("an infinite Adam beta", lambda w: _train("optim.betas=[0.9, .inf]"), "'optim.betas[1]' = inf"),
+    ("a fractional channel count", lambda w: _train("data.options.in_chans=2.5"),
+     "'data.options.in_chans' = 2.5; it is a size or count"),
+    ("a negative series length", lambda w: _train("data.options.length=-128"), "'data.options.length' = -128"),
+    ("a negative seed", lambda w: _train("train.seed=-1"), "'train.seed' = -1"),
+    ("a negative checkpoint interval", lambda w: _train("train.checkpoint_minutes=-5"),
+     "'train.checkpoint_minutes' = -5.0; it must be >= 0"),
+    ("an aux MLP of zero width", lambda w: _train("aux.mlp_ratio=0.01"), "'aux.mlp_ratio' = 0.01 gives an MLP"),
+    ("resume with another schedule", lambda w: _resume(w, "train.epochs=7"), "train.epochs: 5 -> 7"),
+    ("resume with another lr", lambda w: _resume(w, "optim.blr=1e-2"), "optim.blr: 0.005 -> 0.01"),
+    ("resume with other adapter options", lambda w: _resume(w, "data.options.patch_size=8"),
+     "data.options.patch_size: 16 -> 8"),
+    ("data.root a link to nothing", lambda w: _train("data.demo=false", f"data.root={w['base'] / 'dangling'}"),
+     "is a symlink to"),
 ]
 
 

@@ -107,12 +107,15 @@ def atomic_save(obj: Any, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:  # torch's writer reports a short write as RuntimeError ("unexpected pos")
+    except BaseException as err:  # a full disk, or Ctrl-C while writing: no partial file stays behind
         tmp.unlink(missing_ok=True)
+        if not isinstance(err, (OSError, RuntimeError)):  # torch reports a short write as RuntimeError
+            raise
         free = shutil.disk_usage(path.parent).free
-        raise CheckpointError(f"could not write {path} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                              f"{free / 2**20:.0f} MiB free on its disk: free space (or lower train.keep_last) and "
-                              f"run again; the partial file was removed, earlier checkpoints are intact") from err
+        raise CheckpointError(f"could not write {path} ({type(err).__name__}: {str(err).splitlines()[0][:200]}): "
+                              f"a full disk or a quota ({free / 2**20:.0f} MiB free on its disk)? Free space (or "
+                              f"lower train.keep_last) and run the same command again; the partial file was "
+                              f"removed, earlier checkpoints are intact") from err
     _fsync_dir(path.parent)
 
 

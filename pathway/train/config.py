@@ -503,6 +503,11 @@ def check_values(recipe: Recipe, where: str) -> None:
                    "aux.num_heads" if a.num_heads else "model.num_heads", aux_heads)
     _divisible(where, "pretrain.decoder_dim", p.decoder_dim, "pretrain.decoder_heads", p.decoder_heads)
     check_sizes(recipe, where)
+    name = recipe.output.name
+    if name and (name in (".", "..") or any(sep in name for sep in "/\\")):
+        raise RecipeError(f"{where}: 'output.name' = {name!r} is not a folder name: the run folder is "
+                          f"output.dir/output.name, so a path there would write outside output.dir; put the path "
+                          f"in output.dir and a plain name in output.name")
 
 
 @dataclass(frozen=True)
@@ -568,6 +573,8 @@ def _read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise RecipeError(f"{path}: 'extends' forms a cycle: {chain}")
     if not path.is_file():
         where = f"{seen[-1]}: 'extends'" if seen else "recipe"
+        if path.is_dir():
+            raise RecipeError(f"{where}: {path} is a folder; name a recipe file (.yaml) in it")
         raise RecipeError(f"{where}: file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}

@@ -38,7 +38,7 @@ from .distributed import agreed_loss, gather_rows, release, sync_batchnorm
 from .metrics import MetricAccumulator
 from .model import TransformerModel, build_adapter, build_model
 from .optim import base_lr, build_mixup, build_optimizer, compute_loss
-from .owned import check_run_dir, claim_run_dir, lock_run_dir
+from .owned import check_run_dir, claim_run_dir, lock_run_dir, unlock_run_dir
 from .preempt import CheckpointClock, RunStopped, StopSignals, agree
 from .schedule import apply_lr, lr_at, step_plan
 from .seeding import seed_everything, seed_rank_streams
@@ -387,6 +387,11 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True,
     resume = bool(ckpt.list_checkpoints(ckpt_dir))  # auto-resume: a requeued job runs the same command again
     if ctx.main:
         check_run_dir(run_dir)
+        if resume:  # checkpoints in a folder check_run_dir accepts: it is a marked run folder
+            lock_run_dir(run_dir)
+    resumed = ckpt.load_latest(ckpt_dir, log=ctx.log) if resume else None
+    if resumed is not None:  # before anything is built or written
+        check_resumable(resumed[1], recipe, ctx, resumed[0])
 
     # -- data ---------------------------------------------------------------------------------
     adapter = prepare_data(recipe, ctx)
@@ -407,7 +412,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True,
     model, report = build_model(recipe, adapter, example=example, log=ctx.log)
     if ctx.main:
         claim_run_dir(run_dir)
-        _lock = lock_run_dir(run_dir)  # held while this call runs: the file closes, and the lock goes, at its end
+        lock_run_dir(run_dir)
     if report is not None:
         ctx.log(str(report))
         if ctx.main:
@@ -436,9 +441,8 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True,
     step, epoch, position = 0, 0, 0  # optimizer steps done; epoch; micro-batches consumed in it
     log = JsonlLog(run_dir / "metrics.jsonl", ctx.main)
     lam_log = JsonlLog(run_dir / "lambdas.jsonl", ctx.main)
-    if resume:
-        path, state = ckpt.load_latest(ckpt_dir, log=ctx.log)
-        check_resumable(state, recipe, ctx, plan, path)
+    if resumed is not None:
+        path, state = resumed
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -456,6 +460,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True,
         log.truncate_after(step)
         lam_log.truncate_after(step)
         ctx.log(f"resumed from {path}: step {step}, epoch {epoch}, batch {position}")
+        del state, resumed  # the loaded copy (weights, optimizer state) is not held through the run
     elif ctx.main:
         for stale in ("metrics.jsonl", "lambdas.jsonl"):
             (run_dir / stale).unlink(missing_ok=True)
@@ -591,10 +596,12 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True,
                              extra={k: v for k, v in result.items() if k != "run_dir"}))
     ctx.barrier()
     release(ctx)
+    if ctx.main:
+        unlock_run_dir(run_dir)
     return result
 
 
-def check_resumable(state: dict[str, Any], recipe: Recipe, ctx: Context, plan: BatchPlan, path: Path) -> None:
+def check_resumable(state: dict[str, Any], recipe: Recipe, ctx: Context, path: Path) -> None:
     """Refuse to continue checkpoints with a recipe that changed a key shaping the run, or on another number of
     processes when that would change the batch (without ``data.global_batch`` it grows with the processes)."""
     changes = ckpt.recipe_changes(state["recipe"], recipe.to_dict())
@@ -605,7 +612,7 @@ def check_resumable(state: dict[str, Any], recipe: Recipe, ctx: Context, plan: B
             f"the new recipe in another output.name")
     saved_world = state.get("world", len(state["rng"]))
     if saved_world != ctx.world and recipe.data.global_batch is None:
-        saved = batch_plan(recipe, saved_world)
+        saved, plan = batch_plan(recipe, saved_world), batch_plan(recipe, ctx.world)
         raise WorldSizeError(
             f"{path} was written by {saved_world} process(es) and this run has {ctx.world}: without "
             f"data.global_batch the global batch would change from {saved.global_batch} to {plan.global_batch}: "

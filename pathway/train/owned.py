@@ -18,12 +18,13 @@ import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO
 
 from pathway.errors import PathwayError
 
 __all__ = ["MARKER", "FolderNotOwnedError", "OutputExistsError", "claim", "check_claimable",
-           "owner", "check_new_file", "check_run_dir", "claim_run_dir", "lock_run_dir", "RunLockedError"]
+           "owner", "check_new_file", "check_run_dir", "claim_run_dir", "lock_run_dir", "unlock_run_dir",
+           "RunLockedError"]
 
 MARKER = ".pathway-owned"
 
@@ -107,17 +108,20 @@ def claim_run_dir(run_dir: str | Path) -> Path:
 
 
 LOCK = ".pathway-lock"
+_HELD: dict[Path, IO[str]] = {}  # run folder -> the open lock file of this process
 
 
-def lock_run_dir(run_dir: Path) -> Any:
-    """Hold the run folder's lock until this process ends (an OS lock: released on exit, crash or kill -9).
+def lock_run_dir(run_dir: Path) -> None:
+    """Hold the run folder's lock (an OS lock: the kernel releases it when the process ends, crashes included).
 
-    Returns the open lock file, which the caller keeps (closing it releases the lock). A folder another live
-    process holds is a :class:`RunLockedError` naming that process."""
+    A folder that another live process holds is a :class:`RunLockedError` naming that process. A lock this process
+    holds already (taken earlier in the run, or by an earlier run of the folder that ended in an error) is kept."""
     import fcntl
 
-    path = Path(run_dir) / LOCK
-    handle = open(path, "a+")  # kept open for the run's lifetime: that is the lock
+    key = Path(run_dir).resolve()
+    if key in _HELD:
+        return
+    handle = open(key / LOCK, "a+")  # kept open while the run writes: that is the lock
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -130,4 +134,11 @@ def lock_run_dir(run_dir: Path) -> Any:
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     handle.flush()
-    return handle
+    _HELD[key] = handle
+
+
+def unlock_run_dir(run_dir: Path) -> None:
+    """Release the lock this process holds on ``run_dir`` (none held: nothing to do)."""
+    handle = _HELD.pop(Path(run_dir).resolve(), None)
+    if handle is not None:
+        handle.close()
