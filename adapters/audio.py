@@ -189,7 +189,7 @@ class AudioAdapter(Adapter):
         if o["classes"] or (not index.is_file() and rows is None):
             return super().find_classes()
         if index.is_file():
-            with index.open(newline="") as f:
+            with index.open(newline="", encoding="utf-8-sig") as f:
                 return [row["mid"] for row in csv.DictReader(f)]
         return sorted({lab for _, labels in rows for lab in labels})
 

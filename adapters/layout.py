@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import io
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -45,7 +46,7 @@ def why_unreachable(path: Path) -> str:
                 return f"{part} is a symlink to {target}, which does not exist"
         elif not part.exists():
             return f"{part} does not exist"
-    return f"{path} cannot be opened"
+    return f"{path} is a folder" if path.is_dir() else f"{path} cannot be opened"
 
 
 def iter_files(folder: Path, extensions: Iterable[str]) -> Iterator[Path]:
@@ -125,26 +126,45 @@ def scan_class_folders(folder: Path, extensions: Sequence[str], classes: Sequenc
 
 
 def read_manifest(path: Path) -> list[tuple[Path, list[str]]]:
-    """Rows ``(file, [labels])`` of a CSV manifest; a row whose file does not exist is an error."""
+    """Rows ``(file, [labels])`` of a CSV manifest (UTF-8, with or without the byte-order mark spreadsheets
+    write). A row whose file cannot be opened, a file listed twice (it would count twice in the metric) and text
+    that is not UTF-8 are errors naming the line."""
     if not path.is_file():
         raise LayoutError(f"manifest {path} not found; write a CSV with the header `path,label`")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise LayoutError(
+            f"manifest {path} is not UTF-8 text (byte {data[error.start]:#04x} on line {line}); save it as UTF-8"
+        ) from None
+    return manifest_rows(path, csv.DictReader(io.StringIO(text, newline="")))
+
+
+def manifest_rows(path: Path, reader: csv.DictReader) -> list[tuple[Path, list[str]]]:
+    fields = reader.fieldnames or []
+    label_col = "labels" if "labels" in fields else "label"
+    if "path" not in fields or label_col not in fields:
+        raise LayoutError(f"manifest {path} has columns {fields}; it needs a header with `path` and `label`")
     rows: list[tuple[Path, list[str]]] = []
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        fields = reader.fieldnames or []
-        label_col = "labels" if "labels" in fields else "label"
-        if "path" not in fields or label_col not in fields:
-            raise LayoutError(f"manifest {path} has columns {fields}; it needs a header with `path` and `label`")
-        for line, row in enumerate(reader, start=2):
-            file = Path(row["path"].strip())
-            file = file if file.is_absolute() else path.parent / file
-            if not file.is_file():
-                raise LayoutError(
-                    f"manifest {path}, line {line}: {row['path']!r} points to {file}, which does not exist; "
-                    f"fix the path (relative paths start at {path.parent}) or remove the row"
-                )
-            labels = [s.strip() for s in re.split(r"[;,]", row[label_col] or "") if s.strip()]
-            rows.append((file, labels))
+    first_line: dict[Path, int] = {}
+    for line, row in enumerate(reader, start=2):
+        file = Path(row["path"].strip())
+        file = file if file.is_absolute() else path.parent / file
+        if not file.is_file():
+            raise LayoutError(
+                f"manifest {path}, line {line}: {row['path']!r} points to {file}, which cannot be opened "
+                f"({why_unreachable(file)}); fix the path (relative paths start at {path.parent}) or remove the row"
+            )
+        if file in first_line:
+            raise LayoutError(
+                f"manifest {path}, line {line}: {row['path']!r} is listed again (first on line {first_line[file]}), "
+                f"so it would count twice; remove one of the rows"
+            )
+        first_line[file] = line
+        labels = [s.strip() for s in re.split(r"[;,]", row[label_col] or "") if s.strip()]
+        rows.append((file, labels))
     if not rows:
         raise LayoutError(f"manifest {path} has no rows")
     return rows

@@ -40,6 +40,9 @@ def read_series(path: Path) -> np.ndarray:
             header = f.readline()
         has_header = any(c.isalpha() for c in header.replace("e", "").replace("E", ""))
         data = np.loadtxt(path, delimiter=",", skiprows=int(has_header), ndmin=2).T
+    if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating) or data.dtype == bool):
+        raise UnreadableFileError(f"{path}: holds {data.dtype} values; expected real numbers (a complex series loses "
+                                  f"its imaginary part: store real and imaginary parts as two channels)")
     if data.ndim != 2 or data.shape[1] == 0 or not np.isfinite(data).all():
         raise UnreadableFileError(f"{path}: expected a finite [channels, length] series, got shape {data.shape}")
     return data.astype(np.float32)

@@ -120,3 +120,25 @@ def corrupt(path: Path, how: str) -> Path:
     else:
         raise ValueError(f"corrupt: how={how!r} is not one of 'empty', 'truncated', 'garbage'")
     return path
+
+
+def write_png(path: Path, pixels: np.ndarray, color_type: int, bit_depth: int = 16, size: tuple[int, int] | None = None
+              ) -> Path:
+    """A PNG written chunk by chunk (Pillow cannot write 16-bit colour): ``pixels [H, W, C]`` big-endian rows,
+    ``color_type`` 0 grey, 2 RGB, 4 grey + alpha, 6 RGBA. ``size`` (width, height) overrides the header's size
+    without more pixel data (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width = pixels.shape[:2]
+    width, height = size or (width, height)
+    dtype = ">u2" if bit_depth == 16 else np.uint8
+    rows = b"".join(b"\x00" + row.astype(dtype).tobytes() for row in pixels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, color_type,
+                                                                    0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return path

@@ -702,3 +702,90 @@ def test_the_item_list_is_held_in_arrays(image_root: Path):
     assert list(SampleList(others)) == others
     held = adapters.get("image")(image_root, img_size=32).dataset("val", False).samples  # what a worker copies
     assert isinstance(held, SampleList) and [label for _, label in held] == [0] * 4 + [1] * 4
+
+
+def test_unusual_image_files_are_read_right_or_named(tmp_path: Path):
+    from PIL import Image
+
+    from pathway.adapters.image import read_image
+
+    g = np.meshgrid(np.linspace(0, 65535, 16), np.linspace(0, 65535, 16))
+    rgb16 = np.stack([g[0], g[1], np.full((16, 16), 40000.0)], -1).round()
+    rgb8 = np.rint(rgb16 * 255 / 65535).astype(np.uint8)
+    a, b = tmp_path / "train" / "x\u2215y", tmp_path / "train" / "b"  # a class named with a Unicode slash
+    mf.write_png(a / "rgb16.png", rgb16, color_type=2)
+    mf.write_png(a / "grey_alpha16.png", rgb16[..., :2], color_type=4)
+    mf.write_png(a / "bomb.png", rgb16[:2, :2, :1], color_type=0, size=(20000, 20000))
+    a.mkdir(exist_ok=True)
+    Image.fromarray(rgb8).convert("CMYK").save(a / "cmyk.jpg", quality=95)
+    palette = Image.fromarray(rgb8).quantize(8)
+    palette.save(a / "palette.png", transparency=bytes([0] + [255] * 7))  # index 0 fully transparent
+    Image.fromarray(rgb8).save(a / "disguised.jpg", format="PNG")  # a PNG under a JPEG name
+    Image.fromarray(rgb8[..., 0] > 127).save(a / "bilevel.png")
+    (a / "dangling.png").symlink_to(a / "deleted.png")
+    mf.write_image(tmp_path / "elsewhere" / "linked.png", size=16)
+    b.mkdir()
+    (b / "sub").symlink_to(tmp_path / "elsewhere")  # a symlinked sub-folder is followed, as ImageFolder does
+    ad = adapters.get("image")(tmp_path, img_size=16, patch_size=8, max_unreadable_share=0.5)
+    assert ad.classes == ["b", "x\u2215y"]
+    ds = ad.dataset("train", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's own warnings (palette transparency, bombs) are not let through
+        items, messages = read_kept(ds)
+    assert [p.name for p, _ in ds.samples][0] == "linked.png" and len(items) == 7
+    assert sorted(re.search(r"file \S+/(\S+) \((\w+)", m).groups() for m in messages) == [
+        ("bomb.png", "DecompressionBombError"), ("dangling.png", "FileNotFoundError")]
+    read = {name: np.asarray(read_image(a / name)).astype(int) for name in ("rgb16.png", "cmyk.jpg", "disguised.jpg")}
+    assert np.abs(read["rgb16.png"] - rgb8).max() == 0 and np.abs(read["disguised.jpg"] - rgb8).max() == 0
+    assert np.abs(read["cmyk.jpg"] - rgb8).mean() < 3
+    grey = np.asarray(read_image(a / "grey_alpha16.png", in_chans=1)).astype(int)
+    assert np.abs(grey - rgb8[..., 0]).max() == 0  # alpha dropped, the 16-bit grey scaled
+    np.testing.assert_array_equal(read_image(a / "palette.png"), palette.convert("RGB"))
+    assert set(np.unique(read_image(a / "bilevel.png", in_chans=1))) == {0, 255}
+    (b / "loop").symlink_to(b)
+    with pytest.raises(LayoutError, match=r"b/loop is a symlink to \S+/b, a folder this scan .* remove the link"):
+        ad.dataset("train", False)
+
+
+def test_unusual_audio_files_manifests_and_series_are_named(tmp_path: Path):
+    import soundfile as sf
+
+    def skipped(messages: list[str]) -> dict[str, str]:
+        """File name -> the reason its skip warning gives."""
+        found = [re.search(r"skipping unreadable file \S+/(\S+) \((.*?)\); left out", m) for m in messages]
+        return dict(match.groups() for match in found if match)  # librosa's own deprecation warnings aside
+
+    clips = tmp_path / "clips"
+    mf.write_audio(clips / "fine.wav")
+    sf.write(str(clips / "empty.wav"), np.zeros(0, np.float32), 16000)
+    (clips / "no_stream.mp3").write_bytes(b"ID3\x04\x00\x00\x00\x00\x00\x00")  # a tag and no audio
+    wave = np.sin(np.arange(1600) / 10).astype(np.float32)
+    wave[5] = np.nan
+    sf.write(str(clips / "nan.wav"), wave, 16000, subtype="FLOAT")
+    rows = "".join(f"clips/{name},/m/a\n" for name in ("fine.wav", "empty.wav", "no_stream.mp3", "nan.wav"))
+    (tmp_path / "train.csv").write_text("path,labels\n" + rows, encoding="utf-8-sig")  # a spreadsheet's BOM
+    ad = adapters.get("audio")(tmp_path, target_length=64, max_unreadable_share=1.0)
+    items, messages = read_kept(ad.dataset("train", False))
+    assert ad.classes == ["/m/a"] and len(items) == 1
+    assert skipped(messages) == {
+        "empty.wav": f"UnreadableFileError: {clips}/empty.wav decodes to no samples",
+        "no_stream.mp3": f"UnreadableFileError: {clips}/no_stream.mp3: neither soundfile nor audioread can decode "
+                         f"it (no audio stream, or not an audio file)",
+        "nan.wav": "ParameterError: Audio buffer is not finite everywhere",
+    }
+    (tmp_path / "val.csv").write_text("path,labels\nclips/fine.wav,/m/a\n./clips/fine.wav,/m/a\n")
+    with pytest.raises(LayoutError, match=r"line 3: './clips/fine.wav' is listed again \(first on line 2\)"):
+        ad.dataset("val", False)
+    (tmp_path / "val.csv").write_bytes("path,labels\nclips/fine.wav,/m/caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(LayoutError, match=r"val\.csv is not UTF-8 text \(byte 0xe9 on line 2\); save it as UTF-8"):
+        ad.dataset("val", False)
+    calm = tmp_path / "train" / "calm"
+    mf.write_series(calm / "fine.npy", channels=2)
+    np.save(calm / "complex.npy", (np.arange(20) + 1j).reshape(2, 10))
+    np.save(calm / "objects.npy", np.array([[1, "a"]], dtype=object), allow_pickle=True)
+    series = adapters.get("timeseries")(tmp_path, in_chans=2, length=16, patch_size=8, max_unreadable_share=1.0)
+    items, messages = read_kept(series.dataset("train", False))
+    reasons = skipped(messages)
+    assert len(items) == 1 and sorted(reasons) == ["complex.npy", "objects.npy"]
+    assert reasons["complex.npy"].startswith(f"UnreadableFileError: {calm}/complex.npy: holds complex128 values")
+    assert reasons["objects.npy"] == "ValueError: Object arrays cannot be loaded when allow_pickle=False"
