@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from .rows import LAYOUT_OPS, RowReader
+
 Ref = int | str
 """An op argument: an ``int`` value id (activation or constant) or a ``str`` raw parameter name."""
 
@@ -47,10 +49,14 @@ _KIND_BY_NAME = {
     "multi_head_attention_forward": "mha",
     "embedding": "embedding",
     "t": "transpose", "transpose": "transpose", "swapaxes": "transpose", "swapdims": "transpose",
-    "T": "transpose", "mT": "transpose",
-    "view": "view", "reshape": "view", "unflatten": "view",
+    "T": "transpose", "mT": "transpose", "permute": "permute",
+    "view": "view", "reshape": "view", "unflatten": "unflatten", "flatten": "flatten",
     "chunk": "split", "split": "split", "unbind": "split", "tensor_split": "split",
-    "permute": "shape", "contiguous": "shape", "__getitem__": "shape", "getitem": "shape",
+    "__getitem__": "index", "getitem": "index", "narrow": "index", "select": "index", "unsqueeze": "index",
+    "squeeze": "index",
+    "contiguous": "keep", "clone": "keep", "expand": "keep", "expand_as": "keep", "float": "keep", "to": "keep",
+    "type_as": "keep", "detach": "keep",
+    "cat": "cat", "concat": "cat", "concatenate": "cat",
 }
 # Tensor attributes and methods whose result is not a tensor: fx sees them as nodes, the runtime
 # recorder as non-tensor outputs. Neither must carry dataflow tags into later ops.
@@ -66,10 +72,14 @@ class Op:
     """One call seen in the forward, in the kind's canonical argument order.
 
     ``args`` holds the tensor slots the analysis needs (``linear``: input, weight, bias;
-    ``matmul``: left, right; ``sdpa``: q, k, v; ``mha``: q, k, v; ``view``/``split``/``shape``:
-    the tensor); ``touched`` every tensor the call read; ``mha_weights`` the (weight, role) pairs
-    hidden inside one opaque MHA call; ``info`` what shape reading needs: a view's trailing sizes
-    (None where fx sees a traced value), a split's ``(dim, parts)``, an MHA call's ``(heads,)``.
+    ``matmul``: left, right; ``sdpa``: q, k, v; ``mha``: q, k, v; a layout op of
+    :data:`~pathway.rows.LAYOUT_OPS`: the tensor; ``cat``: the tensors); ``touched`` every tensor
+    the call read; ``mha_weights`` the (weight, role) pairs hidden inside one opaque MHA call;
+    ``info`` what reading rows needs: a view's sizes (None for each size fx traced; None for the
+    whole where the shape itself was traced), ``(dim, *sizes)`` of an unflatten, ``(start, end)``
+    of a flatten, ``(name, dim, sizes or parts)`` of a split, the items of an index, the dims of a
+    transpose or permute, ``(dim,)`` of a cat, SDPA's ``(q heads, kv heads)``, an MHA call's
+    ``(heads,)``. Dims are counted from the end where the reader knows the rank (the runtime recorder).
     ``opaque`` marks a call into user code that fx kept closed (``torch.fx.wrap``).
     """
 
@@ -78,7 +88,7 @@ class Op:
     touched: tuple[Ref, ...]
     outputs: tuple[int, ...]
     mha_weights: tuple[tuple[Ref, str], ...] = ()
-    info: tuple[int | None, ...] = ()
+    info: tuple[Any, ...] | None = ()
     opaque: bool = False
 
 
@@ -98,8 +108,10 @@ class WeightUse:
     later_kinds: set[str] = field(default_factory=set)   # other kinds of later uses (a tied lm_head is linear)
     heads: int | None = None       # heads its output is viewed as (query heads of a fused qkv)
     kv_heads: int | None = None    # key/value heads of a fused qkv
-    layout: str | None = None      # fused qkv rows: "" as [q | k | v], "heads" as [head, (q, k, v), dim]; None: unread
+    layout: str | None = None      # fused qkv rows: "" as [q | k | v], "heads" as [head, (q, k, v), dim],
+                                   # "heads:a,b,c" per head of unequal widths (see ``rows``); None: unread
     layout_note: str = ""          # why a fused qkv's layout was not read, where the dataflow tells
+    part_rows: tuple[int, int, int] | None = None   # a fused qkv's rows of q, k and v, where read
 
     @property
     def role(self) -> str | None:
@@ -139,57 +151,128 @@ def _slot(args: tuple, kwargs: dict, index: int, *names: str) -> Any:
     return None
 
 
-def _sizes(name: str, args: tuple, kwargs: dict) -> tuple[int | None, ...]:
-    """The sizes a view/reshape/unflatten asks for, trailing dims last; None for a traced value."""
-    if name == "unflatten":
-        dim, sizes = _slot(args, kwargs, 1, "dim"), _slot(args, kwargs, 2, "sizes")
-        return tuple(s if isinstance(s, int) else None for s in sizes) if dim == -1 and sizes else ()
+def _sizes(args: tuple, kwargs: dict) -> tuple[int | None, ...] | None:
+    """The sizes a view/reshape asks for, None for each size fx traced; None where the whole shape is
+    a traced value."""
     sizes = args[1:] if len(args) > 1 else tuple(kwargs.get("shape", kwargs.get("size", ())))
     if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
         sizes = tuple(sizes[0])
+    if not sizes or any(not isinstance(s, int) and isinstance(s, (tuple, list)) for s in sizes):
+        return None
+    if len(sizes) == 1 and not isinstance(sizes[0], int):
+        return None
     return tuple(s if isinstance(s, int) else None for s in sizes)
 
 
-def _split_info(name: str, args: tuple, kwargs: dict, ndim: int | None, parts: int | None) -> tuple[int | None, ...]:
-    """``(dim, parts, size)`` of a chunk/split/unbind: dim counted from the end where it can be told
-    (None otherwise), the number of parts and a split's part size where known."""
-    dim = _slot(args, kwargs, 1 if name == "unbind" else 2, "dim")
-    dim = 0 if dim is None else dim
-    if isinstance(dim, int) and dim >= 0 and ndim is not None:
-        dim -= ndim
-    size = _slot(args, kwargs, 1, "split_size_or_sections", "split_size") if name == "split" else None
-    if parts is None and name == "chunk":
-        parts = _slot(args, kwargs, 1, "chunks")
-    return (dim if isinstance(dim, int) and dim < 0 else None, parts if isinstance(parts, int) else None,
-            size if isinstance(size, int) else None)
+def _dim(d: Any, ndim: int | None) -> Any:
+    """A dim counted from the end where the rank is known (the runtime recorder), else as given."""
+    return d - ndim if isinstance(d, int) and not isinstance(d, bool) and d >= 0 and ndim is not None else d
 
 
-def _last_dim_slice(index: Any, ndim: int | None) -> tuple[int | None, int | None] | None:
-    """``(start, stop)`` of ``x[..., a:b]`` or ``x[:, :, a:b]`` (``ndim`` items): only the last dim
-    sliced, by ints; None for other indices."""
+def _index_items(index: Any, ndim: int | None) -> tuple[Any, ...] | None:
+    """An index as items the row reader replays: ints, int slices, int lists, None and Ellipsis.
+
+    Where the rank is known and the index has no Ellipsis, one is put in front so every item is
+    placed from the end. None for anything else (tensors, masks, traced bounds).
+    """
     items = index if isinstance(index, tuple) else (index,)
-    ellipsis = len(items) == 2 and items[0] is Ellipsis
-    full = len(items) == ndim and all(i == slice(None) for i in items[:-1])
-    if not (ellipsis or full) or not isinstance(items[-1], slice) or items[-1] == slice(None):
-        return None
-    last = items[-1]
-    if last.step not in (None, 1) or not all(v is None or isinstance(v, int) for v in (last.start, last.stop)):
-        return None
-    return last.start, last.stop
+    for item in items:
+        plain_int = isinstance(item, int) and not isinstance(item, bool)
+        ok_slice = isinstance(item, slice) and all(v is None or isinstance(v, int) and not isinstance(v, bool)
+                                                   for v in (item.start, item.stop, item.step))
+        ok_list = isinstance(item, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in item)
+        if not (plain_int or ok_slice or ok_list or item is None or item is Ellipsis):
+            return None
+    if Ellipsis not in items and ndim is not None:
+        consumed = sum(i is not None for i in items)
+        items = (Ellipsis, *items, *(slice(None),) * (ndim - consumed))
+    return items
 
 
-def _index_info(index: Any, ndim: int | None) -> tuple[int, ...]:
-    """``(k, dim)`` for an index that picks position ``k`` of one dim (``x[..., 0, :]``), the dim
-    counted from the end (None where it cannot be told: fx's ``getitem`` of a split's parts); ``()``
-    for other indices."""
-    items = index if isinstance(index, tuple) else (index,)
-    picks = [n for n, i in enumerate(items) if isinstance(i, int) and not isinstance(i, bool)]
-    if len(picks) != 1 or not all(isinstance(i, (int, slice)) or i is Ellipsis for i in items):
-        return ()
-    at = picks[0]
-    if items[0] is Ellipsis:
-        return items[at], at - len(items)
-    return items[at], at - ndim if ndim is not None else None
+def _as_index(name: str, args: tuple, kwargs: dict, x: Any) -> Any:
+    """``narrow``, ``select``, ``unsqueeze`` and ``squeeze`` as the index that does the same; None where
+    it cannot be told (a traced bound, ``squeeze`` of a dim whose size fx does not know)."""
+    dim = _slot(args, kwargs, 1, "dim")
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        return None
+    if name == "narrow":
+        start, length = _slot(args, kwargs, 2, "start"), _slot(args, kwargs, 3, "length")
+        if not isinstance(start, int) or not isinstance(length, int):
+            return None
+        item: Any = slice(start, start + length)
+    elif name == "select":
+        item = _slot(args, kwargs, 2, "index")
+    elif name == "unsqueeze":
+        ndim = x.dim() + 1 if isinstance(x, torch.Tensor) else None
+        if dim < 0 and ndim is not None:
+            dim += ndim
+        if dim < 0:
+            return (Ellipsis, None, *(slice(None),) * (-dim - 1))
+        return (*(slice(None),) * dim, None)
+    elif isinstance(x, torch.Tensor):       # squeeze(dim): a no-op unless that dim has size 1
+        item = 0 if x.shape[dim] == 1 else slice(None)
+    else:
+        return None
+    if dim < 0:
+        return (Ellipsis, item, *(slice(None),) * (-dim - 1))
+    return (*(slice(None),) * dim, item)
+
+
+_SHAPE_KEEPING = {"add", "sub", "mul", "div", "neg", "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__",
+                  "__mul__", "__rmul__", "__imul__", "truediv", "__truediv__", "__rtruediv__", "__neg__", "softmax",
+                  "gelu", "silu", "relu", "sigmoid", "tanh", "dropout", "layer_norm", "rms_norm", "masked_fill",
+                  "where", "clamp", "pow", "__pow__", "sqrt", "rsqrt", "exp", "type", "half", "bfloat16"}
+"""Calls whose output keeps each element of its input where it was (for fx, which has no shapes)."""
+
+
+def _layout_op(kind: str, name: str, args: tuple, kwargs: dict, ref: Callable[[Any], Ref | None],
+               touched: tuple[Ref, ...], outputs: tuple[int, ...], result: Any) -> Op:
+    """An op that rearranges one tensor, with what replaying it on row numbers needs (see ``rows``)."""
+    x = args[0] if args else _slot(args, kwargs, 0, "input", "self")
+    ndim = x.dim() if isinstance(x, torch.Tensor) else None
+    if kind == "view":
+        info: tuple = tuple(result.shape) if isinstance(result, torch.Tensor) else _sizes(args, kwargs)
+    elif kind == "unflatten":
+        dim, sizes = _slot(args, kwargs, 1, "dim"), _slot(args, kwargs, 2, "sizes")
+        info = (_dim(dim, ndim), *(s if isinstance(s, int) else None for s in sizes or ()))
+    elif kind == "flatten":
+        info = (_dim(_slot(args, kwargs, 1, "start_dim") or 0, ndim),
+                _dim(-1 if _slot(args, kwargs, 2, "end_dim") is None else _slot(args, kwargs, 2, "end_dim"), ndim))
+    elif kind == "split":
+        dim = _slot(args, kwargs, 1 if name == "unbind" else 2, "dim")
+        spec = None if name == "unbind" else _slot(args, kwargs, 1, "split_size_or_sections", "split_size",
+                                                   "chunks", "sections", "indices")
+        info = (name, _dim(0 if dim is None else dim, ndim), spec)
+    elif kind == "index" and name in ("__getitem__", "getitem"):
+        info = _index_items(args[1], ndim) if len(args) == 2 else None
+    elif kind == "index":
+        info = _index_items(_as_index(name, args, kwargs, x), ndim)
+    elif kind == "permute":
+        dims = args[1:] if len(args) > 1 else tuple(kwargs.get("dims", ()))
+        dims = tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else tuple(dims)
+        info = ("permute", *dims)
+    elif kind == "transpose" and name in ("t", "T", "mT"):
+        info = ("permute", *range(ndim - 1, -1, -1)) if name == "T" and ndim else (
+            (-2, -1) if name == "mT" else (name,))
+    elif kind == "transpose":
+        info = tuple(_dim(_slot(args, kwargs, k, f"dim{k - 1}", f"axis{k - 1}"), ndim) for k in (1, 2))
+    else:
+        info = ()
+    return Op(kind, (ref(x),), touched, outputs, info=info)
+
+
+def _kept_in_place(name: str, args: tuple, kwargs: dict, ref: Callable[[Any], Ref | None], result: Any
+                   ) -> tuple[Ref, ...]:
+    """The inputs whose elements stay where they were in the output: those of the output's shape where the
+    reader has the output (the runtime recorder), every input of a known elementwise call for fx."""
+    tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, (torch.Tensor, fx.Node))]
+    if isinstance(result, torch.Tensor):
+        found = [ref(a) for a in tensors if isinstance(a, torch.Tensor) and a.shape == result.shape]
+    elif result is None and name in _SHAPE_KEEPING:
+        found = [ref(a) for a in tensors]
+    else:
+        found = []
+    return tuple(r for r in found if r is not None)
 
 
 def _make_op(name: str, args: tuple, kwargs: dict, ref: Callable[[Any], Ref | None], outputs: tuple[int, ...],
@@ -226,22 +309,17 @@ def _make_op(name: str, args: tuple, kwargs: dict, ref: Callable[[Any], Ref | No
         slots = (bound["query"], bound["key"], bound["value"])
         return Op(kind, tuple(ref(s) for s in slots), touched, outputs,
                   tuple((ref(w), role) for w, role in weights if ref(w) is not None), (bound["num_heads"],))
-    elif kind == "view":
-        return Op(kind, (ref(args[0]) if args else None,), touched, outputs,
-                  info=tuple(result.shape) if isinstance(result, torch.Tensor) else _sizes(name, args, kwargs))
-    elif kind == "split":
-        x = args[0] if args else None
-        ndim = x.dim() if isinstance(x, torch.Tensor) else None
-        parts = len(result) if isinstance(result, (tuple, list)) else None
-        return Op(kind, (ref(x),), touched, outputs, info=_split_info(name, args, kwargs, ndim, parts))
-    elif kind == "shape" and name in ("__getitem__", "getitem") and len(args) == 2:
-        rows = _last_dim_slice(args[1], args[0].dim() if isinstance(args[0], torch.Tensor) else None)
-        if rows is not None:
-            return Op("slice", (ref(args[0]),), touched, outputs, info=rows)
-        return Op(kind, (ref(args[0]),), touched, outputs,
-                  info=_index_info(args[1], args[0].dim() if isinstance(args[0], torch.Tensor) else None))
-    elif kind in ("shape", "transpose"):
-        slots = (args[0] if args else None,)
+    elif kind in LAYOUT_OPS:
+        return _layout_op(kind, name, args, kwargs, ref, touched, outputs, result)
+    elif kind == "other":
+        return Op(kind, (), touched, outputs, info=_kept_in_place(name, args, kwargs, ref, result))
+    elif kind == "cat":
+        tensors = _slot(args, kwargs, 0, "tensors")
+        dim = _slot(args, kwargs, 1, "dim")
+        first = tensors[0] if isinstance(tensors, (tuple, list)) and tensors else None
+        ndim = first.dim() if isinstance(first, torch.Tensor) else None
+        return Op(kind, tuple(ref(t) for t in tensors or ()), touched, outputs, info=(_dim(0 if dim is None else dim,
+                                                                                       ndim),))
     else:
         slots = ()
     return Op(kind, tuple(ref(s) for s in slots), touched, outputs)
@@ -349,7 +427,7 @@ def _module_op(module: nn.Module, path: str, node: fx.Node, ref: Callable, index
     if isinstance(module, nn.Embedding):
         return Op("embedding", (x, prefix + "weight"), own, (index,))
     touched = tuple(r for r in (ref(a) for a in node.args) if r is not None) + own
-    return Op("other", (), touched, (index,))
+    return Op("other", (), touched, (index,), info=touched)   # a norm, an activation, dropout: shapes kept
 
 
 # ----------------------------------------------------------------------------- runtime reader
@@ -444,8 +522,11 @@ def analyse(ops: list[Op], consts: set[int], shapes: dict[str, tuple[int, ...]],
     first: dict[str, int] = {}
     sequence: list[str] = []
     touched: set[str] = set()
-    heads = _HeadReader(uses)
+    rows = RowReader(uses)
     opaque_reads: dict[str, None] = {}
+    made_from: dict[int, Ref | None] = {}    # value -> the activation its weight call read (k's and v's agree)
+    scores: list[tuple[frozenset[int], frozenset[int], Ref | None]] = []   # q @ k^T: (left, right, k's input)
+    value_inputs: set[Ref] = set()           # what v's weight calls read
 
     def sources(r: Ref) -> tuple[frozenset[str], int] | None:
         if isinstance(r, str):
@@ -492,49 +573,56 @@ def analyse(ops: list[Op], consts: set[int], shapes: dict[str, tuple[int, ...]],
                                          if plain.get(n) and len(shapes[n]) >= 2 and shapes[n][0] > 1})
         acts = [r for r in op.touched if is_activation(r)]
         produced: int | None = None
+        read: Ref | None = None                        # the activation the weight call read
         if op.kind in ("linear", "conv", "embedding"):
-            x, w = op.args[0], op.args[1]
-            kind = op.kind
-            produced = record(w, kind, False, x, call, None)
+            read, w = op.args[0], op.args[1]
+            produced = record(w, op.kind, False, read, call, None)
         elif op.kind == "matmul" and len(op.args) == 2:
             left, right = op.args
             if sources(right) is not None and is_activation(left):
-                produced = record(right, "linear", True, left, call, None)
+                read, produced = left, record(right, "linear", True, left, call, None)
             elif sources(left) is not None and is_activation(right):
-                produced = record(left, "linear", False, right, call, None)
+                read, produced = right, record(left, "linear", False, right, call, None)
             elif is_activation(left) and is_activation(right):
-                _attention_roles_from_matmul(tags.get(left, frozenset()), tags.get(right, frozenset()), uses)
-                heads.at_matmul(left, right)
+                left_tags, right_tags = tags.get(left, frozenset()), tags.get(right, frozenset())
+                if len(left_tags) == 1 and len(right_tags) == 1:
+                    scores.append((left_tags, right_tags, made_from.get(right)))
+                elif len(left_tags) > 1 and len(right_tags) == 1:    # probs @ v
+                    uses[next(iter(right_tags))].roles.add("v")
+                    value_inputs.add(made_from.get(right))
+                rows.at_matmul(left, right)
         elif op.kind == "mha":
-            x = op.args[0]
+            read = op.args[0]
             for weight, role in op.mha_weights:
-                produced = record(weight, "linear", False, x if role != "o" else None, call, role)
+                produced = record(weight, "linear", False, read if role != "o" else None, call, role)
                 if produced is not None and role != "o":
-                    heads.from_mha(produced, role, op.info[0])
+                    rows.from_mha(produced, role, op.info[0])
         elif op.kind == "sdpa":
+            rows.at_sdpa(op.args, op.info)
             for slot, r in zip("qkv", op.args):
-                heads.reached(r, slot)
                 t = tags.get(r, frozenset()) if isinstance(r, int) else frozenset()
                 if len(t) == 1:
                     uses[next(iter(t))].roles.add(slot)
-                    if op.info:
-                        heads.at_attention(next(iter(t)), slot, op.info)
+            value_inputs.add(made_from.get(op.args[2]) if isinstance(op.args[2], int) else None)
 
-        if produced is not None and op.kind != "mha":
-            heads.start(produced, op.outputs)
-        elif op.kind in _RESHAPES:
-            heads.step(op)
-        elif op.kind == "other" and len(acts) == 1:   # a bias added, a scale: still the projection's rows
-            heads.follow(acts[0], op.outputs)
-        elif op.kind == "other":
-            heads.carry(acts, op.outputs)
+        if produced is not None and op.kind not in ("mha", "conv", "embedding"):
+            rows.start(produced, op.outputs)
+        elif op.kind in LAYOUT_OPS:
+            rows.step(op)
+        elif op.kind == "cat":
+            rows.cat(list(op.args), op.outputs, op.info[0])
+        elif op.kind == "other":                       # a bias added, a scale, rotary: still the projection's rows
+            rows.combine([r for r in acts if r in op.info], op.outputs)
         if produced is not None:
             for out in op.outputs:
                 tags[out] = frozenset([produced])
+                made_from[out] = read if is_activation(read) else None
         elif acts:
             merged = frozenset().union(*(tags.get(r, frozenset()) for r in acts))
+            origins = {made_from.get(r) for r in acts}
             for out in op.outputs:
                 tags[out] = merged
+                made_from[out] = next(iter(origins)) if len(origins) == 1 else None
         else:
             srcs = [src for src in map(sources, op.touched) if src is not None]
             if srcs:
@@ -545,229 +633,32 @@ def analyse(ops: list[Op], consts: set[int], shapes: dict[str, tuple[int, ...]],
             else:
                 consts.update(op.outputs)
 
+    _score_roles(scores, value_inputs - {None}, uses)
     for use in uses:   # a linear reading what attention produced is its output projection
         if use.kind == "linear" and use.role is None and any(uses[t].role in ("q", "k", "v", "qkv")
                                                               for t in use.input_tags if t != use.index):
             use.roles.add("o")
-    heads.finish()
+    rows.finish()
     return uses, sequence, touched, [n for n in opaque_reads if n not in first]
 
 
-_RESHAPES = ("view", "split", "shape", "transpose", "slice")
+def _score_roles(scores: list[tuple[frozenset[int], frozenset[int], Ref | None]], value_inputs: set[Ref],
+                 uses: list[WeightUse]) -> None:
+    """q and k roles from ``left @ right^T`` products of two projections (one producer each side).
 
-
-def _factors(sizes: tuple[int | None, ...], rows: int) -> tuple[int, ...] | None:
-    """How a view splits ``rows`` over its trailing dims (``[.., 3, H, hd]`` -> (3, H, hd)); None if unread.
-
-    One unknown size among them (a -1, or a value fx traced, e.g. ``C // heads``) stands for what the
-    known sizes between it and the next unknown leave of ``rows``.
+    A product whose right side was computed from what v's projection read (k and v read one activation,
+    in self- and cross-attention alike) is the attention itself; others are extra position terms
+    (DeBERTa's c2p ``q @ pos_k^T`` and p2c ``k @ pos_q^T``, where the content key stands on the left).
+    A weight takes the roles the attention gives it and, only where it has none, those of the extra terms.
     """
-    found: list[int] = []
-    product, resolved = 1, False
-    for i in range(len(sizes) - 1, -1, -1):
-        size = sizes[i]
-        if size is None or size == -1:
-            if resolved:
-                return None
-            left = 1
-            for other in reversed(sizes[:i]):
-                if other is None or other == -1:
-                    break
-                left *= other
-            if rows % (product * left):
-                return None
-            size, resolved = rows // (product * left), True
-        found.append(size)
-        product *= size
-        if product == rows:
-            return tuple(reversed(found))
-        if product > rows:
-            return None
-    return None
-
-
-class _HeadReader:
-    """Reads heads and the row layout of attention projections from the reshapes after them.
-
-    It follows each weight use's output through views, splits, transposes and indexing only:
-    ``view(.., 3, H, hd)`` is ``[q | k | v]`` with H heads (timm), ``view(.., H, 3, hd)`` and
-    ``view(.., H, 3 * hd)`` then a split of the last dim are per-head interleaved (Bloom,
-    GPT-NeoX), a split of the rows into 3 before any view is ``[q | k | v]`` (GPT-2), and a
-    ``view(.., H, hd)`` of one projection gives its heads (q/k/v, grouped k/v included), and
-    ``view(.., H + 2 * Hkv, hd)`` with SDPA seeing H query and Hkv key/value heads is ``[q | k | v]``
-    of multi-/grouped-query attention (Falcon-7B), and three contiguous row slices ``x[..., a:b]``
-    are ``[q | k | v]`` too (Phi-3).
-
-    The order is checked, not assumed: each of a fused projection's three parts (a chunk, split or
-    unbind, an index on its axis of 3, a row slice) is followed, through reshapes and through ops
-    that mix it only with values of no other part (rotary embeddings), to the attention slot it
-    reaches (SDPA's q/k/v, ``q @ k^T``, ``probs @ v``). Parts that reach attention in another order
-    than q, k, v leave the layout unread, with a note saying how they were read.
-    """
-
-    def __init__(self, uses: list[WeightUse]):
-        self.uses = uses
-        self.chain: dict[int, tuple[int, int, int | None]] = {}   # value -> (use, stage, size of the last dim)
-        self.factors: dict[int, tuple[int, ...]] = {}
-        self.split: dict[int, str] = {}            # use -> "rows" (before a view) or "head_dim" (after it)
-        self.part_heads: dict[int, int] = {}
-        self.attention_heads: dict[int, tuple[int, int]] = {}
-        self.parts: dict[int, tuple[int, int]] = {}          # value -> (use, which of its 3 parts / first row)
-        self.part_roles: dict[int, dict[int, str]] = {}      # use -> {part: attention slot it reached}
-        self.slices: dict[int, set[tuple[int, int]]] = {}    # use -> row ranges taken by x[..., a:b]
-        self.unpacked: dict[int, int] = {}                   # fx split node -> use (getitem picks its parts)
-
-    def start(self, use: int, outputs: tuple[int, ...]) -> None:
-        for out in outputs:
-            self.chain[out] = (use, 0, self.uses[use].shape[0])
-
-    def step(self, op: Op) -> None:
-        source = op.args[0] if op.args and isinstance(op.args[0], int) else None
-        if source in self.parts:
-            self._carry_part(source, op.outputs)
-        if source in self.unpacked and op.kind == "shape" and op.info:   # fx: getitem(split, k) is part k
-            self.parts[op.outputs[0]] = (self.unpacked[source], op.info[0] % 3)
-        link = self.chain.get(source)
-        if link is None:
-            return
-        use, stage, last = link
-        picked = (op.kind == "shape" and op.info and stage == 1 and op.info[1] is not None
-                  and -op.info[1] <= len(self.factors[use]) and self.factors[use][op.info[1]] == 3)
-        if op.kind == "split" and len(op.outputs) == 3 and stage < 2 or picked:
-            for k, out in enumerate(op.outputs):   # q, k, v as they leave the fused rows, in row order
-                self.parts[out] = (use, op.info[0] % 3 if picked else k)
-        elif op.kind == "split" and len(op.outputs) == 1 and stage < 2:   # fx: one node, its parts picked later
-            self.unpacked[op.outputs[0]] = use
-        if op.kind == "slice" and stage == 0:      # Phi-3: qkv[..., :q], qkv[..., q:q + kv], qkv[..., q + kv:]
-            rows = self.uses[use].shape[0]
-            start, stop = (0 if v is None else v + rows if v < 0 else min(v, rows)
-                           for v in (op.info[0], rows if op.info[1] is None else op.info[1]))
-            self.slices.setdefault(use, set()).add((start, stop))
-            for out in op.outputs:
-                self.parts[out] = (use, start)
-                self.chain[out] = (use, 2, None)
-            return
-        if op.kind == "view":
-            f = _factors(op.info, last) if last else None
-            if stage == 0 and f is not None and len(f) > 1:
-                self.factors[use] = f
-                self._extend(op, use, 1, f[-1])
-            elif stage == 0 and f is not None:
-                self._extend(op, use, 0, last)
-            elif stage == 2 and f is not None and len(f) == 2:
-                self.part_heads.setdefault(use, f[0])
-        elif op.kind == "split":
-            dim, parts, size = op.info
-            parts = parts or (last // size if size and last else None)
-            if dim == -1 and parts == 3 and stage < 2:
-                self.split.setdefault(use, "rows" if stage == 0 else "head_dim")
-                self._extend(op, use, 2, last // 3)
-        else:
-            self._extend(op, use, stage, last)
-
-    def _carry_part(self, value: int, outputs: tuple[int, ...]) -> None:
-        for out in outputs:
-            self.parts.setdefault(out, self.parts[value])
-
-    def reached(self, value: Ref | None, slot: str) -> None:
-        """Attention read ``value`` as its ``slot`` (q, k or v); notes which fused part it was."""
-        part = self.parts.get(value) if isinstance(value, int) else None
-        if part is not None:
-            self.part_roles.setdefault(part[0], {})[part[1]] = slot
-
-    def at_matmul(self, left: Ref | None, right: Ref | None) -> None:
-        """``q @ k^T`` (parts on both sides) or ``probs @ v`` (a part on the right only)."""
-        if left in self.parts and right in self.parts:
-            self.reached(left, "q")
-            self.reached(right, "k")
-        elif right in self.parts:
-            self.reached(right, "v")
-
-    def carry(self, values: list[int], outputs: tuple[int, ...]) -> None:
-        """An op mixing one part with values of no part (rotary: ``q * cos + rotate_half(q) * sin``) keeps it."""
-        found = {self.parts[v] for v in values if v in self.parts}
-        if len(found) == 1:
-            for out in outputs:
-                self.parts.setdefault(out, next(iter(found)))
-
-    def follow(self, value: int, outputs: tuple[int, ...]) -> None:
-        if value in self.parts:
-            self._carry_part(value, outputs)
-        link = self.chain.get(value)
-        if link is not None:
-            for out in outputs:
-                self.chain[out] = link
-
-    def _extend(self, op: Op, use: int, stage: int, last: int | None) -> None:
-        for out in op.outputs:
-            self.chain[out] = (use, stage, last)
-
-    def at_attention(self, use: int, slot: str, heads: tuple[int, int]) -> None:
-        """SDPA saw this use's output as its ``slot`` with (query heads, key/value heads)."""
-        self.attention_heads[use] = heads
-
-    def from_mha(self, use: int, role: str, heads: int) -> None:
-        self.uses[use].heads = heads
-        if role == "qkv":
-            self.uses[use].layout, self.uses[use].kv_heads = "", heads
-
-    def finish(self) -> None:
-        for i, use in enumerate(self.uses):
-            if use.heads is not None:
-                continue
-            f, split = self.factors.get(i), self.split.get(i)
-            if use.role == "qkv":
-                if f and f[0] == 3:
-                    use.layout, use.heads = "", f[1] if len(f) >= 3 else None
-                elif f and len(f) >= 3 and f[1] == 3 or f and len(f) == 2 and split == "head_dim":
-                    use.layout, use.heads = "heads", f[0]
-                elif not f and split == "rows":
-                    use.layout, use.heads = "", self.part_heads.get(i)
-                use.kv_heads = use.heads
-                q_heads, kv_heads = self.attention_heads.get(i, (None, None))
-                narrower = q_heads and kv_heads < q_heads and use.shape[0] % (q_heads + 2 * kv_heads) == 0
-                if narrower and (f and len(f) == 2 and f[0] == q_heads + 2 * kv_heads or not f and split == "rows"):
-                    use.layout, use.heads, use.kv_heads = "", q_heads, kv_heads   # [q | k | v], k/v narrower (MQA)
-                reached = self.part_roles.get(i, {})
-                if i in self.slices:
-                    _read_slices(use, self.slices[i], q_heads, kv_heads, reached)
-                elif any("qkv"[k] != slot for k, slot in reached.items()):
-                    use.layout = None   # its parts feed attention in another order than q, k, v: not read
-                    use.layout_note = "its three parts reach attention as " + ", ".join(
-                        f"part {k} -> {slot}" for k, slot in sorted(reached.items()))
-                if use.layout is None and f and not use.layout_note:
-                    grouped = len(f) == 3 and f[1] > 3
-                    use.layout_note = (f"its rows are viewed as {list(f)}, neither [3, heads, head_dim] nor [heads, 3, "
-                                       f"head_dim]" + (" (grouped-query attention with [queries, key, value] rows per "
-                                                       "group, as Falcon-40B)" if grouped else ""))
-            elif use.role in ("q", "k", "v") and f and len(f) == 2:
-                use.heads = f[0]
-
-
-def _read_slices(use: WeightUse, taken: set[tuple[int, int]], q_heads: int | None, kv_heads: int | None,
-                 reached: dict[int, str]) -> None:
-    """Rows sliced into three contiguous ranges are ``[q | k | v]`` if attention saw them in that order."""
-    bounds = sorted(taken)
-    three = len(bounds) == 3 and [b[0] for b in bounds] == [0, bounds[0][1], bounds[1][1]]
-    if not three or bounds[-1][1] != use.shape[0] or bounds[1][1] - bounds[1][0] != bounds[2][1] - bounds[2][0]:
-        use.layout, use.layout_note = None, f"its output is sliced into rows {bounds}, not three contiguous parts"
-        return
-    order = {start: "qkv"[k] for k, (start, _) in enumerate(bounds)}
-    if any(order[start] != slot for start, slot in reached.items()):
-        use.layout, use.layout_note = None, "its row slices reach attention as " + ", ".join(
-            f"rows {start}: -> {slot}" for start, slot in sorted(reached.items()))
-        return
-    q_rows, kv_rows = bounds[0][1], bounds[1][1] - bounds[1][0]
-    heads = q_heads or use.heads
-    use.layout, use.heads = "", heads
-    use.kv_heads = kv_heads if kv_heads else heads * kv_rows // q_rows if heads else None
-
-
-def _attention_roles_from_matmul(left: frozenset[int], right: frozenset[int], uses: list[WeightUse]) -> None:
-    """``q @ k^T`` (one producer each side) names q and k; ``probs @ v`` (many @ one) names v."""
-    if len(left) == 1 and len(right) == 1:
-        (a,), (b,) = left, right
-        uses[a].roles.add("q")
-        uses[b].roles.add("k")
-    elif len(left) > 1 and len(right) == 1:
-        uses[next(iter(right))].roles.add("v")
+    main: dict[int, set[str]] = {}
+    extra: dict[int, set[str]] = {}
+    for left, right, k_input in scores:
+        found = main if k_input is not None and k_input in value_inputs else extra
+        found.setdefault(next(iter(left)), set()).add("q")
+        found.setdefault(next(iter(right)), set()).add("k")
+    for use in uses:
+        if use.index in main:
+            use.roles |= main[use.index]
+        elif use.index in extra and not use.roles & {"q", "k", "v", "qkv"}:
+            use.roles |= extra[use.index]

@@ -96,6 +96,15 @@ def phi3():
                                       pad_token_id=0))
 
 
+def deberta_v2(share_att_key: bool):
+    """Disentangled attention: the content key also meets the position queries (p2c), ``key @ pos_q^T``."""
+    tf = _tf()
+    return tf.DebertaV2Model(tf.DebertaV2Config(hidden_size=DIM, num_attention_heads=HEADS, num_hidden_layers=2,
+                                                intermediate_size=4 * DIM, vocab_size=100, relative_attention=True,
+                                                pos_att_type=["p2c", "c2p"], share_att_key=share_att_key,
+                                                max_relative_positions=16, position_buckets=8))
+
+
 def t5_encoder():
     tf = _tf()
     return tf.T5EncoderModel(tf.T5Config(d_model=DIM, d_kv=DIM // HEADS, num_heads=HEADS, num_layers=4,
@@ -171,6 +180,7 @@ BERT = split("encoder.layer.{i}.attention.self", "query", "key", "value")
 NEOX = Rows(("layers.{i}.attention.query_key_value.weight",), interleaved=True)
 BLOOM = Rows(("h.{i}.self_attention.query_key_value.weight",), interleaved=True)
 PROJ = split("layers.{i}.self_attn", "q_proj", "k_proj", "v_proj")          # LLaMA, Phi, Whisper
+DEBERTA = split("encoder.layer.{i}.attention.self", "query_proj", "key_proj", "value_proj")
 SPEECH = split("encoder.layers.{i}.attention", "q_proj", "k_proj", "v_proj")   # wav2vec2, HuBERT
 
 
@@ -205,6 +215,10 @@ PAIRED = [
          {"on_shape_mismatch": "select"}),
     Case("llama GQA <- timm vit, on_shape_mismatch='select'", lambda: llama(kv_heads=2), vit, None, None, 8,
          {"on_shape_mismatch": "select", "exclude": [r"\.mlp\."]}),
+    Case("deberta-v2 (share_att_key: key_proj also projects positions) <- bert", lambda: deberta_v2(True), bert,
+         DEBERTA, BERT, 12),
+    Case("deberta-v2 (own pos_key_proj / pos_query_proj, left out) <- bert", lambda: deberta_v2(False), bert,
+         DEBERTA, BERT, 12, {"exclude": [r"\.pos_(key|query)_proj\."]}),
     Case("t5 encoder (block 0 holds the position bias) <- bert", t5_encoder, lambda: bert(4),
          split("encoder.block.{i}.layer.0.SelfAttention", "q", "k", "v"), BERT, 24),
     Case("whisper encoder <- timm vit", whisper_encoder, vit, PROJ, VIT, 12),
@@ -334,11 +348,11 @@ def test_t5_block_zero_is_a_block():
     pytest.param(falcon40b, vit, LayoutError, r"viewed as \[2, 4, 16\].*grouped-query attention",
                  id="falcon-40b (GQA rows per group) <- timm vit"),
     pytest.param(vit, toys.SlicedQKVNet, LayoutError, r"blocks\.0\.qkv\.weight \[192, 64\].*no view, split or slices",
-                 id="timm vit <- fused qkv cut by narrow (layout unreadable)"),
+                 id="timm vit <- fused qkv cut by index_select (layout unreadable)"),
     pytest.param(vit, lambda: toys.SlicedQKVNet(split="chunk", order="kqv"), LayoutError,
-                 r"part 0 -> k, part 1 -> q, part 2 -> v", id="timm vit <- fused qkv chunked as k, q, v"),
+                 r"rows 0:64 -> k, rows 64:128 -> q, rows 128:192 -> v", id="timm vit <- fused qkv chunked as k, q, v"),
     pytest.param(vit, lambda: toys.SlicedQKVNet(split="slice", order="kqv"), LayoutError,
-                 r"rows 0: -> k, rows 64: -> q, rows 128: -> v", id="timm vit <- fused qkv sliced as k, q, v"),
+                 r"rows 0:64 -> k, rows 64:128 -> q, rows 128:192 -> v", id="timm vit <- fused qkv sliced as k, q, v"),
 ])
 def test_family_refused_with_what_it_is(make_target, make_aux, error, message):
     with pytest.raises(error, match=re.compile(message, re.DOTALL)):

@@ -108,7 +108,7 @@ def test_heads_and_row_layout_come_from_the_views_after_each_projection():
     gqa = toys.GQANet(dim=64, depth=1)
     gqa_uses, *_ = uses_of(gqa, "runtime", torch.randn(1, 5, 8))     # view(b, n, heads, head_dim) each
     assert [(u.role, u.heads) for u in gqa_uses[1:4]] == [("q", 4), ("k", 2), ("v", 2)]
-    for split, layout in (("chunk", ""), ("slice", ""), ("narrow", None)):
+    for split, layout in (("chunk", ""), ("slice", ""), ("narrow", ""), ("index_select", None)):
         uses, *_ = uses_of(toys.SlicedQKVNet(depth=1, split=split), "runtime", torch.randn(1, 5, 8))
         assert (uses[1].role, uses[1].layout) == ("qkv", layout), split
 
@@ -118,4 +118,4 @@ def test_fused_parts_read_in_another_order_leave_the_layout_unread(reader):
     right, *_ = uses_of(toys.SlicedQKVNet(depth=1, split="chunk"), reader, torch.randn(1, 5, 8))
     swapped, *_ = uses_of(toys.SlicedQKVNet(depth=1, split="chunk", order="kvq"), reader, torch.randn(1, 5, 8))
     assert right[1].layout == "" and swapped[1].layout is None
-    assert swapped[1].layout_note == "its three parts reach attention as part 0 -> k, part 1 -> v, part 2 -> q"
+    assert swapped[1].layout_note == "its rows reach attention as rows 0:64 -> k, rows 64:128 -> v, rows 128:192 -> q"

@@ -219,10 +219,11 @@ class BareNet(nn.Module):
 
 
 class SlicedQKVBlock(nn.Module):
-    """A fused qkv split by ``narrow`` (a layout the dataflow does not show), by slices or by chunk,
-    its three parts read as ``order`` (``"kqv"``: the first rows are the keys)."""
+    """A fused qkv split by ``index_select`` (a layout the dataflow does not show: the rows are picked by a
+    tensor), by ``narrow``, by slices or by chunk, its three parts read as ``order`` (``"kqv"``: the first
+    rows are the keys)."""
 
-    def __init__(self, dim: int = 64, heads: int = 4, split: str = "narrow", order: str = "qkv"):
+    def __init__(self, dim: int = 64, heads: int = 4, split: str = "index_select", order: str = "qkv"):
         super().__init__()
         self.dim, self.heads, self.split, self.order = dim, heads, split, order
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -231,7 +232,9 @@ class SlicedQKVBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         qkv = self.qkv(x)
-        if self.split == "narrow":
+        if self.split == "index_select":
+            parts = [qkv.index_select(-1, torch.arange(i * d, (i + 1) * d)) for i in range(3)]
+        elif self.split == "narrow":
             parts = [qkv.narrow(-1, i * d, d) for i in range(3)]
         elif self.split == "slice":
             parts = [qkv[..., i * d:(i + 1) * d] for i in range(3)]
