@@ -32,7 +32,7 @@ from .modules import block_of
 from .report import Pair
 from .shapes import GATED_CHOICES
 from .trace import Trace, WeightUse
-from .units import Unit
+from .units import Unit, head_widths
 
 DEPTH_POLICIES = ("equal", "uniform", "first", "last", "every_k", "reversed")
 NAME_MATCH_THRESHOLD = 0.9
@@ -164,6 +164,11 @@ def unit_pairs(t: Unit, a: Unit, aux_block: int | None, same_code: bool = False,
     if fused:
         return [], fused
     t_rest, a_rest = t.shape[1:], a.shape[1:]
+    t_roles, a_roles = t.role_rows(), a.role_rows()
+    if t.shape == a.shape and t_roles and a_roles and t_roles != a_roles:   # same total, other q/k/v split
+        return [], (f"group sizes do not add up: target {'+'.join(t.names)} {list(t.shape)} holds q, k, v rows "
+                    f"{_role_sizes(t_roles)}, aux {'+'.join(a.names)} {list(a.shape)} holds {_role_sizes(a_roles)}"
+                    f"{_attention_note(t, a)} [group]")
     if t_rest != a_rest or t.shape[0] != a.shape[0]:
         grouped = (len(t.members) > 1 or len(a.members) > 1) and t_rest == a_rest
         what = "group sizes do not add up" if grouped else "shapes differ"
@@ -193,6 +198,10 @@ def unit_pairs(t: Unit, a: Unit, aux_block: int | None, same_code: bool = False,
         pairs.append(_pair(member, t, used, a, aux_block, transform, (start - base, stop - base)))
         start = stop
     return pairs, None
+
+
+def _role_sizes(rows: dict[str, tuple[int, int]]) -> str:
+    return "/".join(str(hi - lo) for lo, hi in rows.values())
 
 
 def _plain_from_gated(plain: Unit, gated: Unit) -> bool:
@@ -240,9 +249,15 @@ def _regrouping(member: WeightUse, used: list[WeightUse]) -> str:
     t_layout, a_layout = _layouts(member, used)
     if t_layout == a_layout and member.heads == used[0].heads:
         return ""
-    steps = ([f"from_heads[{used[0].heads}]"] * (a_layout == "heads")
-             + [f"to_heads[{member.heads}]"] * (t_layout == "heads"))
+    steps = ([f"from_heads[{_heads_label(a_layout, used[0].heads)}]"] * bool(a_layout)
+             + [f"to_heads[{_heads_label(t_layout, member.heads)}]"] * bool(t_layout))
     return "+" + "+".join(steps) if steps else ""
+
+
+def _heads_label(layout: str, heads: int | None) -> str:
+    """``4`` for equal q/k/v widths per head, ``4 x q,k,v 24,24,48`` for unequal ones."""
+    _, _, widths = layout.partition(":")
+    return f"{heads} x q,k,v {widths}" if widths else f"{heads}"
 
 
 def _layouts(member: WeightUse, used: list[WeightUse]) -> tuple[str, str]:
@@ -463,6 +478,7 @@ def _resolve(name: str, view: ModelView, side: str) -> str:
 
 
 _OVERRIDE_KEYS = ("aux", "rows", "layout", "heads", "aux_layout", "aux_heads")
+_LAYOUT = re.compile(r"(heads(:\d+,\d+,\d+)?)?")
 
 
 @dataclass(frozen=True)
@@ -483,13 +499,14 @@ def _override_spec(t_name: str, spec: str | list[str] | dict) -> _Override:
     layouts = (spec.get("layout", ""), spec.get("aux_layout", ""))
     heads = (spec.get("heads"), spec.get("aux_heads"))
     rows = spec.get("rows")
-    if unknown or "aux" not in spec or any(v not in ("", "heads") for v in layouts) or any(
-            lay == "heads" and not isinstance(h, int) for lay, h in zip(layouts, heads)) or rows is not None and not (
+    if unknown or "aux" not in spec or any(not _LAYOUT.fullmatch(str(v)) for v in layouts) or any(
+            lay and not isinstance(h, int) for lay, h in zip(layouts, heads)) or rows is not None and not (
             len(rows) == 2 and all(isinstance(r, int) for r in rows) and 0 <= rows[0] < rows[1]):
         raise OptionError(f"pairs['{t_name}'] = {spec!r}: a dict takes 'aux' (a name or a list of names) and "
                           f"optionally 'rows' ([first, stop) of the stacked aux rows), 'layout'/'aux_layout' ('' for "
-                          f"rows [q | k | v], 'heads' for rows [head, (q, k, v), head_dim]) with 'heads'/'aux_heads' "
-                          f"(the number of heads) wherever a layout is 'heads'")
+                          f"rows [q | k | v], 'heads' for rows [head, (q, k, v), head_dim], 'heads:a,b,c' for q, k, v "
+                          f"of widths a, b, c per head) with 'heads'/'aux_heads' (the number of heads) wherever a "
+                          f"layout is per head")
     aux = spec["aux"]
     return _Override([aux] if isinstance(aux, str) else list(aux), tuple(rows) if rows else None, layouts, heads)
 
@@ -546,8 +563,11 @@ def _apply_overrides(pairs: list[Pair], overrides: dict, replaced: dict[str, Pai
                                      f"Fix: on_shape_mismatch='select' takes the target's shape from a wider aux by "
                                      f"weight selection, or name aux weights (and rows) of the target's shape.")
         for (layout, n), side_rows in zip(zip(hand.layout, hand.heads), (t_canon[0], stacked)):
-            if layout == "heads" and side_rows % (3 * n):
-                raise OptionError(f"pairs['{t_name}']: {side_rows} rows cannot be {n} heads of (q, k, v)")
+            try:
+                head_widths(layout, n, side_rows) if layout else None
+            except LayoutError:
+                raise OptionError(f"pairs['{t_name}']: {side_rows} rows cannot be {n} heads of (q, k, v) laid out "
+                                  f"as {layout!r}") from None
         old = replaced.get(t_name)
         regroup = "".join(f"+{step}[{n}]" for step, lay, n in zip(("to_heads", "from_heads"), hand.layout, hand.heads)
                           if lay)

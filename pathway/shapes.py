@@ -285,6 +285,12 @@ def _parts(side: Side, names: Sequence[str], role: str, geometry: Geometry, what
 def _attention(pair: Pair, target: Side, aux: Side, t_geo: Geometry, a_geo: Geometry, selection: Selection) -> Selected:
     t_shape = target.shapes[pair.target]
     a_shapes = [aux.shapes[n] for n in pair.aux]
+    unequal = [side for side, layout in zip(("target", "aux"), pair.layout) if ":" in layout]
+    if unequal and pair.role != "o":
+        raise ShapeMismatchError(
+            f"{pair.target} <- {list(pair.aux)}: the {' and '.join(unequal)} lays q, k and v out per head with unequal "
+            f"widths ({' / '.join(pair.layout)}); weight selection takes heads of one size for q, k and v. Fix: an "
+            f"aux of the same widths per head, pairs={{...}} by hand, or exclude=[...] for this weight")
     if pair.role == "o":
         rows, cols = selection.residual, selection.q
     else:

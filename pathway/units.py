@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .errors import LayoutError
 from .modules import block_of
 from .report import Pair
 from .shapes import gate_by_name
@@ -87,10 +88,15 @@ class Unit:
                 start += m.shape[0]
             return bounds
         if len(self.members) == 1 and self.role == "qkv" and self.members[0].layout is not None:
-            rows, heads, kv = self.shape[0], self.heads, self.kv_heads
-            width = rows // (heads + 2 * kv) if heads and kv else rows // 3
-            q, k = width * (heads or 1), width * (kv or 1)
-            return {"q": (0, q), "k": (q, q + k), "v": (q + k, q + 2 * k)}
+            member = self.members[0]
+            if member.part_rows:
+                q, k, v = member.part_rows
+            else:
+                rows, heads, kv = self.shape[0], self.heads, self.kv_heads
+                width = rows // (heads + 2 * kv) if heads and kv else rows // 3
+                q, k = width * (heads or 1), width * (kv or 1)
+                v = k
+            return {"q": (0, q), "k": (q, q + k), "v": (q + k, q + k + v)}
         return None
 
 
@@ -253,20 +259,40 @@ def _unroll(units: list[Unit], sequence: list[str]) -> tuple[list[Unit], int]:
     return pre + virtual + post, times
 
 
-def _regroup(rows: torch.Tensor, outer: int, inner: int) -> torch.Tensor:
-    """Rows ``[outer, inner, r]`` -> ``[inner, outer, r]`` (r = rows per group), flattened again."""
-    return rows.unflatten(0, (outer, inner, -1)).transpose(0, 1).flatten(0, 2)
+def head_widths(layout: str, heads: int, rows: int) -> tuple[int, int, int]:
+    """Per-head widths of q, k and v in rows laid out per head: ``"heads"`` (equal thirds) or ``"heads:a,b,c"``."""
+    _, _, given = layout.partition(":")
+    widths = tuple(int(w) for w in given.split(",")) if given else (rows // (3 * heads),) * 3
+    if len(widths) != 3 or heads * sum(widths) != rows:
+        raise LayoutError(f"a per-head row layout {layout!r} with {heads} heads does not fit {rows} rows: "
+                          f"heads x (q + k + v widths) must equal the rows")
+    return widths
+
+
+def per_head_rows(layout: str, heads: int, rows: int) -> torch.Tensor:
+    """For each row of ``[q | k | v]``, the row that holds it when rows are laid out per head
+    ``[head, (q, k, v)]`` with the widths ``layout`` gives (see :func:`head_widths`)."""
+    widths = head_widths(layout, heads, rows)
+    stride, offsets = sum(widths), (0, widths[0], widths[0] + widths[1])
+    return torch.cat([(torch.arange(heads)[:, None] * stride + off + torch.arange(w)).flatten()
+                      for off, w in zip(offsets, widths)])
 
 
 def apply_layout(pair: Pair, stacked: torch.Tensor) -> torch.Tensor:
     """The target's rows of ``pair`` from its aux weights stacked in canonical ``[out, in, ...]`` layout.
 
     ``stacked`` is the concatenation of ``pair.aux`` (each transposed where ``aux_transposed``).
-    Per-head interleaved rows ``[head, (q, k, v), head_dim]`` are brought to ``[q | k | v]`` first,
-    ``out_slice`` is taken there, and the result is interleaved again if the target stores it so.
-    The caller transposes the result when ``pair.target_transposed``.
+    Rows laid out per head (``[head, (q, k, v), head_dim]``, or of unequal q/k/v widths) are brought
+    to the split ``[q | k | v]`` order first, ``out_slice`` is taken there, and the result is laid out
+    per head again if the target stores it so. The caller transposes the result when
+    ``pair.target_transposed``.
     """
     (t_layout, a_layout), (t_heads, a_heads) = pair.layout, pair.heads
-    rows = _regroup(stacked, a_heads, 3) if a_layout == "heads" else stacked
+    rows = stacked
+    if a_layout:
+        rows = rows.index_select(0, per_head_rows(a_layout, a_heads, len(rows)).to(rows.device))
     rows = rows[pair.out_slice[0]:pair.out_slice[1]]
-    return _regroup(rows, 3, t_heads) if t_layout == "heads" else rows
+    if t_layout:
+        order = per_head_rows(t_layout, t_heads, len(rows)).argsort()
+        rows = rows.index_select(0, order.to(rows.device))
+    return rows

@@ -249,6 +249,34 @@ def test_apply_layout_regroups_per_head_rows_both_ways():
     assert torch.equal(apply_layout(from_heads, interleaved), split[8:16])     # k of every head, in head order
 
 
+def test_unequal_per_head_split_pairs_q_k_v_by_the_widths_the_graph_shows():
+    """LeViT-style qkv: ``view(B, N, heads, -1).split([24, 24, 48], dim=3)`` per head, not equal thirds."""
+    fused, split = toys.UnequalHeadsNet(), toys.UnequalHeadsNet(fused=False)
+    x = toys.tokens(1)
+    for reader in ("fx", "runtime"):
+        report = pathway.plan(fused, split, tracer=reader, target_inputs=x, aux_inputs=x)
+        pair = next(p for p in report.pairs if p.target == "blocks.0.qkv.weight")
+        assert pair.layout == ("heads:24,24,48", "") and pair.transform.endswith("to_heads[4 x q,k,v 24,24,48]")
+    per_head = built(report, split)["blocks.0.qkv.weight"].view(4, 96, 64)
+    aux = plain_parameters(split)
+    for role, (lo, hi) in zip("qkv", ((0, 24), (24, 48), (48, 96))):
+        assert torch.equal(per_head[:, lo:hi], aux[f"blocks.0.{role}.weight"].view(4, hi - lo, 64)), role
+    back = built(pathway.plan(split, fused, target_inputs=x, aux_inputs=x), fused)     # split target <- fused aux
+    qkv = plain_parameters(fused)["blocks.0.qkv.weight"].view(4, 96, 64)
+    assert torch.equal(back["blocks.0.v.weight"], qkv[:, 48:].reshape(192, 64))
+
+
+def test_equal_row_totals_with_other_q_k_v_widths_are_refused():
+    """qkv [96, 32] as 4 heads of q, k 4 wide and v 16 wide <- timm's [q | k | v] of 32 each: same shape."""
+    target, aux = toys.UnequalHeadsNet(dim=32, key_dim=4, value_dim=16), toys.timm_vit(dim=32)
+    with pytest.raises(pathway.GroupSizeError, match=r"blocks\.0\.qkv\.weight \[96, 32\] holds q, k, v rows "
+                                                     r"16/16/64, aux blocks\.0\.attn\.qkv\.weight \[96, 32\] holds "
+                                                     r"32/32/32"):
+        pathway.plan(target, aux, exclude=[r"proj"])
+    with pytest.raises(pathway.ShapeMismatchError, match=r"per head with unequal widths \(heads:4,4,16 / \)"):
+        pathway.plan(target, toys.timm_vit(dim=64), exclude=[r"proj"], on_shape_mismatch="select")
+
+
 class GatedMLP(nn.Module):
     """A SwiGLU MLP with names that say nothing: ``c((act(gate) * up))``, up computed first if asked."""
 

@@ -257,3 +257,42 @@ class SlicedQKVNet(nn.Module):
         for block in self.blocks:
             x = block(x)
         return x.mean(1)
+
+
+class UnequalHeadsBlock(nn.Module):
+    """LeViT-style attention: q and k ``key_dim`` wide per head, v ``value_dim`` wide. ``fused``: one qkv
+    viewed per head and split unequally (``view(B, N, heads, -1).split([24, 24, 48], dim=3)``); else
+    separate q, k, v projections of the same widths."""
+
+    def __init__(self, dim: int = 64, heads: int = 4, key_dim: int = 24, value_dim: int = 48, fused: bool = True):
+        super().__init__()
+        self.heads, self.widths, self.fused = heads, [key_dim, key_dim, value_dim], fused
+        if fused:
+            self.qkv = nn.Linear(dim, heads * (2 * key_dim + value_dim))
+        else:
+            self.q, self.k = nn.Linear(dim, heads * key_dim), nn.Linear(dim, heads * key_dim)
+            self.v = nn.Linear(dim, heads * value_dim)
+        self.proj = nn.Linear(heads * value_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        if self.fused:
+            q, k, v = self.qkv(x).view(b, n, self.heads, -1).split(self.widths, dim=3)
+        else:
+            q, k, v = (layer(x).view(b, n, self.heads, -1) for layer in (self.q, self.k, self.v))
+        q, k, v = (t.permute(0, 2, 1, 3) for t in (q, k, v))
+        attn = ((q @ k.transpose(-2, -1)) * self.widths[0] ** -0.5).softmax(dim=-1)
+        return x + self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+class UnequalHeadsNet(nn.Module):
+    def __init__(self, dim: int = 64, depth: int = 2, **widths):
+        super().__init__()
+        self.embed = nn.Linear(8, dim)
+        self.blocks = nn.ModuleList(UnequalHeadsBlock(dim, **widths) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return x.mean(1)
