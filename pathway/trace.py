@@ -487,18 +487,20 @@ def call_with(model: nn.Module, inputs: Any) -> Any:
 
 
 def read_runtime(model: nn.Module, inputs: Any) -> tuple[list[Op], set[int]]:
-    """Run one ``eval()``/``no_grad`` forward on ``inputs`` and record it as ops."""
+    """Run one ``eval()``/``no_grad`` forward on ``inputs`` and record it as ops; every module's
+    train/eval mode is as it was afterwards."""
     names: dict[int, str] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), name)
     recorder = _Recorder(names, {id(b) for b in model.buffers()})
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]   # each module's own mode: a user's eval() submodule stays so
     model.eval()
     try:
         with torch.no_grad(), recorder:
             call_with(model, inputs)
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
     return recorder.ops, recorder.consts
 
 

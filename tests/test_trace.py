@@ -119,3 +119,18 @@ def test_fused_parts_read_in_another_order_leave_the_layout_unread(reader):
     swapped, *_ = uses_of(toys.SlicedQKVNet(depth=1, split="chunk", order="kvq"), reader, torch.randn(1, 5, 8))
     assert right[1].layout == "" and swapped[1].layout is None
     assert swapped[1].layout_note == "its rows reach attention as rows 0:64 -> k, rows 64:128 -> v, rows 128:192 -> q"
+
+
+def test_the_runtime_recorder_gives_back_every_modules_own_mode():
+    """fx cannot trace BranchNet, so plan runs it in eval(); a submodule the user left in eval stays in eval."""
+    import pathway
+
+    target, aux = toys.BranchNet(), toys.BranchNet()
+    target.train()
+    target.blocks[0].eval()
+    aux.eval()
+    aux.blocks[1].train()
+    before = [[m.training for m in model.modules()] for model in (target, aux)]
+    report = pathway.plan(target, aux, target_inputs=toys.tokens(1), aux_inputs=toys.tokens(1), allow_partial=True)
+    assert report.target_reader.startswith("runtime recorder")
+    assert [[m.training for m in model.modules()] for model in (target, aux)] == before
