@@ -7,6 +7,7 @@ model is never left half-connected (PEFT's rule for ``inject_adapter``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Callable
@@ -32,6 +33,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "gated_mlp": GATED_CHOICES,
     "tracer": ("auto", "fx", "runtime"),
 }
+_BOOLEANS = ("train_lambda", "train_aux", "freeze_target", "allow_partial")
 _SUBSETS: dict[str, tuple[str, ...]] = {
     "kinds": ("linear", "conv"),
     "segments": ("body", "pre", "mid", "post"),
@@ -72,8 +74,15 @@ class Options:
             if isinstance(values.get(key), str):
                 values[key] = (values[key],)
             if key in values:
+                if not isinstance(values[key], (tuple, list)):
+                    raise OptionError(f"{key}={values[key]!r}: give a string or a list of strings")
                 values[key] = tuple(values[key])
         opts = cls(**values)
+        for key in _BOOLEANS:
+            value = getattr(opts, key)
+            if not isinstance(value, bool):
+                raise OptionError(f"{key}={value!r} must be True or False, not a {type(value).__name__}: a string "
+                                  f"or a number is not read as a boolean here. Fix: {key}=True or {key}=False")
         for key, allowed in _CHOICES.items():
             if getattr(opts, key) not in allowed:
                 raise OptionError(f"{key}={getattr(opts, key)!r} is not one of {list(allowed)}")
@@ -81,9 +90,16 @@ class Options:
             bad = [v for v in getattr(opts, key) if v not in allowed]
             if bad or not getattr(opts, key):
                 raise OptionError(f"{key}={getattr(opts, key)!r}: each value must be one of {list(allowed)}")
-        if not callable(opts.lambda_init) and not isinstance(opts.lambda_init, (int, float)):
-            raise OptionError("lambda_init must be a number or a callable (weight name, block index) -> number")
+        init = opts.lambda_init
+        if not callable(init) and (not isinstance(init, (int, float)) or isinstance(init, bool)):
+            raise OptionError(f"lambda_init={init!r} must be a number or a callable (weight name, block index) -> "
+                              f"number")
+        if not callable(init) and not math.isfinite(init):
+            raise OptionError(f"lambda_init={init!r} is not a finite number: lambda must start finite (0 starts the "
+                              f"connected model exactly as the target)")
         for pattern in opts.include + opts.exclude:
+            if not isinstance(pattern, str):
+                raise OptionError(f"include/exclude pattern {pattern!r} is not a string (a regular expression)")
             try:
                 re.compile(pattern)
             except re.error as e:

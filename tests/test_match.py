@@ -188,6 +188,22 @@ def test_errors_for_bad_use():
         pathway.plan(toys.timm_vit(), toys.BranchNet(dim=64), aux_inputs=torch.randn(1, 3, 32, 32))
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("freeze_target", "false", r"freeze_target='false' must be True or False, not a str"),
+    ("train_lambda", 0, r"train_lambda=0 must be True or False, not a int"),
+    ("allow_partial", None, r"allow_partial=None must be True or False"),
+    ("lambda_init", float("nan"), r"lambda_init=nan is not a finite number"),
+    ("lambda_init", float("inf"), r"lambda_init=inf is not a finite number"),
+    ("lambda_init", True, r"lambda_init=True must be a number"),
+    ("exclude", [3], r"pattern 3 is not a string"),
+])
+def test_option_types_and_values_are_checked_by_name(option, value, message):
+    target, aux = toys.FunctionalNet(), toys.FunctionalNet()
+    with pytest.raises(pathway.OptionError, match=message) as caught:
+        pathway.connect(target, aux, **{option: value})
+    assert "lower the" not in str(caught.value) and not pathway.is_connected(target)
+
+
 def test_report_reads_well_and_is_plain_data():
     report = pathway.plan(toys.timm_vit(depth=2), toys.hf_bert(depth=2))
     text = str(report)
