@@ -224,8 +224,7 @@ class Adapter:
         the paper's "fix" setting."""
         return self.heads[self.options["head"]](embed_dim, self.num_classes)
 
-    def record_skip(self, path: Path, error: BaseException, instead: str = "the next readable file takes its place"
-                    ) -> None:
+    def record_skip(self, path: Path, error: BaseException, instead: str) -> None:
         """Count one unreadable file and warn about it, saying what happens ``instead`` (callers report each
         file once)."""
         with self._skipped.get_lock():

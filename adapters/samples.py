@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ import numpy as np
 
 
 def is_class_index(label: Any) -> bool:
-    return isinstance(label, Integral) and not isinstance(label, bool)
+    return isinstance(label, (int, np.integer)) and not isinstance(label, bool)
 
 
 class PackedBytes:
@@ -105,7 +104,7 @@ class SampleList(Sequence):
 
 def common_folder(texts: Sequence[str]) -> str:
     """The deepest folder holding every path of ``texts`` ('' when they share none)."""
-    folders = {os.path.dirname(text) for text in texts}
+    folders = {text.rpartition(os.sep)[0] for text in texts}
     if not folders:
         return ""
     try:
