@@ -15,6 +15,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch.nn as nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .errors import DeviceMismatchError, NoPairsError, OptionError, SelfConnectionError, TraceError
 from .inputs import derive_inputs, describe
@@ -185,6 +188,47 @@ def _runtime_trace(model: nn.Module, inputs: Any, shapes: dict[str, tuple[int, .
     return Trace(reader, *analyse(ops, consts, shapes, names)), ops
 
 
+def _reparametrized(model: nn.Module) -> list[tuple[str, str, str]]:
+    """Weights computed from several parameters: (module path, tensor name, how) for each.
+
+    ``weight_norm`` (the old hook: ``weight_g`` and ``weight_v``; the parametrization: ``original0`` and
+    ``original1``) and the old ``spectral_norm`` hook make ``module.weight`` a tensor computed at each
+    forward, so the forward reads parameters that are not the weight and pathway has no weight to pair.
+    """
+    found = []
+    for path, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, (WeightNorm, SpectralNorm)):
+                how = "weight_norm" if isinstance(hook, WeightNorm) else "spectral_norm"
+                found.append((path, hook.name, f"torch.nn.utils.{how} (hook)"))
+        if parametrize.is_parametrized(module):
+            for tensor, plist in module.parametrizations.items():
+                if not hasattr(plist, "original"):      # several originals: weight_norm's g and v
+                    kinds = ", ".join(type(p).__name__.lstrip("_") for p in plist)
+                    how = ("torch.nn.utils.parametrizations.weight_norm" if kinds == "WeightNorm"
+                           else f"a parametrization of several tensors ({kinds})")
+                    found.append((path, tensor, how))
+    return found
+
+
+def _check_reparametrized(model: nn.Module, side: str) -> None:
+    found = _reparametrized(model)
+    if not found:
+        return
+    by_how: dict[str, list[str]] = {}
+    for path, tensor, how in found:
+        by_how.setdefault(how, []).append(f"{path}.{tensor}" if path else tensor)
+    shown = "; ".join(f"{len(names)} under {how}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+                      for how, names in by_how.items())
+    raise TraceError(
+        f"the {side} model computes {len(found)} weight(s) from other parameters at each forward ({shown}). "
+        f"pathway pairs and connects weight parameters, so these would be read as their parts (weight_g, "
+        f"weight_v) or not at all. Fix: remove the reparametrization first, keeping the current weights: "
+        f"torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') for "
+        f"torch.nn.utils.parametrizations.weight_norm, torch.nn.utils.remove_weight_norm(module) or "
+        f"remove_spectral_norm(module) for the old hooks; connect, and apply it again after pathway.fold if needed.")
+
+
 def _check_models(target: nn.Module, aux: nn.Module, lazy: bool = False) -> None:
     """Refuse self-connections and (for aux objects in memory) device or dtype mismatches."""
     if target is aux:
@@ -230,6 +274,8 @@ def aux_module(aux: Any) -> tuple[nn.Module, bool]:
 def plan_with(target: nn.Module, aux: AuxLike, opts: Options) -> Report:
     aux, lazy = aux_module(aux)
     _check_models(target, aux, lazy)
+    _check_reparametrized(target, "target")
+    _check_reparametrized(aux, "aux")
     t_view = read_model(target, opts.target_inputs, opts.tracer, opts.kinds, "target")
     a_view = read_model(aux, opts.aux_inputs, opts.tracer, opts.kinds, "aux")
     pairs, unpaired, block_map, strategy = match(

@@ -204,6 +204,24 @@ def test_option_types_and_values_are_checked_by_name(option, value, message):
     assert "lower the" not in str(caught.value) and not pathway.is_connected(target)
 
 
+@pytest.mark.parametrize("side", ["target", "aux"])
+@pytest.mark.parametrize("how", ["parametrization", "hook"])
+def test_weight_norm_is_named_with_the_fix(side, how):
+    """weight_norm makes each weight a tensor computed from g and v: named, not '0 body blocks'."""
+    models = {"target": toys.FunctionalNet(), "aux": toys.FunctionalNet()}
+    layer = models[side].blocks[1].fc1
+    if how == "hook":
+        with pytest.warns(FutureWarning):
+            torch.nn.utils.weight_norm(layer)
+        fix, named = r"remove_weight_norm\(module\)", r"torch\.nn\.utils\.weight_norm \(hook\)"
+    else:
+        torch.nn.utils.parametrizations.weight_norm(layer)
+        fix, named = r"remove_parametrizations\(module, 'weight'\)", r"torch\.nn\.utils\.parametrizations\.weight_norm"
+    with pytest.raises(pathway.TraceError, match=rf"the {side} model computes 1 weight\(s\).*{named}: "
+                                                 rf"blocks\.1\.fc1\.weight.*{fix}"):
+        pathway.plan(models["target"], models["aux"], target_inputs=toys.tokens(1), aux_inputs=toys.tokens(1))
+
+
 def test_report_reads_well_and_is_plain_data():
     report = pathway.plan(toys.timm_vit(depth=2), toys.hf_bert(depth=2))
     text = str(report)
