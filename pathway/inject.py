@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from .align import align as align_units
 from .errors import CoverageError, NonFiniteError, OptionError
 from .layer import PathwayWeight, attach_pathway
 from .modules import owners, pathway_sites
@@ -176,7 +177,8 @@ def _aux_list(aux: AuxLike | list[AuxLike]) -> list[nn.Module | AuxSource]:
     return [open_aux(a) if isinstance(a, (str, os.PathLike)) else a for a in items]
 
 
-def connect(target: nn.Module, aux: AuxLike | list[AuxLike], **options: Any) -> Report | list[Report]:
+def connect(target: nn.Module, aux: AuxLike | list[AuxLike], *, align: str | None = None,
+            **options: Any) -> Report | list[Report]:
     """Connect ``target`` to ``aux`` in place: every paired weight becomes ``W + lambda * W_aux``.
 
     Args:
@@ -186,6 +188,9 @@ def connect(target: nn.Module, aux: AuxLike | list[AuxLike], **options: Any) -> 
             :class:`~pathway.source.AuxSource` (``open_aux(path, architecture)``) is read lazily:
             only the tensors the pairs use are read from disk. An aux that is itself connected
             gives its effective weights (what it computes).
+        align: ``"weights"`` or ``"activations"``: first permute each aux's hidden units into the target's
+            order (:func:`pathway.align.align`: the aux module is permuted in place, a symmetry of it);
+            ``"activations"`` runs both models on ``target_inputs``. The report's flags say what moved.
         **options: see :class:`~pathway.plan.Options` and the README.
 
     Returns:
@@ -207,7 +212,10 @@ def connect(target: nn.Module, aux: AuxLike | list[AuxLike], **options: Any) -> 
     """
     opts = Options.parse(options)
     auxes = _aux_list(aux)
+    aligned = [align_units(target, a, align, inputs=opts.target_inputs) for a in auxes] if align else []
     reports = [plan_with(target, a, opts) for a in auxes]
+    for report, note in zip(reports, aligned):
+        report.flags.append(str(note))
     for report in reports:
         problem = coverage_problem(report)
         if problem and not opts.allow_partial:
