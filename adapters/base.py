@@ -265,8 +265,10 @@ class FileDataset(Dataset):
       :class:`AugmentationError` names the file and the error. An :class:`UnreadableFileError` raised inside
       ``augment`` (readers that decode lazily, e.g. video frames) still marks the file.
 
-    More than ``max_unreadable_share`` of the files unreadable stops with :class:`TooManyUnreadableFilesError`.
-    ``samples`` is kept as a :class:`~pathway.adapters.samples.SampleList`.
+    ``items_per_file > 1`` makes several items of each file (item ``k`` is made from file ``k // items_per_file``
+    and ``augment`` gets ``k``: the views of a multi-view test); an unreadable file is still marked, counted and
+    warned about once. More than ``max_unreadable_share`` of the files unreadable stops with
+    :class:`TooManyUnreadableFilesError`. ``samples`` is kept as a :class:`~pathway.adapters.samples.SampleList`.
     """
 
     def __init__(
@@ -277,6 +279,7 @@ class FileDataset(Dataset):
         adapter: Adapter,
         redraws: int = 10,
         evaluation: bool = False,
+        items_per_file: int = 1,
     ) -> None:
         if not samples:
             raise LayoutError(f"{type(adapter).__name__}: no samples found under {adapter.root}")
@@ -285,11 +288,12 @@ class FileDataset(Dataset):
         self.adapter = adapter
         self.redraws = redraws
         self.evaluation = evaluation
+        self.items_per_file = items_per_file
         self._bad = multiprocessing.Array("b", len(samples))
         self._bad_count = multiprocessing.Value("i", 0)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.samples) * self.items_per_file
 
     def unreadable_count(self) -> int:
         """Files of this dataset found unreadable so far, all DataLoader workers together (in evaluation: the
@@ -349,26 +353,30 @@ class FileDataset(Dataset):
             ) from error
 
     def __getitem__(self, index: int) -> tuple[Tensor, Any] | LeftOut:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"item {index} of {len(self)}")
+        file, view = divmod(index % len(self), self.items_per_file)
         while True:
             if self.evaluation:
-                readable, data, label = self.try_read(index)
+                readable, data, label = self.try_read(file)
                 if not readable:
                     return LeftOut()
-                i = index
+                i = file
             else:
-                i, data, label = self.read_item(index)
-            item = self.augmented(i, data, label)
+                i, data, label = self.read_item(file)
+            item = self.augmented(i, i * self.items_per_file + view, data, label)
             if item is not None:
                 return item
             if self.evaluation:
                 return LeftOut()
 
-    def augmented(self, i: int, data: Any, label: Any) -> Any:
-        """``augment(data, label, i)``, drawn again when it fails; None when the file proved unreadable there."""
+    def augmented(self, i: int, index: int, data: Any, label: Any) -> Any:
+        """``augment(data, label, index)`` for item ``index`` of file ``i``, drawn again when it fails; None when
+        the file proved unreadable there."""
         error: BaseException | None = None
         for _ in range(1 + self.redraws):
             try:
-                return self.augment(data, label, i)
+                return self.augment(data, label, index)
             except (LayoutError, OptionError):
                 raise
             except UnreadableFileError as unreadable:  # decoded lazily, inside the transform

@@ -221,13 +221,13 @@ class VideoAdapter(Adapter):
         if self.root is None:
             raise LayoutError("VideoAdapter.spec(...) has no data; build it with VideoAdapter(root, ...)")
         views = self.test_views()
-        samples = [(path, label) for path, label in self.samples(split) for _ in views]
 
         def augment(video, label: int, index: int) -> tuple[Tensor, int, int]:
-            j, (clip, pos) = index // len(views), views[index % len(views)]
+            j, view = divmod(index, len(views))
+            clip, pos = views[view]
             return self.view(video, self.test_clip_start(video[0], clip), pos), label, j
 
-        return FileDataset(samples, read_video, augment, self, evaluation=True)
+        return FileDataset(self.samples(split), read_video, augment, self, evaluation=True, items_per_file=len(views))
 
     def test_clip_start(self, num_video_frames: int, clip: int) -> int:
         """First frame of test clip ``clip``: VideoMAE's ``int(clip * temporal_step)`` over the video subsampled

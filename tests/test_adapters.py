@@ -492,6 +492,13 @@ def test_video_manifest_bad_files_and_errors(video_root: Path):
     )
     items, messages = read_kept(ad.dataset("val", False))
     assert len(items) == 1 and ad.skipped == 3 and sum("bad/" in m for m in messages) == 3
+    multi = adapters.get("video")(video_root, num_frames=2, sampling_rate=1, img_size=32, test_clips=2, test_crops=3,
+                                  max_unreadable_share=0.8)
+    views = multi.multiview_dataset("val")
+    items, messages = read_kept(views)  # 4 videos x 6 views; a bad video's views all left out, it is named once
+    assert len(views) == 24 and [j for _, _, j in items] == [0] * 6 and multi.skipped == views.unreadable_count() == 3
+    assert sorted(re.search(r"bad/\w+/\S+", m).group() for m in messages) == [
+        "bad/empty/a.mp4", "bad/garbage/b.webm", "bad/truncated/c.avi"]
     (video_root / "val.csv").write_text("path,label\ntrain/up/a.mp4,7\n")
     with pytest.raises(LayoutError, match=r"\['7'\] not in the class list"):
         ad.dataset("val", False)
