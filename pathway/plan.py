@@ -140,8 +140,14 @@ def read_model(model: nn.Module, inputs: Any, tracer: str, kinds: tuple[str, ...
                                  f"{type(e).__name__}: {e}. Use tracer='runtime' with example inputs.") from e
             problem = f"torch.fx failed first: {type(e).__name__}"
         else:
-            fx_trace = Trace("torch.fx (no example inputs needed)", *analyse(fx_ops, consts, shapes, names))
-            problem = "" if tracer == "fx" else _fx_shortfall(fx_trace)
+            try:
+                fx_trace = Trace("torch.fx (no example inputs needed)", *analyse(fx_ops, consts, shapes, names))
+            except TraceError as e:
+                if tracer == "fx":
+                    raise
+                problem = f"torch.fx's reading was not enough: {e}"
+            else:
+                problem = "" if tracer == "fx" else _fx_shortfall(fx_trace)
     if fx_trace is not None and not problem:
         trace, ops = fx_trace, fx_ops
     else:

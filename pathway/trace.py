@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from .errors import TraceError
 from .rows import LAYOUT_OPS, RowReader
 
 Ref = int | str
@@ -90,6 +91,7 @@ class Op:
     mha_weights: tuple[tuple[Ref, str], ...] = ()
     info: tuple[Any, ...] | None = ()
     opaque: bool = False
+    shape: tuple[int, ...] | None = None     # the result's shape, where the reader has it (runtime recorder)
 
 
 @dataclass
@@ -473,7 +475,9 @@ class _Recorder(TorchFunctionMode):
             name = getattr(func, "__name__", "")
             if name == "__get__":
                 name = next((n for n, getter in _PROPERTY_GETTERS.items() if func == getter), name)
-            self.ops.append(_make_op(name, tuple(args), kwargs, self.ref, outputs, out))
+            op = _make_op(name, tuple(args), kwargs, self.ref, outputs, out)
+            op.shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+            self.ops.append(op)
         return out
 
 
@@ -519,6 +523,7 @@ def analyse(ops: list[Op], consts: set[int], shapes: dict[str, tuple[int, ...]],
     name), or to None for pathway's own parameters, which are never reported as uses.
     """
     derived: dict[int, tuple[frozenset[str], int]] = {}   # param-derived value -> (raw sources, transposes)
+    derived_shapes: dict[int, tuple[int, ...]] = {}       # its shape, where the reader knows it
     tags: dict[int, frozenset[int]] = {}                  # activation value -> weight-use indices
     uses: list[WeightUse] = []
     first: dict[str, int] = {}
@@ -546,7 +551,8 @@ def analyse(ops: list[Op], consts: set[int], shapes: dict[str, tuple[int, ...]],
         candidates = [n for n in sorted(raw_names) if plain.get(n) and len(shapes[n]) >= 2]
         if not candidates:
             return None
-        raw = candidates[0]
+        raw = candidates[0] if len(candidates) == 1 else _main_source(candidates, shapes, derived_shapes.get(weight),
+                                                                       plain, kind)
         name = plain[raw]
         transposed = transposed_use ^ bool(transposes % 2)
         shape = shapes[raw]
@@ -632,6 +638,8 @@ def analyse(ops: list[Op], consts: set[int], shapes: dict[str, tuple[int, ...]],
                 transposes = max(s[1] for s in srcs) + (1 if op.kind == "transpose" else 0)
                 for out in op.outputs:
                     derived[out] = (names, transposes)
+                    if op.shape is not None and len(op.outputs) == 1:
+                        derived_shapes[out] = op.shape
             else:
                 consts.update(op.outputs)
 
@@ -642,6 +650,20 @@ def analyse(ops: list[Op], consts: set[int], shapes: dict[str, tuple[int, ...]],
             use.roles.add("o")
     rows.finish()
     return uses, sequence, touched, [n for n in opaque_reads if n not in first]
+
+
+def _main_source(candidates: list[str], shapes: dict[str, tuple[int, ...]], used: tuple[int, ...] | None,
+                 plain: dict[str, str | None], kind: str) -> str:
+    """The one parameter of the used weight's shape among several it was computed from (``W + B @ A``, a
+    LoRA-style sum); refused where the shape does not single one out (not known under fx, or equal)."""
+    fits = [n for n in candidates if used is not None and shapes[n] in (used, tuple(reversed(used)))]
+    if len(fits) == 1:
+        return fits[0]
+    names = ", ".join(str(plain[n]) for n in candidates)
+    shape = "" if used is None else f" of shape {list(used)}"
+    raise TraceError(f"a {kind} call reads a weight computed from several parameters ({names}){shape} and which "
+                     f"one carries the weight cannot be told. Fix: compute it into one parameter before connecting "
+                     f"(merge the parts), or read the forward with tracer='runtime', which sees its shape")
 
 
 def _score_roles(scores: list[tuple[frozenset[int], frozenset[int], Ref | None]], value_inputs: set[Ref],

@@ -87,15 +87,8 @@ class Unit:
                 bounds[m.role] = (start, start + m.shape[0])
                 start += m.shape[0]
             return bounds
-        if len(self.members) == 1 and self.role == "qkv" and self.members[0].layout is not None:
-            member = self.members[0]
-            if member.part_rows:
-                q, k, v = member.part_rows
-            else:
-                rows, heads, kv = self.shape[0], self.heads, self.kv_heads
-                width = rows // (heads + 2 * kv) if heads and kv else rows // 3
-                q, k = width * (heads or 1), width * (kv or 1)
-                v = k
+        if len(self.members) == 1 and self.role == "qkv" and self.members[0].part_rows:
+            q, k, v = self.members[0].part_rows
             return {"q": (0, q), "k": (q, q + k), "v": (q + k, q + k + v)}
         return None
 

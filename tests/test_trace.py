@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 import toy_models as toys
 
+from pathway.errors import TraceError
 from pathway.inputs import derive_inputs
 from pathway.modules import find_blocks, plain_names
 from pathway.trace import analyse, read_fx, read_runtime
@@ -134,3 +137,27 @@ def test_the_runtime_recorder_gives_back_every_modules_own_mode():
     report = pathway.plan(target, aux, target_inputs=toys.tokens(1), aux_inputs=toys.tokens(1), allow_partial=True)
     assert report.target_reader.startswith("runtime recorder")
     assert [[m.training for m in model.modules()] for model in (target, aux)] == before
+
+
+class SummedWeightNet(nn.Module):
+    """Each block's fc reads ``W + B @ A`` (a LoRA-style sum written by hand), named so A sorts first."""
+
+    def __init__(self, dim: int = 16, rank: int = 2, same_shape: bool = False):
+        super().__init__()
+        self.fc = nn.ModuleList(nn.Linear(dim, dim) for _ in range(2))
+        for fc in self.fc:
+            fc.a = nn.Parameter(torch.randn(dim if same_shape else rank, dim) * 0.1)
+            fc.b = nn.Parameter(torch.randn(dim, rank if not same_shape else dim) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for fc in self.fc:
+            x = F.linear(x, fc.weight + fc.b @ fc.a, fc.bias)
+        return x
+
+
+def test_a_weight_summed_from_several_parameters_is_the_one_of_its_shape_or_refused():
+    uses, *_ = uses_of(SummedWeightNet(), "runtime", toys.tokens(1, features=16))
+    assert [u.name for u in uses] == ["fc.0.weight", "fc.1.weight"]       # not fc.0.a, first by name
+    with pytest.raises(TraceError, match=r"several parameters \(fc\.0\.a, fc\.0\.b, fc\.0\.weight\) of shape "
+                                         r"\[16, 16\]"):
+        uses_of(SummedWeightNet(same_shape=True), "runtime", toys.tokens(1, features=16))
