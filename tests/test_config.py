@@ -114,3 +114,13 @@ def test_without_a_global_batch_accumulation_is_as_given():
 def test_every_paper_recipe_states_its_global_batch():
     recipes = sorted((ROOT / "recipes/paper").rglob("*.yaml"))
     assert recipes and all(load_recipe(p).data.global_batch for p in recipes)
+
+
+def test_a_section_holding_only_a_comment_inherits(tmp_path):
+    """`model:` with only a comment under it is YAML null: the parent's values stay (they were reset to defaults)."""
+    write(tmp_path / "base.yaml", "model: {embed_dim: 64, depth: 4, num_heads: 4}\noptim: {lr: 1.0e-3}\n")
+    child = write(tmp_path / "child.yaml", "extends: base.yaml\nmodel:\n  # depth: 2   (tried, kept for later)\n"
+                                           "optim: {lr: null}\n")
+    r = load_recipe(child)
+    assert (r.model.embed_dim, r.model.depth, r.model.num_heads) == (64, 4, 4)
+    assert r.optim.lr is None  # a null value (not a section) still replaces: MAE's blr rule applies again
