@@ -90,12 +90,11 @@ def write_files(name: str, root: Path):
 def epoch_start_rates(dataset, *, persistent: bool, workers: int, batch_size: int, epochs: int) -> list[float]:
     """Samples/s over the first ``2 x workers`` batches of each epoch (iterator creation included)."""
     from pathway.train.data import EpochSampler, SeededItems, collate
-    from pathway.train.seeding import seed_worker
 
     items = SeededItems(dataset, seed=0)
     sampler = EpochSampler(len(items), seed=0, shuffle=True)
     loader = DataLoader(items, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
-                        drop_last=True, worker_init_fn=seed_worker, persistent_workers=persistent, prefetch_factor=2)
+                        drop_last=True, persistent_workers=persistent, prefetch_factor=2)
     window = 2 * workers
     rates = []
     for epoch in range(epochs):

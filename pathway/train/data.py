@@ -117,12 +117,9 @@ def make_loader(
     """A DataLoader over :class:`SeededItems` with an :class:`EpochSampler`.
 
     ``num_workers`` None: :func:`default_workers`. Workers are started at the first epoch and kept for the
-    whole run; each loads ``prefetch_factor`` batches ahead. The DataLoader gets its own generator (seeded per
-    rank: it seeds the workers), so creating an iterator does not consume the global torch RNG (which would
-    shift dropout/drop-path after a resume).
+    whole run; each loads ``prefetch_factor`` batches ahead. The DataLoader gets its own generator, so creating
+    an iterator does not consume the global torch RNG (which would shift dropout/drop-path after a resume).
     """
-    from .seeding import rank_seed, seed_worker
-
     cuda = torch.cuda.is_available()
     workers = default_workers(cuda) if num_workers is None else num_workers
     items = SeededItems(dataset, seed)
@@ -135,8 +132,7 @@ def make_loader(
         collate_fn=collate,
         drop_last=shuffle,
         pin_memory=cuda,
-        generator=torch.Generator().manual_seed(rank_seed(seed, rank)),
-        worker_init_fn=seed_worker if workers else None,
+        generator=torch.Generator().manual_seed(seed),
         persistent_workers=workers > 0,
         prefetch_factor=prefetch_factor if workers else None,
     )

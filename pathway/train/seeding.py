@@ -1,5 +1,5 @@
-"""Seeds of a run: one for building the model (the same on every rank), one stream per rank for the
-randomness of training (mixup and CutMix, drop path, dropout, MAE masking), one per data-loader worker.
+"""Seeds of a run: one for building the model (the same on every rank), then one stream per rank for the
+randomness of training (mixup and CutMix, drop path, dropout, MAE masking).
 
 A run is a pure function of ``(train.seed, world size)``:
 
@@ -11,9 +11,9 @@ A run is a pure function of ``(train.seed, world size)``:
   left it, so a one-process run draws exactly what it drew before ranks had streams of their own; rank ``r > 0``
   reseeds with :func:`rank_seed`. A checkpoint stores every rank's RNG state (``checkpoint.rng_state``) and a
   resume restores it, so a resumed run continues each rank's stream where it stopped.
-* :func:`seed_worker` seeds numpy in each data-loader worker from the worker's torch seed (torch seeds only python
-  and itself there). Items themselves are loaded under seeds of ``(seed, epoch, index)`` (``data.SeededItems``),
-  which do not depend on the rank, the worker or a restart; the worker seeds cover anything outside an item.
+* Data-loader workers need no seeds of their own: every item is loaded under seeds of ``(seed, epoch, index)``
+  (``data.SeededItems``), distinct per item and so per rank and per worker, and independent of which rank or
+  worker loads it, or of a restart.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["RANK_STRIDE", "rank_seed", "seed_everything", "seed_rank_streams", "seed_worker"]
+__all__ = ["RANK_STRIDE", "rank_seed", "seed_everything", "seed_rank_streams"]
 
 RANK_STRIDE = 1_000_003  # a prime far above the seeds a study uses: rank r of seed s never reuses seed s + r's stream
 
@@ -48,9 +48,3 @@ def seed_rank_streams(seed: int, rank: int) -> None:
     randomness of training. Rank 0 continues the stream it built the model with (see the module docstring)."""
     if rank > 0:
         seed_everything(rank_seed(seed, rank))
-
-
-def seed_worker(worker_id: int) -> None:
-    """``worker_init_fn`` of the data loaders: numpy from the worker's torch seed (distinct per worker and rank,
-    because the loader's generator is seeded with :func:`rank_seed`), as PyTorch's reproducibility notes do."""
-    np.random.seed(torch.initial_seed() % 2**32)
