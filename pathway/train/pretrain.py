@@ -34,7 +34,7 @@ from .data import make_loader, set_epoch
 from .engine import JsonlLog, NonFiniteLossError, optimizer_step, prepare_data, seed_everything, setup, steps_in_epoch
 from .model import TransformerModel, build_transformer
 from .optim import adamw, base_lr
-from .owned import claim_run_dir
+from .owned import claim_run_dir, lock_run_dir, unlock_run_dir
 from .schedule import apply_lr, lr_at, step_plan
 
 __all__ = ["MaskedAutoencoder", "chamfer_l2", "random_masking", "pretrain"]
@@ -145,6 +145,7 @@ def pretrain(recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp_dtype == torch.float16)
     total, warmup = step_plan(steps_per_epoch, t.epochs, t.max_steps, o.warmup_epochs)
     run_dir = claim_run_dir(recipe.run_dir)
+    lock_run_dir(run_dir)  # a second pretraining into the same folder is refused, not interleaved
     (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
     (run_dir / "pretrain.jsonl").unlink(missing_ok=True)
     log = JsonlLog(run_dir / "pretrain.jsonl", main=True)
@@ -188,4 +189,5 @@ def pretrain(recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:
     save_file(state, str(path), metadata={"format": "pathway", "layout": "TransformerModel", "kind": "mae-encoder",
                                           "adapter": adapter.name})
     ctx.log(f"saved MAE encoder: {path} (loss {losses[0]:.4f} -> {losses[-1]:.4f})")
+    unlock_run_dir(run_dir)
     return {"encoder": str(path), "first_loss": losses[0], "last_loss": losses[-1], "steps": step}
