@@ -194,31 +194,40 @@ def _runtime_trace(model: nn.Module, inputs: Any, shapes: dict[str, tuple[int, .
     return Trace(reader, *analyse(ops, consts, shapes, names)), ops
 
 
-def _reparametrized(model: nn.Module) -> list[tuple[str, str, str]]:
-    """Weights computed from several parameters: (module path, tensor name, how) for each.
+def _reparametrized(model: nn.Module, kinds: tuple[str, ...], segments: tuple[str, ...]
+                    ) -> list[tuple[str, str, str]]:
+    """Weights pathway would connect that are computed from several parameters: (module path, tensor, how).
 
     ``weight_norm`` (the old hook: ``weight_g`` and ``weight_v``; the parametrization: ``original0`` and
     ``original1``) and the old ``spectral_norm`` hook make ``module.weight`` a tensor computed at each
     forward, so the forward reads parameters that are not the weight and pathway has no weight to pair.
+    Only weights of the connected ``kinds`` count (a matrix for linear, a kernel for conv), and under
+    ``segments=("body",)`` not those outside the repeated blocks where blocks are found (wav2vec2's
+    weight-normed position conv); weight_norm on some blocks only hides the blocks, and then counts.
     """
+    blocks = (find_blocks(model) or None) if set(segments) == {"body"} else None
     found = []
     for path, module in model.named_modules():
-        for hook in module._forward_pre_hooks.values():
-            if isinstance(hook, (WeightNorm, SpectralNorm)):
-                how = "weight_norm" if isinstance(hook, WeightNorm) else "spectral_norm"
-                found.append((path, hook.name, f"torch.nn.utils.{how} (hook)"))
+        computed = [(hook.name, f"torch.nn.utils.{'weight_norm' if isinstance(hook, WeightNorm) else 'spectral_norm'}"
+                     f" (hook)") for hook in module._forward_pre_hooks.values()
+                    if isinstance(hook, (WeightNorm, SpectralNorm))]
         if parametrize.is_parametrized(module):
             for tensor, plist in module.parametrizations.items():
                 if not hasattr(plist, "original"):      # several originals: weight_norm's g and v
-                    kinds = ", ".join(type(p).__name__.lstrip("_") for p in plist)
-                    how = ("torch.nn.utils.parametrizations.weight_norm" if kinds == "WeightNorm"
-                           else f"a parametrization of several tensors ({kinds})")
-                    found.append((path, tensor, how))
+                    names = ", ".join(type(p).__name__.lstrip("_") for p in plist)
+                    computed.append((tensor, "torch.nn.utils.parametrizations.weight_norm" if names == "WeightNorm"
+                                     else f"a parametrization of several tensors ({names})"))
+        for tensor, how in computed:
+            rank = getattr(getattr(module, tensor, None), "ndim", 0)
+            kind = "linear" if rank == 2 else "conv" if rank >= 3 else None
+            name = f"{path}.{tensor}" if path else tensor
+            if kind in kinds and (blocks is None or block_of(name, blocks) is not None):
+                found.append((path, tensor, how))
     return found
 
 
-def _check_reparametrized(model: nn.Module, side: str) -> None:
-    found = _reparametrized(model)
+def _check_reparametrized(model: nn.Module, side: str, opts: Options) -> None:
+    found = _reparametrized(model, opts.kinds, opts.segments)
     if not found:
         return
     by_how: dict[str, list[str]] = {}
@@ -280,8 +289,8 @@ def aux_module(aux: Any) -> tuple[nn.Module, bool]:
 def plan_with(target: nn.Module, aux: AuxLike, opts: Options) -> Report:
     aux, lazy = aux_module(aux)
     _check_models(target, aux, lazy)
-    _check_reparametrized(target, "target")
-    _check_reparametrized(aux, "aux")
+    _check_reparametrized(target, "target", opts)
+    _check_reparametrized(aux, "aux", opts)
     t_view = read_model(target, opts.target_inputs, opts.tracer, opts.kinds, "target")
     a_view = read_model(aux, opts.aux_inputs, opts.tracer, opts.kinds, "aux")
     pairs, unpaired, block_map, strategy = match(
