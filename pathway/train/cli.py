@@ -28,6 +28,7 @@ EPILOG = """examples:
   pathway eval RECIPE --weights runs/NAME/model.safetensors
   pathway fold runs/NAME/checkpoints/ckpt-00000100.pt -o folded.safetensors
   pathway inspect RECIPE                                         # connect report, target vs aux
+  pathway inspect model.safetensors                              # how a saved/folded file was made
   pathway inspect timm:vit_small_patch16_224 timm:vit_small_patch16_224
   pathway experiment                                             # the embedded experiment -> results/
   pathway screen RECIPE --candidate a=aux.safetensors --candidate b=hf_dir:transformers --seeds 5 --align
@@ -95,8 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="connect report for a recipe's target and aux, or two timm models",
                        description="Print what pathway.connect would pair (pathway.plan; nothing is changed). "
-                                   "Give one recipe, or two models as timm:NAME.")
-    p.add_argument("models", nargs="+", metavar="RECIPE | timm:NAME", help="a recipe, or two timm model names")
+                                   "Give one recipe, or two models as timm:NAME; or a .safetensors file pathway "
+                                   "wrote, to print how it was made (pathway, aux and its sha256, pairs, lambdas).")
+    p.add_argument("models", nargs="+", metavar="RECIPE | timm:NAME | FILE.safetensors",
+                   help="a recipe, two timm model names, or a model file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override (pathway.* options apply to timm models too)")
 
@@ -205,6 +208,11 @@ def _cmd_inspect(args) -> int:
 
     from .config import load_recipe
 
+    if len(args.models) == 1 and args.models[0].endswith(".safetensors"):
+        from pathway import provenance
+
+        print(provenance.describe(provenance.read(args.models[0])))
+        return 0
     if len(args.models) == 1:
         from .dryrun import dry_run
 
