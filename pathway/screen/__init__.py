@@ -100,10 +100,11 @@ def screen(recipe: str | Path, candidates: list[str | Candidate], *, setting: st
     adapter = build_adapter(first)
 
     runs_total = len(settings) * len(seed_list) * len(conditions)
+    length = (f"at most {first.train.max_steps} optimizer steps" if first.train.max_steps
+              else f"the recipe's {first.train.epochs} epochs")
     log(f"screen: {len(conditions)} conditions ({', '.join(c.name for c in conditions)}) x {len(seed_list)} seeds x "
-        f"{len(settings)} setting(s) = {runs_total} runs, each "
-        + (f"{steps} optimizer steps" if steps else f"the recipe's {first.train.epochs} epochs")
-        + f"; results in {out}" + (f"; not aligned: {not_aligned}" if not_aligned else ""))
+        f"{len(settings)} setting(s) = {runs_total} runs, each {length}; results in {out}"
+        + (f"; not aligned: {not_aligned}" if not_aligned else ""))
 
     files: dict[str, tuple[Path, str]] = {}
     weights = out / "weights"
@@ -134,7 +135,7 @@ def screen(recipe: str | Path, candidates: list[str | Candidate], *, setting: st
     metric = runs[0].metric_name
     design = {"recipe": str(recipe_path), "settings": settings, "setting_words": SETTING_WORDS, "seeds": seed_list,
               "layers": groups, "align": align, "steps": steps,
-              "steps_note": f"{steps} optimizer steps per run" if steps else "the recipe's schedule",
+              "steps_note": f"each run {length}",
               "overrides": base, "candidates": {c.name: {"path": str(c.path), "format": c.format} for c in found},
               "placebos": "~gauss: the candidate's shapes, each matrix Gaussian with its norm; ~rows: each matrix's "
                           "rows permuted (its spectrum and norms, no alignment between matrices)",
