@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from pathway.errors import PathwayError
 
-__all__ = ["RunStopped", "StopSignals", "CheckpointClock", "agree"]
+__all__ = ["RunStopped", "StopSignals", "CheckpointClock", "agree", "ignore_stop_signals"]
 
 SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
@@ -67,6 +67,16 @@ class StopSignals:
     @property
     def name(self) -> str:
         return signal.Signals(self.received).name if self.received is not None else "a signal another rank received"
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker's ``worker_init_fn``: the stop signals are the main process's to act on. SLURM and
+    torchrun signal the whole process group, and a worker ended by SIGTERM (torch's worker handler dies on one
+    it did not get from its parent) would fail the main process mid-step instead of letting it checkpoint."""
+    for name in SIGNALS:
+        number = getattr(signal, name, None)
+        if number is not None:
+            signal.signal(number, signal.SIG_IGN)
 
 
 class CheckpointClock:
