@@ -212,6 +212,21 @@ def test_loader_workers_persist_across_epochs_and_items_keep_their_epoch_seeds()
     assert not torch.equal(inline[0], inline[2])  # and each epoch draws anew
 
 
+@pytest.mark.parametrize("cores, local_processes, cuda, workers", [
+    (16, 1, True, 15),  # the H200 machine: 14 fed ViT-B/16; one process keeps a core
+    (96, 8, True, 11),  # an 8-GPU node
+    (256, 1, True, 16),  # capped
+    (2, 1, False, 1), (64, 1, False, 4),  # on the CPU the step needs the cores
+    (2, 2, False, 0),  # two CPU processes on two cores: load in the process
+])
+def test_default_worker_count_is_the_process_share_of_the_cores(monkeypatch, cores, local_processes, cuda, workers):
+    from pathway.train import data
+
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_processes))
+    assert data.default_workers(cuda) == workers
+
+
 def test_batchnorm_becomes_syncbatchnorm_only_for_ddp_on_gpus():
     from pathway.train.distributed import sync_batchnorm
     from pathway.train.engine import Context

@@ -19,6 +19,7 @@ and per-item RNG seeds; loaders whose workers live for the whole run.
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterator
 
@@ -103,8 +104,6 @@ def default_workers(cuda: bool) -> int:
     """Loader workers per process when ``data.num_workers`` is not set: the CPU cores this process may use,
     shared among the processes ``torchrun`` started on this machine, less one for the process itself; at most
     ``GPU_MAX_WORKERS`` on a GPU and ``CPU_MAX_WORKERS`` on the CPU."""
-    import os
-
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(0, min(per_process - 1, GPU_MAX_WORKERS if cuda else CPU_MAX_WORKERS))
