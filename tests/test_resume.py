@@ -157,19 +157,22 @@ def _small(data: Path, out: Path, name: str, *extra: str) -> list[str]:
 
 
 def test_a_run_killed_before_its_export_finishes_it_and_a_locked_folder_is_refused(tmp_path, capsys):
-    """A run whose final checkpoint exists but whose export does not (kill -9 in between; or a finished run
-    started again) exports when started again, with the same weights; while another process holds the run
-    folder, a second run there is refused by name and changes nothing."""
+    """Checkpoints come at the wall-clock interval. A run whose final checkpoint exists but whose export does
+    not (kill -9 in between; or a finished run started again) exports when started again, with the same
+    weights; while another process holds the run folder, a second run there is refused by name and changes
+    nothing."""
     from pathway.train.cli import main
     from pathway.train.demo_data import make_demo_data
 
     data = make_demo_data("timeseries", tmp_path / "data", per_class=6)
     run = tmp_path / "runs" / "r"
-    assert main(_small(data, tmp_path / "runs", "r")) == 0
+    every_step = ("train.checkpoint_minutes=1e-6", "train.keep_last=10")  # the wall-clock interval, due each step
+    assert main(_small(data, tmp_path / "runs", "r", *every_step)) == 0
+    assert _saved_steps(run / "checkpoints") == [1, 2, 3, 4]
     first = load_file(str(run / "model.safetensors"))
     for written_by_export in ("model.safetensors", "result.json", "train.csv", "eval.csv"):
         (run / written_by_export).unlink()
-    assert main(_small(data, tmp_path / "runs", "r")) == 0  # was: KeyError: None at the best evaluation
+    assert main(_small(data, tmp_path / "runs", "r", *every_step)) == 0  # was: KeyError: None at the best evaluation
     assert "resumed from" in capsys.readouterr().out
     again = load_file(str(run / "model.safetensors"))
     assert all(torch.equal(first[k], again[k]) for k in first)
@@ -183,7 +186,7 @@ def test_a_run_killed_before_its_export_finishes_it_and_a_locked_folder_is_refus
     try:
         assert holder.stdout.readline().strip() == "held"
         before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-        assert main(_small(data, tmp_path / "runs", "r")) == 2
+        assert main(_small(data, tmp_path / "runs", "r", *every_step)) == 2
         err = capsys.readouterr().err
         assert f"{run} is in use by another pathway run (pid {holder.pid} on a test)" in err
         assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
