@@ -1,6 +1,6 @@
 """Multi-process correctness on 2 CPU processes (gloo), without a GPU: per-rank randomness, the stop on a
-non-finite loss, distributed evaluation; and, in one process, persistent loader workers, SyncBatchNorm's
-conversion, the data-wait share of a log window.
+non-finite loss, distributed evaluation, the process group's teardown; and, in one process, persistent loader
+workers, the default worker count, SyncBatchNorm's conversion, the data-wait share of a log window.
 
 The two processes are started once for the module (``two_ranks``) and run every scenario; each test reads
 its part of what they reported."""
