@@ -541,7 +541,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True,
                 lam_log.write(step=step, **lambda_values(model))
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", lam=f"{row['lambda_abs']:.2e}",
-                                    sps=f"{row['samples_per_s']:.0f}")
+                                    sps=f"{row['samples_per_s']:.0f}", wait=f"{row['data_wait']:.0%}")
             if bar is not None:
                 bar.update(1)
             stop_now, due = agree(stops.received is not None, clock.due(), ctx.world, ctx.device)
