@@ -16,7 +16,7 @@ from pathway.align import AlignError, Permutation, align, apply_permutation
 from pathway.train.config import load_recipe
 from pathway.train.model import build_adapter, build_transformer
 
-WIDTH, DEPTH, HEADS = 32, 2, 4
+WIDTH, DEPTH, HEADS = 16, 2, 4
 
 
 def _engine_vit(seed: int) -> nn.Module:
