@@ -269,22 +269,23 @@ class PointAdapter(_PointAdapterBase):
 
     def multiview_dataset(self, split: str) -> Dataset:
         """The voting test, one vote per item: item ``v + V * j`` is vote ``v`` of cloud ``j`` as ``(x, label, j)``,
-        its points and its scale / translation drawn from a generator seeded by ``(j, v)`` (the same every run)."""
+        its points and its scale / translation drawn from a generator seeded by ``(j, v)`` (the same every run);
+        each file is read once for its V votes."""
         if self.root is None:
             raise LayoutError("PointAdapter.spec(...) has no data; build it with PointAdapter(root, ...)")
         o = self.options
-        votes = self.test_views()
-        samples = [(path, (label, j, v)) for j, (path, label) in enumerate(self.folder_samples(split)) for v in votes]
+        votes = len(self.test_views())
 
-        def one_vote(points: np.ndarray, key: tuple[int, int, int], index: int) -> tuple[Tensor, int, int]:
-            label, j, vote = key
+        def one_vote(points: np.ndarray, label: int, index: int) -> tuple[Tensor, int, int]:
+            j, vote = divmod(index, votes)
             rng = np.random.default_rng((j, vote))
             cloud = normalize_unit_sphere(points[sample_indices(len(points), o["num_points"], rng)])
             cloud = augment(cloud, rng, o["up_axis"], False, 0.0, tuple(o["scale"]), o["isotropic_scale"],
                             o["translate"])
             return torch.from_numpy(np.ascontiguousarray(cloud, dtype=np.float32)), label, j
 
-        return FileDataset(samples, self.read_cloud, one_vote, self)
+        return FileDataset(self.folder_samples(split), self.read_cloud, one_vote, self, evaluation=True,
+                           items_per_file=votes)
 
 
 def read_part_txt(path: Path, in_chans: int) -> tuple[np.ndarray, np.ndarray]:
