@@ -114,8 +114,9 @@ class AuxSource:
         try:
             return self.keys[name]
         except KeyError:
-            raise SourceError(f"{self.path} holds no tensor for aux weight '{name}' of {type(self.model).__name__}"
-                              ) from None
+            raise SourceError(f"{self.path} holds no tensor for aux weight '{name}' of {type(self.model).__name__}: "
+                              f"a shard is missing, or the files hold another architecture than the one built; "
+                              f"save the model again, or leave the weight out (exclude=[...])") from None
 
 
 def _runs(rows: torch.Tensor) -> list[tuple[int, int]]:
