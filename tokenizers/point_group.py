@@ -7,9 +7,11 @@ Conv1d(C,128)-BN-ReLU-Conv1d(128,256), max-pool, concat the pooled feature to ea
 ``second_conv``: Conv1d(512,512)-BN-ReLU-Conv1d(512,D), max-pool) -> ``tokens [B, G, D]``, plus
 ``pos_embed`` (Linear(3,128)-GELU-Linear(128,D)) of the centres.
 
-No CUDA extension (pointnet2_ops / knn_cuda fail to build for many users): FPS is vectorised over the
-batch and loops only over the ``G`` samples; KNN is a chunked distance matrix + ``topk``. Both run on
-CPU and CUDA. FPS starts at index 0 by default, as Point-MAE's pointnet2 kernel does (deterministic);
+No CUDA extension to build (pointnet2_ops / knn_cuda fail to build for many users). The reference is pure
+torch: FPS is vectorised over the batch and loops only over the ``G`` samples; KNN is a chunked distance
+matrix + ``topk``. Faster paths give the same indices and are taken when installed: Triton kernels on CUDA
+(``point_kernels``), numba's compiled FPS loop on CPU (``point_numba``).
+FPS starts at index 0 by default, as Point-MAE's pointnet2 kernel does (deterministic);
 ``fps_start=None`` picks a random start per cloud.
 
 MAE targets: each group's xyz relative to its centre, ``[B, G, K*3]``, compared by Chamfer distance.
@@ -24,62 +26,131 @@ from pathway.errors import OptionError
 
 from .base import Tokenizer, TokenizerInputError, TokenizerOutput
 
-_KNN_CHUNK = 1 << 24  # distance-matrix entries per chunk: bounds KNN memory at ~64 MB (float32)
+TRITON_MAX_POINTS = 1 << 15  # one Triton program holds a whole cloud in registers: larger clouds take the torch loop
+_KNN_CHUNK = 1 << 22  # distance-matrix entries per chunk: bounds KNN memory at ~100 MB (3 coordinates + int64 keys)
+
+
+FPS_BACKENDS = ("auto", "torch", "triton", "numba")
+
+
+def _fps_starts(xyz: Tensor, start: int | None) -> Tensor:
+    b, n, _ = xyz.shape
+    if start is None:
+        return torch.randint(n, (b,), device=xyz.device)
+    if not 0 <= start < n:
+        raise TokenizerInputError(f"farthest_point_sample: start={start} is not an index of clouds of {n} points")
+    return torch.full((b,), int(start), dtype=torch.long, device=xyz.device)
+
+
+def _has_module(name: str) -> bool:
+    try:
+        __import__(name)
+    except ImportError:
+        return False
+    return True
+
+
+def _pick_backend(backend: str, xyz: Tensor, name: str, choices: tuple[str, ...]) -> str:
+    """``auto``: Triton on CUDA, numba (FPS only) on CPU, when installed and the cloud fits; else the torch loop."""
+    if backend not in choices:
+        raise OptionError(f"{name}: backend={backend!r} is not one of {choices}")
+    if backend != "auto":
+        return backend
+    if xyz.is_cuda and xyz.shape[1] <= TRITON_MAX_POINTS and _has_module("triton"):
+        return "triton"
+    if xyz.device.type == "cpu" and "numba" in choices and _has_module("numba"):
+        return "numba"
+    return "torch"
 
 
 @torch.no_grad()
-def farthest_point_sample(xyz: Tensor, num_samples: int, start: int | None = 0) -> Tensor:
+def farthest_point_sample(xyz: Tensor, num_samples: int, start: int | None = 0, backend: str = "auto") -> Tensor:
     """Indices ``[B, S]`` of ``S`` points of ``xyz [B, N, 3]``, each the farthest from those already chosen.
 
-    Each step is one batched ``baddbmm`` (``|x|^2 - 2 x.c + |c|^2`` for all clouds at once), a running
-    minimum and an argmax: about twice as fast on CPU as the per-coordinate difference form.
+    Every backend gives the same indices: squared distances as ``(dx*dx + dy*dy) + dz*dz`` in float32 and
+    ties to the lowest index. ``auto`` takes the Triton kernel on CUDA (one program per cloud, see
+    ``point_kernels``), numba's compiled loop on CPU (``point_numba``) and the torch loop otherwise.
 
     Args:
         start: index of the first point (same for every cloud), or ``None`` for a random one per cloud.
+        backend: ``auto``, ``torch`` (the reference), ``triton`` (on a CPU tensor: Triton's interpreter) or ``numba``.
     """
     b, n, _ = xyz.shape
     if num_samples > n:
         raise TokenizerInputError(f"farthest_point_sample: asked for {num_samples} samples from clouds of {n} points")
-    points = xyz.float().contiguous()  # [B, N, 3]
-    points_t = points.transpose(1, 2).contiguous()  # [B, 3, N]
-    sq = (points * points).sum(-1).unsqueeze(1)  # [B, 1, N]
+    starts = _fps_starts(xyz, start)
+    backend = _pick_backend(backend, xyz, "farthest_point_sample", FPS_BACKENDS)
+    if backend == "triton":
+        from .point_kernels import farthest_point_sample_triton
+
+        return farthest_point_sample_triton(xyz, num_samples, starts)
+    if backend == "numba":
+        from .point_numba import farthest_point_sample_numba
+
+        return farthest_point_sample_numba(xyz, num_samples, starts)
+    return _farthest_point_sample_torch(xyz, num_samples, starts)
+
+
+def _farthest_point_sample_torch(xyz: Tensor, num_samples: int, starts: Tensor) -> Tensor:
+    """The reference: batched over clouds, a few torch calls per sampled point (into preallocated buffers)."""
+    b, n, _ = xyz.shape
+    points_t = xyz.float().transpose(1, 2).contiguous()  # [B, 3, N]
     out = torch.empty(b, num_samples, dtype=torch.long, device=xyz.device)
-    nearest = torch.full((b, 1, n), float("inf"), device=xyz.device)  # squared distance to the chosen set
-    dist = torch.empty_like(nearest)
-    if start is None:
-        farthest = torch.randint(n, (b,), device=xyz.device)
-    else:
-        farthest = torch.full((b,), int(start), dtype=torch.long, device=xyz.device)
-    batch = torch.arange(b, device=xyz.device)
+    nearest = torch.full((b, n), float("inf"), device=xyz.device)  # squared distance to the chosen set
+    diff, dist = torch.empty_like(points_t), torch.empty_like(nearest)
+    farthest = starts
     for i in range(num_samples):
         out[:, i] = farthest
-        centre = points[batch, farthest].unsqueeze(1)  # [B, 1, 3]
-        torch.baddbmm(sq + (centre * centre).sum(-1, keepdim=True), centre, points_t, alpha=-2, out=dist)  # [B, 1, N]
+        centre = points_t.gather(2, farthest.view(b, 1, 1).expand(b, 3, 1))  # [B, 3, 1]
+        torch.sub(points_t, centre, out=diff).mul_(diff)
+        torch.add(diff[:, 0], diff[:, 1], out=dist).add_(diff[:, 2])
         torch.minimum(nearest, dist, out=nearest)
-        farthest = nearest.argmax(dim=2).squeeze(1)
+        farthest = nearest.argmax(dim=1)
     return out
 
 
+KNN_BACKENDS = ("auto", "torch", "triton")
+
+
 @torch.no_grad()
-def knn(query: Tensor, ref: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def knn(query: Tensor, ref: Tensor, k: int, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """The ``k`` nearest points of ``ref [B, N, 3]`` for each of ``query [B, G, 3]``, nearest first.
 
-    Returns squared distances ``[B, G, k]`` and indices into ``ref`` ``[B, G, k]``.
+    Returns squared distances ``[B, G, k]`` (float32, ``(dx*dx + dy*dy) + dz*dz``) and indices into ``ref``
+    ``[B, G, k]``; equal distances go to the lower index, on every backend. ``auto`` takes the Triton
+    kernel on CUDA (``point_kernels``), else the torch reference.
     """
     b, g, _ = query.shape
     n = ref.shape[1]
     if k > n:
         raise TokenizerInputError(f"knn: k={k} neighbours asked from clouds of {n} points")
-    ref = ref.float()
-    ref_sq = (ref * ref).sum(-1).unsqueeze(1)  # [B, 1, N]
+    if _pick_backend(backend, ref, "knn", KNN_BACKENDS) == "triton":
+        from .point_kernels import knn_triton
+
+        return knn_triton(query, ref, k)
+    return _knn_torch(query, ref, k)
+
+
+def _knn_torch(query: Tensor, ref: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The reference: chunks of the ``B x G x N`` distances, ``topk`` on (distance bits, index) keys.
+
+    Non-negative float32 distances order as their bit patterns do, so ``bits << 32 | index`` is one int64
+    key per pair, all distinct: ``topk`` on it has no ties to break arbitrarily.
+    """
+    b, g, _ = query.shape
+    n = ref.shape[1]
+    coords = ref.float().transpose(1, 2).unsqueeze(2)  # [B, 3, 1, N]
+    index = torch.arange(n, device=ref.device)
     chunk = max(1, _KNN_CHUNK // max(1, b * n))
     dists, idxs = [], []
     for q in query.float().split(chunk, dim=1):
-        # |q|^2 - 2 q.r + |r|^2 in one batched matmul; clamp the rounding below zero
-        d = torch.baddbmm(ref_sq, q, ref.transpose(1, 2), alpha=-2).add_((q * q).sum(-1, keepdim=True)).clamp_(min=0)
-        top = d.topk(k, dim=2, largest=False, sorted=True)
-        dists.append(top.values)
-        idxs.append(top.indices)
+        q = q.transpose(1, 2).unsqueeze(3)  # [B, 3, c, 1]
+        diff = (coords - q).square_()  # [B, 3, c, N]
+        d = diff[:, 0].add_(diff[:, 1]).add_(diff[:, 2])
+        keys = (d.view(torch.int32).long() << 32) | index
+        top = keys.topk(k, dim=2, largest=False, sorted=True).values
+        dists.append((top >> 32).int().view(torch.float32))
+        idxs.append(top & 0xFFFFFFFF)
     return torch.cat(dists, dim=1), torch.cat(idxs, dim=1)
 
 
