@@ -114,12 +114,15 @@ def factors(sizes: tuple[int | None, ...], rows: int) -> tuple[int, ...] | None:
     return None
 
 
-def _view(rows: Rows, sizes: tuple[int | None, ...] | None) -> Rows:
+def _view(rows: Rows, sizes: tuple[int | None, ...] | None, in_shape: tuple[int, ...] | None) -> Rows:
+    """A view/reshape to ``sizes``; ``in_shape`` is the input's real shape where the reader has it."""
     if rows.frozen or sizes is None or True not in rows.row_dims:
         return rows.frozen_copy()
+    if in_shape is not None and len(in_shape) >= rows.index.dim():
+        rows = replace(rows.padded(len(in_shape)), full=True)
     first = rows.row_dims.index(True)
     if not all(rows.row_dims[first:]):          # a placeholder (tokens) between row dims
-        return _fold_leading(rows, sizes)
+        return _fold_leading(rows, sizes, in_shape)
     f = factors(sizes, rows.index.numel())
     if f is None:
         return rows.frozen_copy()
@@ -127,21 +130,27 @@ def _view(rows: Rows, sizes: tuple[int | None, ...] | None) -> Rows:
     return Rows(rows.use, rows.index.reshape((1,) * lead + f), (False,) * lead + (True,) * len(f), True)
 
 
-def _fold_leading(rows: Rows, sizes: tuple[int | None, ...]) -> Rows:
-    """A view that keeps the trailing dims and folds the leading ones into one (Bloom: ``[B, H, T, hd]`` ->
-    ``[B * H, T, hd]``): where the rows among the folded dims are one dim after placeholders only, the
-    folded dim runs over them (each batch element repeats the heads). Anything else is not followed."""
+def _fold_leading(rows: Rows, sizes: tuple[int | None, ...], in_shape: tuple[int, ...] | None) -> Rows:
+    """A view that keeps the trailing dims and folds the leading ones (Bloom: ``[B, H, T, hd]`` ->
+    ``[B * H, T, hd]``; old Falcon: the same shape again). Kept dims are told by their sizes: a row dim's
+    own, a placeholder's real one (runtime only). The folded dims may hold one row dim, last, after
+    placeholders of real size 1 (the example batch), which then runs over it; anything else is not followed."""
     n, kept = rows.index.dim(), 0
+    real = in_shape[-n:] if in_shape is not None and len(in_shape) == n else None
     while kept < min(n, len(sizes)) - 1:
         j = -1 - kept
-        if rows.row_dims[j] and sizes[j] != rows.index.shape[j]:
+        want = real[j] if real is not None else rows.index.shape[j] if rows.row_dims[j] else None
+        if want is None or sizes[j] != want:
             break
         kept += 1
-    folded = rows.row_dims[:n - kept]
-    if len(sizes) - kept != 1 or sum(folded) != 1 or not folded[-1]:
+    folded, lead = rows.row_dims[:n - kept], len(sizes) - kept
+    tail, tail_dims = tuple(rows.index.shape[n - kept:]), rows.row_dims[n - kept:]
+    if not any(folded):
+        return Rows(rows.use, rows.index.reshape((1,) * lead + tail), (False,) * lead + tail_dims, True)
+    exact = real is not None and all(real[k] == 1 for k in range(n - kept - 1))
+    if lead != 1 or sum(folded) != 1 or not folded[-1] or not exact:
         return rows.frozen_copy()
-    index = rows.index.reshape(rows.index.shape[n - kept - 1:])
-    return Rows(rows.use, index, (True, *rows.row_dims[n - kept:]), True)
+    return Rows(rows.use, rows.index.reshape(rows.index.shape[n - kept - 1:]), (True, *tail_dims), True)
 
 
 def _unflatten(rows: Rows, dim: Any, sizes: tuple[int | None, ...]) -> Rows:
@@ -319,7 +328,7 @@ class RowReader:
         if rows is None:
             return
         if op.kind == "view":
-            out = _view(rows, op.info)
+            out = _view(rows, op.info, op.in_shape)
             if not out.frozen and out.index.numel() == self.uses[rows.use].shape[0]:
                 self.views[rows.use] = tuple(s for s, r in zip(out.index.shape, out.row_dims) if r)
         elif op.kind == "unflatten":

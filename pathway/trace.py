@@ -92,6 +92,7 @@ class Op:
     info: tuple[Any, ...] | None = ()
     opaque: bool = False
     shape: tuple[int, ...] | None = None     # the result's shape, where the reader has it (runtime recorder)
+    in_shape: tuple[int, ...] | None = None  # a layout op's input shape, likewise
 
 
 @dataclass
@@ -260,7 +261,8 @@ def _layout_op(kind: str, name: str, args: tuple, kwargs: dict, ref: Callable[[A
         info = tuple(_dim(_slot(args, kwargs, k, f"dim{k - 1}", f"axis{k - 1}"), ndim) for k in (1, 2))
     else:
         info = ()
-    return Op(kind, (ref(x),), touched, outputs, info=info)
+    return Op(kind, (ref(x),), touched, outputs, info=info,
+              in_shape=tuple(x.shape) if isinstance(x, torch.Tensor) else None)
 
 
 def _kept_in_place(name: str, args: tuple, kwargs: dict, ref: Callable[[Any], Ref | None], result: Any
@@ -627,10 +629,11 @@ def analyse(ops: list[Op], consts: set[int], shapes: dict[str, tuple[int, ...]],
                 made_from[out] = read if is_activation(read) else None
         elif acts:
             merged = frozenset().union(*(tags.get(r, frozenset()) for r in acts))
-            origins = {made_from.get(r) for r in acts}
+            origins = {made_from[r] for r in acts if r in made_from}   # a scale from opaque (jit) code has none
             for out in op.outputs:
                 tags[out] = merged
-                made_from[out] = next(iter(origins)) if len(origins) == 1 else None
+                if origins:
+                    made_from[out] = next(iter(origins)) if len(origins) == 1 else None
         else:
             srcs = [src for src in map(sources, op.touched) if src is not None]
             if srcs:

@@ -161,12 +161,14 @@ class Rows:
 
     names: tuple[str, ...]
     interleaved: bool = False      # fused rows laid out [head, (q, k, v), head_dim]
+    older: tuple[str, ...] = ()    # the names transformers 4.x gives them, where they differ
 
     def roles(self, weights: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
         """role -> rows as [head, head_dim, in]."""
-        if len(self.names) == 3:
-            return {r: weights[n.format(i=i)].reshape(HEADS, -1, DIM) for r, n in zip("qkv", self.names)}
-        w = weights[self.names[0].format(i=i)]
+        names = self.names if self.names[0].format(i=i) in weights or not self.older else self.older
+        if len(names) == 3:
+            return {r: weights[n.format(i=i)].reshape(HEADS, -1, DIM) for r, n in zip("qkv", names)}
+        w = weights[names[0].format(i=i)]
         heads = w.reshape(HEADS, 3, -1, DIM) if self.interleaved else w.reshape(3, HEADS, -1, DIM).transpose(0, 1)
         return {r: heads[:, j] for j, r in enumerate("qkv")}
 
@@ -225,7 +227,8 @@ PAIRED = [
     Case("wav2vec2 <- timm vit", lambda: _speech("wav2vec2"), vit, SPEECH, VIT, 12),
     Case("hubert <- bert", lambda: _speech("hubert"), bert, SPEECH, BERT, 12),
     Case("ast <- timm vit", lambda: toys.hf_ast(dim=DIM, heads=HEADS), vit,
-         split("layers.{i}.attention", "q_proj", "k_proj", "v_proj"), VIT, 12),
+         Rows(split("layers.{i}.attention", "q_proj", "k_proj", "v_proj").names,
+              older=split("encoder.layer.{i}.attention.attention", "query", "key", "value").names), VIT, 12),
     Case("nn.TransformerEncoder batch_first <- timm vit", lambda: torch_encoder(True), vit,
          Rows(("layers.{i}.self_attn.in_proj_weight",)), VIT, 8),
     Case("nn.TransformerEncoder (seq, batch) <- bert", lambda: torch_encoder(False), bert,
