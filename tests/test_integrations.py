@@ -101,3 +101,45 @@ def test_connect_on_a_lora_wrapped_model_says_how_to_order_the_two():
         pathway.connect(wrapped, timm_vit(depth=2, dim=32, heads=2, classes=0),
                         target_inputs=torch.randn(1, 3, 32, 32))
     assert "get_peft_model" in str(error.value)
+
+
+def test_tensorboard_mirrors_the_jsonl_rows_and_a_resume_cuts_both(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pathway.train.engine import JsonlLog
+    from pathway.train.tracking import TensorBoard
+
+    def run(steps: range, resume_from: int | None, scale: float) -> None:
+        board = TensorBoard.open(tmp_path, main=True, enabled=None)
+        log = board.mirror(JsonlLog(tmp_path / "metrics.jsonl", True))
+        lam_log = board.mirror(JsonlLog(tmp_path / "lambdas.jsonl", True), prefix="lambda")
+        if resume_from is not None:
+            log.truncate_after(resume_from)
+            lam_log.truncate_after(resume_from)
+        for step in steps:
+            log.write(kind="train", step=step, epoch=0, loss=scale / step, lr=1e-3, data_wait=0.1, note="text")
+            lam_log.write(step=step, **{"blocks.0.attn.qkv.weight": 0.01 * step})
+        log.write(kind="eval", step=steps[-1], epoch=0, top1=50.0 * scale)
+
+    run(range(1, 5), None, 1.0)          # steps 1-4, then killed; resumed from its step-2 checkpoint
+    run(range(3, 7), 2, 2.0)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/data_wait", "eval/top1", "lambda/blocks.0.attn.qkv.weight"} <= tags
+    assert "train/note" not in tags and "train/epoch" not in tags
+    loss = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert loss == pytest.approx({1: 1.0, 2: 0.5, 3: 2 / 3, 4: 0.5, 5: 0.4, 6: 2 / 6})   # 3 and 4 from the resumed run
+    assert [e.step for e in events.Scalars("eval/top1")] == [6]                          # step 4's eval was cut
+    jsonl = [r["step"] for r in JsonlLog(tmp_path / "metrics.jsonl", True).rows() if r["kind"] == "train"]
+    assert jsonl == [1, 2, 3, 4, 5, 6]
+
+
+def test_tensorboard_asked_for_without_the_package_is_refused_by_name(tmp_path, monkeypatch):
+    from pathway.train import tracking
+
+    monkeypatch.setattr(tracking, "_installed", lambda: False)
+    with pytest.raises(pathway.PathwayError, match="pip install tensorboard"):
+        tracking.TensorBoard.open(tmp_path, main=True, enabled=True)
+    assert tracking.TensorBoard.open(tmp_path, main=True, enabled=None).folder is None

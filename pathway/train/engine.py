@@ -442,8 +442,11 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True,
 
     # -- resume -----------------------------------------------------------------------------------
     step, epoch, position = 0, 0, 0  # optimizer steps done; epoch; micro-batches consumed in it
-    log = JsonlLog(run_dir / "metrics.jsonl", ctx.main)
-    lam_log = JsonlLog(run_dir / "lambdas.jsonl", ctx.main)
+    from .tracking import TensorBoard  # rows also go to RUN/tensorboard when tensorboard is installed
+
+    board = TensorBoard.open(run_dir, ctx.main, getattr(t, "tensorboard", None))
+    log = board.mirror(JsonlLog(run_dir / "metrics.jsonl", ctx.main))
+    lam_log = board.mirror(JsonlLog(run_dir / "lambdas.jsonl", ctx.main), prefix="lambda")
     if resumed is not None:
         path, state = resumed
         model.load_state_dict(state["model"])
