@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from pathway.errors import OptionError
 from pathway.tokenizers.base import Tokenizer, TokenizerOutput
 from pathway.tokenizers.image_patch import ImagePatchTokenizer
 from pathway.tokenizers.patch import PatchTokenizer, patchify
@@ -155,6 +161,77 @@ def test_knn_matches_brute_force():
     top = brute.topk(8, dim=2, largest=False)
     torch.testing.assert_close(d2.double().sqrt(), top.values, rtol=0, atol=1e-5)
     torch.testing.assert_close(brute.gather(2, idx), top.values, rtol=0, atol=1e-5)  # same sets up to ties
+
+
+def fps_then_knn(xyz: torch.Tensor, num_samples: int, k: int, backend: str, device: str = "cpu"):
+    """Centre indices, then the squared distances and indices of each centre's ``k`` nearest points."""
+    xyz = xyz.to(device)
+    idx = farthest_point_sample(xyz, num_samples, backend=backend)
+    centres = xyz.gather(1, idx[..., None].expand(-1, -1, 3))
+    return (idx, *knn(centres, xyz, k, backend=backend if backend != "numba" else "torch"))
+
+
+def grouping_cases() -> list[tuple[torch.Tensor, int, int]]:
+    """(cloud, centres, neighbours): random clouds of several sizes, duplicate points (exact ties), N = G = K."""
+    twice = cloud(2, 40, seed=5)
+    duplicates = torch.cat([twice, twice, twice[:, :8]], dim=1)  # 88 points, 40 of them three times
+    return [(cloud(2, 300, seed=4), 24, 8), (cloud(1, 1000, seed=6), 12, 16), (duplicates, 48, 8),
+            (cloud(1, 16, seed=7), 16, 16)]
+
+
+def check_triton_matches_reference(device: str, cases: list[tuple[torch.Tensor, int, int]]) -> None:
+    """The Triton kernels give the torch reference's indices and distances, bit for bit (run by the tests below)."""
+    for xyz, num_samples, k in cases:
+        ref = fps_then_knn(xyz, num_samples, k, "torch")
+        ours = fps_then_knn(xyz, num_samples, k, "triton", device)
+        for a, b in zip(ref, ours):
+            assert torch.equal(a, b.cpu()), (tuple(xyz.shape), num_samples, k)
+
+
+def test_fps_backends_give_the_reference_indices():
+    pytest.importorskip("numba")
+    for xyz, num_samples, k in grouping_cases():
+        ref = fps_then_knn(xyz, num_samples, k, "torch")
+        assert all(torch.equal(a, b) for a, b in zip(ref, fps_then_knn(xyz, num_samples, k, "numba")))
+        torch.manual_seed(3)
+        random_start = farthest_point_sample(xyz, num_samples, start=None, backend="torch")
+        torch.manual_seed(3)
+        assert torch.equal(random_start, farthest_point_sample(xyz, num_samples, start=None, backend="numba"))
+    # exact ties go to the lowest index: a point's two copies are 0 apart, the earlier copy comes first
+    dup = grouping_cases()[2][0]
+    _, idx = knn(dup[:, :2], dup, 3)
+    assert idx[0].tolist() == [[0, 40, 80], [1, 41, 81]]
+    with pytest.raises(OptionError, match="backend='cuda' is not one of"):
+        farthest_point_sample(dup, 4, backend="cuda")
+    with pytest.raises(ValueError, match="start=88 is not an index"):
+        farthest_point_sample(dup, 4, start=88)
+
+
+def test_triton_kernels_match_reference_in_interpreter():
+    """Triton's interpreter runs the kernels on CPU tensors; switched on before triton is imported: a subprocess."""
+    pytest.importorskip("triton")
+    code = ("import sys; sys.path.insert(0, 'tests'); import test_tokenizers as t; "
+            "t.check_triton_matches_reference('cpu', t.grouping_cases())")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_triton_kernels_refuse_cpu_tensors_without_interpreter():
+    point_kernels = pytest.importorskip("pathway.tokenizers.point_kernels")
+    if point_kernels._INTERPRETED:
+        pytest.skip("TRITON_INTERPRET=1: the kernels run on CPU tensors")
+    with pytest.raises(point_kernels.PointKernelError, match="TRITON_INTERPRET=1"):
+        farthest_point_sample(cloud(1, 16), 4, backend="triton")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_kernels_match_reference_on_cuda():
+    pytest.importorskip("triton")
+    large = [(cloud(4, 8192, seed=8), 1024, 32), (cloud(16, 2048, seed=9), 128, 32), (cloud(3, 5000, seed=10), 500, 20)]
+    check_triton_matches_reference("cuda", grouping_cases() + large)
+    assert farthest_point_sample(cloud(2, 512).cuda(), 8).device.type == "cuda"  # auto takes the kernel on CUDA
 
 
 def test_point_group_tokenizer_outputs():
