@@ -3,7 +3,7 @@
 ``configure_model`` runs inside ``Trainer.fit`` before the optimizer is built (and before a
 distributed strategy wraps the module), so that is where ``pathway.connect`` goes;
 ``configure_optimizers`` takes ``pathway.param_groups`` so lambda keeps its own group.
-``pathway.lightning.PathwayCallback`` logs mean |lambda| and folds at the end of fit.
+``pathway.train.lightning.PathwayCallback`` logs mean |lambda| and folds at the end of fit.
 
     python examples/lightning_train.py [--steps 20]
 """
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import pathway
-from pathway.lightning import PathwayCallback
+from pathway.train.lightning import PathwayCallback
 
 
 def quadrants(n: int = 128) -> torch.utils.data.TensorDataset:

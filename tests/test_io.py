@@ -73,7 +73,8 @@ def test_saved_and_folded_files_carry_provenance_and_still_load_plain(tmp_path):
         connected = model.eval()(x)
         pathway.fold(model)
     file = tmp_path / "folded.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(file), metadata=provenance.metadata(record))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(file),
+              metadata=provenance.metadata(record))
     plain = timm_vit(depth=2, dim=32, heads=2).eval()
     plain.load_state_dict(load_file(str(file)), strict=True)    # a reader that ignores metadata: the plain model
     with torch.no_grad():

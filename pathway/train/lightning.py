@@ -1,7 +1,7 @@
 """A Lightning callback for connected models: lambda in the logs during fit, fold at its end.
 
-Imported by the user (``from pathway.lightning import PathwayCallback``), never by ``import pathway``,
-so pathway itself needs no Lightning. Connect in ``LightningModule.configure_model`` (or ``setup``),
+Imported by the user (``from pathway.train.lightning import PathwayCallback``), never by ``import pathway``
+or the engine, so pathway itself needs no Lightning. Connect in ``LightningModule.configure_model`` (or ``setup``),
 so the pathways exist before Lightning wraps the module (DDP, FSDP) and before
 ``configure_optimizers`` builds the optimizer from ``pathway.param_groups``.
 """
@@ -12,8 +12,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 
-from .fold import fold
-from .inject import is_connected, lambdas
+import pathway
 
 
 class PathwayCallback(pl.Callback):
@@ -35,11 +34,11 @@ class PathwayCallback(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         if not self.log_every or trainer.global_step % self.log_every:
             return
-        values = [lam.detach().abs().mean() for lam in lambdas(self._model(pl_module)).values()]
+        values = [lam.detach().abs().mean() for lam in pathway.lambdas(self._model(pl_module)).values()]
         if values:
             pl_module.log("pathway/mean_abs_lambda", torch.stack(values).mean(), on_step=True, on_epoch=False)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model = self._model(pl_module)
-        if self.fold_at_end and is_connected(model):
-            fold(model)
+        if self.fold_at_end and pathway.is_connected(model):
+            pathway.fold(model)
