@@ -456,12 +456,6 @@ def _numbers(value: Any, key: str):
         yield key, value
 
 
-# Adapter options that are sizes or counts (a patch of 0 steps, 0 frames): whole numbers >= 1 for every adapter.
-SIZE_OPTIONS = ("img_size", "patch_size", "tubelet_size", "group_size", "num_groups", "num_points", "mesh_points",
-                "num_frames", "num_mel_bins", "target_length", "sample_rate", "sampling_rate", "length", "in_chans",
-                "test_clips", "test_crops", "num_sample")
-
-
 def check_finite(recipe: Recipe, where: str) -> None:
     """Every number of the recipe is finite: an inf lr trains to NaN, an inf warm-up cannot be counted."""
     for key, value in _numbers(recipe.to_dict(), ""):
@@ -469,18 +463,15 @@ def check_finite(recipe: Recipe, where: str) -> None:
             raise RecipeError(f"{where}: '{key}' = {value}; it must be a finite number")
 
 
-def check_sizes(recipe: Recipe, where: str) -> None:
-    """Widths that round to nothing (an MLP of ``int(mlp_ratio * D)`` = 0 units) and adapter sizes below 1."""
+def check_mlp_width(recipe: Recipe, where: str) -> None:
+    """Widths that round to nothing: an MLP of ``int(mlp_ratio * D)`` = 0 units (the adapter checks its own sizes,
+    ``Adapter.sizes``)."""
     m, a = recipe.model, recipe.aux
     for key, ratio, width in (("model.mlp_ratio", m.mlp_ratio, m.embed_dim),
                               ("aux.mlp_ratio", a.mlp_ratio, a.embed_dim or m.embed_dim)):
         if ratio is not None and int(ratio * width) < 1:
             raise RecipeError(f"{where}: '{key}' = {ratio} gives an MLP of int({ratio} x {width}) = "
                               f"{int(ratio * width)} units; it must give at least 1 (e.g. 4.0, a ViT's)")
-    for name, value in recipe.data.options.items():
-        if name in SIZE_OPTIONS and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise RecipeError(f"{where}: 'data.options.{name}' = {value!r}; it is a size or count: "
-                              f"a whole number >= 1")
 
 
 def check_values(recipe: Recipe, where: str) -> None:
@@ -502,7 +493,7 @@ def check_values(recipe: Recipe, where: str) -> None:
         _divisible(where, "aux.embed_dim" if a.embed_dim else "model.embed_dim", aux_width,
                    "aux.num_heads" if a.num_heads else "model.num_heads", aux_heads)
     _divisible(where, "pretrain.decoder_dim", p.decoder_dim, "pretrain.decoder_heads", p.decoder_heads)
-    check_sizes(recipe, where)
+    check_mlp_width(recipe, where)
     name = recipe.output.name
     if name and (name in (".", "..") or any(sep in name for sep in "/\\")):
         raise RecipeError(f"{where}: 'output.name' = {name!r} is not a folder name: the run folder is "
