@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 
-import timm
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -28,14 +27,26 @@ from torch.distributed.fsdp import fully_shard
 import pathway
 
 
-def vit(classes: int) -> nn.Module:
-    return timm.models.vision_transformer.VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2,
-                                                            num_heads=2, num_classes=classes)
+class Encoder(nn.Module):
+    """A small transformer over 8 tokens of 12 features (torch alone, so each process starts fast)."""
+
+    def __init__(self, classes: int, dim: int = 32):
+        super().__init__()
+        self.embed = nn.Linear(12, dim)
+        layer = nn.TransformerEncoderLayer(dim, nhead=2, dim_feedforward=2 * dim, dropout=0.0, batch_first=True)
+        self.blocks = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).layers
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean(1))
 
 
 def connected(options: dict) -> nn.Module:
     torch.manual_seed(0)
-    target, aux = vit(4), vit(0)      # aux: any model of another modality, here random
+    target, aux = Encoder(4), Encoder(4)      # aux: any model of another modality, here random
     pathway.connect(target, aux, lambda_init=0.1, **options)
     return target
 
@@ -77,7 +88,7 @@ def main(steps: int) -> None:
     dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(4 * world, 3, 16, 16, generator=g), torch.randint(0, 4, (4 * world,), generator=g))
+    batches = [(torch.randn(4 * world, 8, 12, generator=g), torch.randint(0, 4, (4 * world,), generator=g))
                for _ in range(steps)]
     for options in ({"lambda_shape": "channel"}, {}, {"train_aux": False}):
         model = connected(options)
