@@ -40,9 +40,10 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def sha256_tensor(tensor: torch.Tensor) -> str:
-    """The sha256 of a tensor's bytes as stored (dtype included, so bf16 and fp32 copies differ)."""
+    """The sha256 of a tensor's dtype, shape and values (so bf16 and fp32 copies, or a transpose, differ)."""
     data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-    return hashlib.sha256(str(tensor.dtype).encode() + data.numpy().tobytes()).hexdigest()
+    header = f"{tensor.dtype} {tuple(tensor.shape)}".encode()
+    return hashlib.sha256(header + data.numpy().tobytes()).hexdigest()
 
 
 def model_identity(model: nn.Module) -> dict[str, Any]:
