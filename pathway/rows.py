@@ -130,6 +130,15 @@ def _view(rows: Rows, sizes: tuple[int | None, ...] | None, in_shape: tuple[int,
     return Rows(rows.use, rows.index.reshape((1,) * lead + f), (False,) * lead + (True,) * len(f), True)
 
 
+def _at_rank(rows: Rows, shape: tuple[int, ...] | None) -> Rows:
+    """``rows`` of a value whose shape the runtime recorder saw (an expand or a broadcast may add leading dims)."""
+    if shape is None or rows.frozen:
+        return rows
+    if len(shape) < rows.index.dim():
+        return rows.frozen_copy()
+    return replace(rows.padded(len(shape)), full=True)
+
+
 def _fold_leading(rows: Rows, sizes: tuple[int | None, ...], in_shape: tuple[int, ...] | None) -> Rows:
     """A view that keeps the trailing dims and folds the leading ones (Bloom: ``[B, H, T, hd]`` ->
     ``[B * H, T, hd]``; old Falcon: the same shape again). Kept dims are told by their sizes: a row dim's
@@ -349,7 +358,7 @@ class RowReader:
                 self.unpacked[op.outputs[0]] = parts
             return
         else:
-            out = rows
+            out = _at_rank(rows, op.shape)
         self._set(op.outputs, out)
 
     def _set(self, outputs: tuple[int, ...], rows: Rows | None) -> None:
@@ -359,7 +368,7 @@ class RowReader:
             else:
                 self.values[out] = rows
 
-    def combine(self, kept: list[int], outputs: tuple[int, ...]) -> None:
+    def combine(self, kept: list[int], outputs: tuple[int, ...], shape: tuple[int, ...] | None = None) -> None:
         """An elementwise op keeps the rows of ``kept`` (its inputs whose elements stay in place) where every
         one of them that carries rows carries the same set of one weight's rows (rotary: ``q * cos +
         rotate_half(q) * sin``); values without rows (cos, sin, a scale) do not change them. Any other op
@@ -370,7 +379,7 @@ class RowReader:
             return
         first = found[0]
         same = all(r.use == first.use and torch.equal(r.row_set(), first.row_set()) for r in found[1:])
-        self._set(outputs, first if same else None)
+        self._set(outputs, _at_rank(first, shape) if same else None)
 
     def cat(self, values: list[Any], outputs: tuple[int, ...], dim: Any) -> None:
         if any(v in self.values for v in values):

@@ -622,7 +622,7 @@ def analyse(ops: list[Op], consts: set[int], shapes: dict[str, tuple[int, ...]],
         elif op.kind == "cat":
             rows.cat(list(op.args), op.outputs, op.info[0])
         elif op.kind == "other":                       # a bias added, a scale, rotary: still the projection's rows
-            rows.combine([r for r in acts if r in op.info], op.outputs)
+            rows.combine([r for r in acts if r in op.info], op.outputs, op.shape)
         if produced is not None:
             for out in op.outputs:
                 tags[out] = frozenset([produced])
