@@ -27,7 +27,9 @@ from pathway.errors import OptionError
 from .base import Tokenizer, TokenizerInputError, TokenizerOutput
 
 TRITON_MAX_POINTS = 1 << 15  # one Triton program holds a whole cloud in registers: larger clouds take the torch loop
-_KNN_CHUNK = 1 << 22  # distance-matrix entries per chunk: bounds KNN memory at ~100 MB (3 coordinates + int64 keys)
+_KNN_CHUNK = 1 << 24  # distance-matrix entries per chunk: bounds KNN memory at ~64 MB (float32)
+_KNN_SLACK = 16  # candidates beyond k ranked by the matmul form, then re-ranked by exact distances
+_ROUNDING = 32 * torch.finfo(torch.float32).eps  # the matmul form's rounding, relative to |q|^2 + |r|^2
 
 
 FPS_BACKENDS = ("auto", "torch", "triton", "numba")
@@ -50,7 +52,7 @@ def _has_module(name: str) -> bool:
     return True
 
 
-def _pick_backend(backend: str, xyz: Tensor, name: str, choices: tuple[str, ...]) -> str:
+def pick_backend(backend: str, xyz: Tensor, name: str, choices: tuple[str, ...]) -> str:
     """``auto``: Triton on CUDA, numba (FPS only) on CPU, when installed and the cloud fits; else the torch loop."""
     if backend not in choices:
         raise OptionError(f"{name}: backend={backend!r} is not one of {choices}")
@@ -79,7 +81,7 @@ def farthest_point_sample(xyz: Tensor, num_samples: int, start: int | None = 0, 
     if num_samples > n:
         raise TokenizerInputError(f"farthest_point_sample: asked for {num_samples} samples from clouds of {n} points")
     starts = _fps_starts(xyz, start)
-    backend = _pick_backend(backend, xyz, "farthest_point_sample", FPS_BACKENDS)
+    backend = pick_backend(backend, xyz, "farthest_point_sample", FPS_BACKENDS)
     if backend == "triton":
         from .point_kernels import farthest_point_sample_triton
 
@@ -124,7 +126,7 @@ def knn(query: Tensor, ref: Tensor, k: int, backend: str = "auto") -> tuple[Tens
     n = ref.shape[1]
     if k > n:
         raise TokenizerInputError(f"knn: k={k} neighbours asked from clouds of {n} points")
-    if _pick_backend(backend, ref, "knn", KNN_BACKENDS) == "triton":
+    if pick_backend(backend, ref, "knn", KNN_BACKENDS) == "triton":
         from .point_kernels import knn_triton
 
         return knn_triton(query, ref, k)
@@ -132,26 +134,55 @@ def knn(query: Tensor, ref: Tensor, k: int, backend: str = "auto") -> tuple[Tens
 
 
 def _knn_torch(query: Tensor, ref: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The reference: chunks of the ``B x G x N`` distances, ``topk`` on (distance bits, index) keys.
+    """The reference: exact distances, ``(distance, index)`` order; fast candidates from one matmul.
 
-    Non-negative float32 distances order as their bit patterns do, so ``bits << 32 | index`` is one int64
-    key per pair, all distinct: ``topk`` on it has no ties to break arbitrarily.
+    ``|q|^2 - 2 q.r + |r|^2`` (one batched matmul, chunked) ranks the cloud approximately; its ``k + 16``
+    nearest are the candidates, whose exact distances ``(dx*dx + dy*dy) + dz*dz`` decide. The rounding of
+    the matmul form is below ``delta = 32 eps (max |r|^2 + |q|^2)``, so the exact ``k`` nearest are all
+    candidates when the last candidate is more than ``2 delta`` beyond the ``k``-th; queries where it is not
+    (many equal distances, clouds far from the origin) are recomputed exactly over the whole cloud.
     """
     b, g, _ = query.shape
     n = ref.shape[1]
-    coords = ref.float().transpose(1, 2).unsqueeze(2)  # [B, 3, 1, N]
-    index = torch.arange(n, device=ref.device)
+    ref, query = ref.float(), query.float()
+    m = min(n, k + _KNN_SLACK)
+    ref_sq = (ref * ref).sum(-1)  # [B, N]
+    ref_sq_max = ref_sq.amax(dim=1, keepdim=True)  # [B, 1]
     chunk = max(1, _KNN_CHUNK // max(1, b * n))
     dists, idxs = [], []
-    for q in query.float().split(chunk, dim=1):
-        q = q.transpose(1, 2).unsqueeze(3)  # [B, 3, c, 1]
-        diff = (coords - q).square_()  # [B, 3, c, N]
-        d = diff[:, 0].add_(diff[:, 1]).add_(diff[:, 2])
-        keys = (d.view(torch.int32).long() << 32) | index
-        top = keys.topk(k, dim=2, largest=False, sorted=True).values
-        dists.append((top >> 32).int().view(torch.float32))
-        idxs.append(top & 0xFFFFFFFF)
+    for q in query.split(chunk, dim=1):
+        q_sq = (q * q).sum(-1)  # [B, c]
+        approx = torch.baddbmm(ref_sq.unsqueeze(1), q, ref.transpose(1, 2), alpha=-2).add_(q_sq.unsqueeze(-1))
+        approx_top, candidates = approx.topk(m, dim=2, largest=False, sorted=True)  # [B, c, m]
+        d, idx = _nearest_by_key(_exact_sq_dist(q.unsqueeze(2), gather_points(ref, candidates)), candidates, k)
+        if m < n:
+            delta = _ROUNDING * (ref_sq_max + q_sq)
+            unsure = (approx_top[..., -1] <= approx_top[..., k - 1] + 2 * delta).nonzero(as_tuple=True)
+            if unsure[0].numel():
+                every = torch.arange(n, device=ref.device).expand(unsure[0].numel(), n)
+                d[unsure], idx[unsure] = _nearest_by_key(_exact_sq_dist(q[unsure].unsqueeze(1), ref[unsure[0]]),
+                                                         every, k)
+        dists.append(d)
+        idxs.append(idx)
     return torch.cat(dists, dim=1), torch.cat(idxs, dim=1)
+
+
+def _exact_sq_dist(query: Tensor, points: Tensor) -> Tensor:
+    """``(dx*dx + dy*dy) + dz*dz`` in float32, as the other backends compute it: ``[..., 1, 3]``, ``[..., M, 3]``."""
+    diff = points - query
+    diff = diff * diff
+    return (diff[..., 0] + diff[..., 1]) + diff[..., 2]
+
+
+def _nearest_by_key(dist: Tensor, index: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` smallest of ``dist [..., M]`` in ``(distance, index)`` order, and their ``index [..., M]``.
+
+    Non-negative float32 distances order as their bit patterns do, so ``bits << 32 | index`` is one int64
+    key per point, all distinct: ``topk`` on it has no ties to break arbitrarily.
+    """
+    keys = (dist.contiguous().view(torch.int32).long() << 32) | index
+    top = keys.topk(k, dim=-1, largest=False, sorted=True).values
+    return (top >> 32).int().view(torch.float32), top & 0xFFFFFFFF
 
 
 def gather_points(points: Tensor, idx: Tensor) -> Tensor:

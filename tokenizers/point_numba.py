@@ -2,9 +2,10 @@
 
 The torch loop of ``point_group.py`` pays a few microseconds of dispatch per call, several calls per sampled
 centre: for one cloud that is 3x slower than open3d's C++ loop. Here the whole sampling is one numba
-function; clouds of a batch run in parallel threads. The distance arithmetic is the reference's
-(``(dx*dx + dy*dy) + dz*dz`` in float32, no fastmath so no FMA contraction or reassociation) and ties go to
-the lowest index, so the indices are the same as the torch path's, bit for bit.
+function; clouds of a batch run in parallel threads. Each step is one pass that updates the running minimum
+and its maximum (vectorised), then a scan for the first index holding that maximum.
+The distance arithmetic is the reference's (``(dx*dx + dy*dy) + dz*dz`` in float32, no FMA contraction or
+reassociation) and ties go to the lowest index, so the indices are the same as the torch path's, bit for bit.
 
 numba is optional (it comes with librosa); ``point_group`` keeps the torch loop when it is missing. The
 compiled function is cached beside this file (numba's ``cache=True``), so only the first run on a machine
@@ -13,38 +14,61 @@ pays the ~1 s compilation.
 
 from __future__ import annotations
 
+import warnings
+
 import numba
 import numpy as np
 import torch
+from numba.core.errors import NumbaWarning
 from torch import Tensor
+
+from .base import TokenizerInputError
+
+
+# nnan/nsz only: they let the running maximum vectorise; no contraction or reassociation, so the distances
+# are the reference's bit for bit (the inputs are checked finite first)
+@numba.njit(cache=True, nogil=True, fastmath={"nnan", "nsz"})
+def _update_nearest(x: np.ndarray, y: np.ndarray, z: np.ndarray, centre: int, nearest: np.ndarray) -> float:
+    """``nearest = min(nearest, squared distance to point centre)``; returns its new maximum."""
+    cx, cy, cz = x[centre], y[centre], z[centre]
+    best = np.float32(-1.0)
+    for j in range(x.shape[0]):
+        dx, dy, dz = x[j] - cx, y[j] - cy, z[j] - cz
+        dist = (dx * dx + dy * dy) + dz * dz
+        value = dist if dist < nearest[j] else nearest[j]
+        nearest[j] = value
+        best = max(best, value)
+    return best
+
+
+@numba.njit(cache=True, nogil=True)
+def _fps_cloud(x: np.ndarray, y: np.ndarray, z: np.ndarray, start: int, out: np.ndarray) -> None:
+    """One cloud ``x, y, z [N]`` float32 -> ``out [S]``; the farthest point is the first index of the maximum."""
+    nearest = np.full(x.shape[0], np.inf, dtype=np.float32)
+    farthest = start
+    for i in range(out.shape[0]):
+        out[i] = farthest
+        best = _update_nearest(x, y, z, farthest, nearest)
+        for j in range(x.shape[0]):
+            if nearest[j] == best:
+                farthest = j
+                break
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _fps_clouds(x: np.ndarray, y: np.ndarray, z: np.ndarray, starts: np.ndarray, out: np.ndarray) -> None:
-    """``x, y, z [B, N]`` float32, ``starts [B]`` -> ``out [B, S]`` (filled in place)."""
-    num_clouds, n = x.shape
-    num_samples = out.shape[1]
-    for b in numba.prange(num_clouds):
-        xb, yb, zb = x[b], y[b], z[b]
-        nearest = np.full(n, np.inf, dtype=np.float32)
-        farthest = starts[b]
-        for i in range(num_samples):
-            out[b, i] = farthest
-            cx, cy, cz = xb[farthest], yb[farthest], zb[farthest]
-            for j in range(n):  # running minimum: vectorises
-                dx, dy, dz = xb[j] - cx, yb[j] - cy, zb[j] - cz
-                dist = (dx * dx + dy * dy) + dz * dz
-                if dist < nearest[j]:
-                    nearest[j] = dist
-            best, farthest = nearest[0], 0
-            for j in range(1, n):  # first index of the maximum, as torch.argmax
-                if nearest[j] > best:
-                    best, farthest = nearest[j], j
+    """``x, y, z [B, N]`` float32, ``starts [B]`` -> ``out [B, S]`` (filled in place), clouds in parallel."""
+    for b in numba.prange(x.shape[0]):
+        _fps_cloud(x[b], y[b], z[b], starts[b], out[b])
 
 
 def farthest_point_sample_numba(xyz: Tensor, num_samples: int, starts: Tensor) -> Tensor:
     """Indices ``[B, S]`` as ``point_group.farthest_point_sample`` for a CPU ``xyz [B, N, 3]``."""
     coords = xyz.detach().float().permute(2, 0, 1).contiguous().numpy()  # [3, B, N]
+    if not np.isfinite(coords).all():
+        raise TokenizerInputError("farthest_point_sample: the cloud has NaN or infinite coordinates; clean the data")
     out = np.empty((xyz.shape[0], num_samples), dtype=np.int64)
-    _fps_clouds(coords[0], coords[1], coords[2], starts.to(torch.long).numpy(), out)
+    with warnings.catch_warnings():  # numba tries TBB first and says so when it is too old; OpenMP takes over
+        warnings.filterwarnings("ignore", message="The TBB threading layer requires", category=NumbaWarning)
+        _fps_clouds(coords[0], coords[1], coords[2], starts.to(torch.long).numpy(), out)
     return torch.from_numpy(out)
