@@ -61,8 +61,8 @@ def reseed(seed: int) -> None:
 # Keys that may differ between a run's checkpoints and the recipe it is resumed with: where outputs go, how
 # often they are written, the device and worker count. Any other change would mix two runs in one.
 RESUMABLE_CHANGES = ("description", "output.dir", "output.name", "output.plots", "data.root", "data.num_workers",
-                     "train.device", "train.compile", "train.log_every", "train.checkpoint_every",
-                     "train.checkpoint_minutes", "train.checkpoint_epochs", "train.keep_last")
+                     "data.prefetch_factor", "train.device", "train.compile", "train.log_every", "train.tensorboard",
+                     "train.checkpoint_every", "train.checkpoint_minutes", "train.checkpoint_epochs", "train.keep_last")
 
 
 class RecipeChangedError(CheckpointError):
