@@ -58,8 +58,8 @@ def _fps_kernel(xyz_ptr, start_ptr, out_ptr, n, num_samples, BLOCK_N: tl.constex
 @triton.jit
 def _knn_kernel(query_ptr, ref_ptr, dist_ptr, idx_ptr, g, n, k, BLOCK_N: tl.constexpr):
     """One query point per program: its ``k`` nearest points of the cloud, nearest first, ties to the lower index."""
-    b = tl.program_id(0).to(tl.int64)
-    q = b * g + tl.program_id(1)
+    b = tl.program_id(1).to(tl.int64)  # the grid is (queries, clouds): CUDA allows 2**31 - 1 programs along x
+    q = b * g + tl.program_id(0)
     cloud = ref_ptr + b * n * 3
     offs = tl.arange(0, BLOCK_N)
     inside = offs < n
@@ -109,5 +109,5 @@ def knn_triton(query: Tensor, ref: Tensor, k: int) -> tuple[Tensor, Tensor]:
     idx = torch.empty(b, g, k, dtype=torch.long, device=ref.device)
     _check_device(ref)
     query, ref = query.float().contiguous(), ref.float().contiguous()
-    _knn_kernel[(b, g)](query, ref, dists, idx, g, n, k, **_launch_options(n, ref.device))
+    _knn_kernel[(g, b)](query, ref, dists, idx, g, n, k, **_launch_options(n, ref.device))
     return dists, idx

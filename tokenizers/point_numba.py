@@ -63,12 +63,12 @@ def _fps_clouds(x: np.ndarray, y: np.ndarray, z: np.ndarray, starts: np.ndarray,
 
 
 def farthest_point_sample_numba(xyz: Tensor, num_samples: int, starts: Tensor) -> Tensor:
-    """Indices ``[B, S]`` as ``point_group.farthest_point_sample`` for a CPU ``xyz [B, N, 3]``."""
-    coords = xyz.detach().float().permute(2, 0, 1).contiguous().numpy()  # [3, B, N]
+    """Indices ``[B, S]`` as ``point_group.farthest_point_sample``, on ``xyz``'s device (computed on the CPU)."""
+    coords = xyz.detach().cpu().float().permute(2, 0, 1).contiguous().numpy()  # [3, B, N]
     if not np.isfinite(coords).all():
         raise TokenizerInputError("farthest_point_sample: the cloud has NaN or infinite coordinates; clean the data")
     out = np.empty((xyz.shape[0], num_samples), dtype=np.int64)
     with warnings.catch_warnings():  # numba tries TBB first and says so when it is too old; OpenMP takes over
         warnings.filterwarnings("ignore", message="The TBB threading layer requires", category=NumbaWarning)
         _fps_clouds(coords[0], coords[1], coords[2], starts.to(torch.long).numpy(), out)
-    return torch.from_numpy(out)
+    return torch.from_numpy(out).to(xyz.device)
