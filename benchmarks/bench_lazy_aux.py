@@ -4,13 +4,15 @@ Writes a random-init Llama-style checkpoint (>= 1.5B parameters, bf16, sharded, 
 ``model.safetensors.index.json`` and ``config.json``) to a temporary folder one shard at a time,
 never holding the whole model; then, each in a fresh subprocess (peak RSS is per process):
 
-  lazy       pathway.connect(vit_b, folder): the aux built on the meta device, matched tensors read
+  lazy       pathway.connect(vit_b, folder): the aux built on the meta device, of each matched tensor
+             only the rows the selection keeps read (safetensors slices)
+  whole      the same, reading each matched tensor whole (as before sliced reads), for comparison
   in_memory  AutoModel.from_pretrained(folder) then pathway.connect(vit_b, aux)
 
 Both use weight selection (on_shape_mismatch='select', depth='first': Xu et al.'s first-N layers)
 and a bf16 ViT-B target, so they differ only in how the aux is held. Prints peak RSS (``VmHWM``)
-above the interpreter with its imports, open and connect time, bytes read, and the ratios; deletes
-the folder after. Asserts nothing.
+above the interpreter with its imports, open and connect time, bytes read against bytes kept (the
+selected aux tensors), and the ratios; deletes the folder after. Asserts nothing.
 
     python benchmarks/bench_lazy_aux.py [--layers 24] [--hidden 2048] [--intermediate 8192]
 """
@@ -29,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-MODES = ("lazy", "in_memory")
+MODES = ("lazy", "whole", "in_memory")
+LAZY = ("lazy", "whole")
 
 
 def write_checkpoint(folder: Path, layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int,
@@ -113,8 +116,10 @@ def measure(mode: str, folder: str) -> dict:
     target_bytes = sum(p.numel() * p.element_size() for p in target.parameters())
     options = {"on_shape_mismatch": "select", "depth": "first", "allow_partial": True}
     start = time.perf_counter()
-    if mode == "lazy":
+    if mode in LAZY:
         aux = open_aux(folder)
+        if mode == "whole":   # every matched tensor read whole, selected in memory (the reads before slicing)
+            aux.read = lambda names, rows=None, read=aux.read: read(names)
     else:
         aux = transformers.AutoModel.from_pretrained(folder, dtype=torch.bfloat16).eval()
     loaded = time.perf_counter()
@@ -125,8 +130,8 @@ def measure(mode: str, folder: str) -> dict:
     peak = _peak_rss_mib()
     return {"mode": mode, "import_rss_mib": base, "peak_rss_mib": peak, "above_imports_mib": peak - base,
             "target_mib": target_bytes / 2**20, "selected_mib": selected / 2**20,
-            "read_mib": (aux.bytes_read / 2**20) if mode == "lazy" else None,
-            "tensors_read": len(aux.tensors_read) if mode == "lazy" else None,
+            "read_mib": (aux.bytes_read / 2**20) if mode in LAZY else None,
+            "tensors_read": len(aux.tensors_read) if mode in LAZY else None,
             "open_s": loaded - start, "connect_s": done - loaded, "total_s": done - start,
             "pairs": len(report.pairs), "coverage": list(report.coverage),
             "example": next(f"{p.target} <- {p.source} [{p.transform}]" for p in report.pairs)}
@@ -170,17 +175,22 @@ def main() -> None:
             results[mode] = json.loads(out.strip().splitlines()[-1])
     finally:
         shutil.rmtree(folder)
-    lazy, full = results["lazy"], results["in_memory"]
+    lazy, whole, full = results["lazy"], results["whole"], results["in_memory"]
     print(f"target ViT-B/16 bf16 {lazy['target_mib']:.0f} MiB; selected aux tensors {lazy['selected_mib']:.0f} MiB; "
           f"{lazy['pairs']} pairs, coverage {lazy['coverage']}; e.g. {lazy['example']}")
     print(f"{'mode':<10} {'peak RSS':>10} {'above imports':>14} {'open/load':>10} {'connect':>9} {'read':>10}")
-    for r in (lazy, full):
+    for r in (lazy, whole, full):
         read = f"{r['read_mib']:.0f} MiB" if r["read_mib"] is not None else "all"
         print(f"{r['mode']:<10} {r['peak_rss_mib']:>7.0f} MiB {r['above_imports_mib']:>10.0f} MiB "
               f"{r['open_s']:>9.2f}s {r['connect_s']:>8.2f}s {read:>10}")
     constant = lazy["above_imports_mib"] - lazy["target_mib"] - lazy["selected_mib"]
     print(f"lazy: {lazy['tensors_read']} tensors read ({lazy['read_mib'] / (on_disk / 2**20):.1%} of the checkpoint); "
           f"peak above imports = target + selected + {constant:.0f} MiB")
+    for r in (lazy, whole):
+        print(f"{r['mode']}: bytes read / bytes kept = {r['read_mib']:.0f} / {r['selected_mib']:.0f} MiB "
+              f"= {r['read_mib'] / r['selected_mib']:.2f}")
+    print(f"sliced / whole reads: bytes read {lazy['read_mib'] / whole['read_mib']:.3f}, peak RSS above imports "
+          f"{lazy['above_imports_mib'] / whole['above_imports_mib']:.3f}")
     print(f"ratios lazy / in memory: peak RSS above imports "
           f"{lazy['above_imports_mib'] / full['above_imports_mib']:.3f}, "
           f"open + connect time {lazy['total_s'] / full['total_s']:.3f}")

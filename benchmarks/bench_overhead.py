@@ -2,14 +2,20 @@
 
 Variants, measured side by side (interleaved rounds in one process, so drift hits all alike):
   plain       the timm model
-  connected   pathway.connect (parametrization), each step inside pathway.cached()
-  uncached    the same without cached() (MHA-style modules read weights several times)
+  connected   pathway.connect (parametrization, pathway.layer.AddScaled: lambda's gradient as one
+              reduction), each step inside pathway.cached()
+  addcmul     the same with the plain formula torch.addcmul(W, lambda, W_aux) and autograd's own
+              backward (the parametrization before AddScaled), for the side-by-side comparison
+  uncached    connected without cached() (MHA-style modules read weights several times)
+  frozen_aux  connected with train_aux=False (no aux gradient, no optimizer state for it)
   reference   the official approach: each paired Linear replaced by a subclass computing
               F.linear(x, W + s * W_aux, b)
-A step is forward + backward + AdamW. Peak memory is measured per variant in a fresh subprocess
-(CPU: peak RSS; CUDA: torch.cuda.max_memory_allocated). Prints ratios to plain; asserts nothing.
+A step is forward + backward + AdamW. Memory is measured per variant in a fresh subprocess: the peak
+(CPU: peak RSS; CUDA: torch.cuda.max_memory_allocated) and beside it the persistent state, split into
+parameters, gradients and optimizer state. Prints ratios to plain; asserts nothing.
 
     python benchmarks/bench_overhead.py [--models vit_small_patch16_224 vit_base_patch16_224] [--batch 16]
+    python benchmarks/bench_overhead.py --models --rounds 10     # the pathway op alone, AddScaled vs addcmul
 """
 
 from __future__ import annotations
@@ -30,7 +36,15 @@ import torch.nn.functional as F
 
 import pathway
 
-VARIANTS = ("plain", "connected", "uncached", "reference")
+VARIANTS = ("plain", "connected", "addcmul", "uncached", "frozen_aux", "reference")
+CONNECTED = ("connected", "addcmul", "uncached", "frozen_aux")
+
+
+class AddcmulPathway(pathway.PathwayWeight):
+    """The parametrization with the plain formula, autograd deriving its backward (for comparison only)."""
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(weight, self.scale.to(weight.dtype), self.aux_weight)
 
 
 class ReferenceLinear(nn.Linear):
@@ -50,8 +64,12 @@ class ReferenceLinear(nn.Linear):
 def build(name: str, variant: str, device: str) -> nn.Module:
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=100).to(device)
-    if variant in ("connected", "uncached"):
-        pathway.connect(model, timm.create_model(name, num_classes=0).to(device))
+    if variant in CONNECTED:
+        pathway.connect(model, timm.create_model(name, num_classes=0).to(device), train_aux=variant != "frozen_aux")
+        if variant == "addcmul":
+            for module in model.modules():
+                if isinstance(module, pathway.PathwayWeight):
+                    module.__class__ = AddcmulPathway
     elif variant == "reference":
         aux = timm.create_model(name, num_classes=0).to(device)
         for path, module in list(model.named_modules()):
@@ -67,7 +85,7 @@ def step_fn(model: nn.Module, variant: str, device: str, batch: int):
     x = torch.randn(batch, 3, 224, 224, device=device)
     y = torch.randint(0, 100, (batch,), device=device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
-    cache = pathway.cached if variant == "connected" else contextlib.nullcontext
+    cache = pathway.cached if variant in ("connected", "addcmul", "frozen_aux") else contextlib.nullcontext
 
     def step() -> None:
         with amp, cache():
@@ -97,6 +115,37 @@ def time_steps(name: str, device: str, batch: int, rounds: int) -> dict[str, flo
             sync(device)
             times[v].append(time.perf_counter() - t)
     return {v: statistics.median(ts) for v, ts in times.items()}
+
+
+def time_pathway_op(device: str, rounds: int) -> dict[str, float]:
+    """``W + lambda * W_aux`` forward + backward alone, on the weights of one ViT-B block (fp32).
+
+    The step times above include the whole model; this isolates what AddScaled changes: lambda's
+    gradient as one dot product instead of a full-size ``grad * W_aux`` and a sum.
+    """
+    from pathway.layer import AddScaled
+
+    shapes = [(2304, 768), (768, 768), (3072, 768), (768, 3072)]
+    tensors = [[torch.randn(s, device=device, requires_grad=True) for _ in range(2)] for s in shapes]
+    scales = [torch.zeros((), device=device, requires_grad=True) for _ in shapes]
+    grads = [torch.randn(s, device=device) for s in shapes]
+    formulas = {"AddScaled": AddScaled.apply, "addcmul": lambda w, s, a: torch.addcmul(w, s, a)}
+
+    def run(formula) -> None:
+        for (weight, aux), scale, grad in zip(tensors, scales, grads):
+            torch.autograd.backward(formula(weight, scale, aux), grad)
+
+    times: dict[str, list[float]] = {k: [] for k in formulas}
+    for formula in formulas.values():
+        run(formula)
+    for _ in range(rounds * 4):
+        for key, formula in formulas.items():
+            sync(device)
+            t = time.perf_counter()
+            run(formula)
+            sync(device)
+            times[key].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def time_inference(name: str, device: str, batch: int, rounds: int) -> dict[str, float]:
@@ -145,8 +194,8 @@ def peak_memory(name: str, variant: str, device: str, batch: int) -> dict[str, f
     """Two training steps in this (fresh) process: peak bytes, and the persistent state's bytes.
 
     On the CPU the peak is the process's peak RSS, which the activations set; the allocator reuses
-    memory freed by activations for later tensors, so the state (parameters + gradients + optimizer
-    state, counted exactly) says what a pathway adds that stays.
+    memory freed by activations for later tensors, so the state (parameters, gradients, optimizer
+    state, each counted exactly) says what a pathway adds that stays.
     """
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -155,12 +204,24 @@ def peak_memory(name: str, variant: str, device: str, batch: int) -> dict[str, f
     step()
     step()
     sync(device)
-    state = sum(p.numel() * p.element_size() * (2 if p.grad is not None else 1) for p in model.parameters())
-    state += sum(t.numel() * t.element_size() for s in step.optimizer.state.values() for t in s.values()
-                 if torch.is_tensor(t))
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"peak": float(peak), "state": float(state)}
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    optim = sum(t.numel() * t.element_size() for s in step.optimizer.state.values() for t in s.values()
+                if torch.is_tensor(t))
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss()
+    return {"peak": float(peak), "state": float(params + grads + optim), "params": float(params),
+            "grads": float(grads), "optim": float(optim)}
+
+
+def _peak_rss() -> float:
+    """This process image's peak RSS in bytes: ``VmHWM``. ``ru_maxrss`` survives ``fork`` + ``exec``, so
+    every variant's subprocess reported the parent's peak (the same figure for all: what the README
+    showed before 2026-12-04)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024.0
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
 
 
 def memory_table(name: str, device: str, batch: int) -> dict[str, dict[str, float]]:
@@ -174,7 +235,8 @@ def memory_table(name: str, device: str, batch: int) -> dict[str, dict[str, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["vit_small_patch16_224", "vit_base_patch16_224"])
+    parser.add_argument("--models", nargs="*", default=["vit_small_patch16_224", "vit_base_patch16_224"],
+                        help="timm models to step; none (--models with no name) measures only the pathway op")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -195,16 +257,23 @@ def main() -> None:
         results[name] = {"step_s": steps, "peak_bytes": memory, "inference_s": infer, "connect_fold_s": cf}
         print(f"\n{name}")
         print(f"  {'variant':<10} {'step (s)':>9} {'vs plain':>9} {'peak (MiB)':>11} {'vs plain':>9} "
-              f"{'state (MiB)':>12} {'vs plain':>9}")
+              f"{'state (MiB)':>12} {'vs plain':>9} {'params':>7} {'grads':>7} {'optim':>7}")
         for v in VARIANTS:
             m, p = memory[v], memory["plain"]
             print(f"  {v:<10} {steps[v]:9.3f} {steps[v] / steps['plain']:9.3f} {m['peak'] / 2**20:11.0f} "
-                  f"{m['peak'] / p['peak']:9.3f} {m['state'] / 2**20:12.0f} {m['state'] / p['state']:9.3f}")
-        print(f"  connected vs reference step: {steps['connected'] / steps['reference']:.3f}")
+                  f"{m['peak'] / p['peak']:9.3f} {m['state'] / 2**20:12.0f} {m['state'] / p['state']:9.3f} "
+                  f"{m['params'] / 2**20:7.0f} {m['grads'] / 2**20:7.0f} {m['optim'] / 2**20:7.0f}")
+        print(f"  connected vs reference step: {steps['connected'] / steps['reference']:.3f}; "
+              f"connected vs addcmul (the plain formula): {steps['connected'] / steps['addcmul']:.3f}")
         print(f"  inference: folded {infer['folded']:.3f}s vs plain {infer['plain']:.3f}s "
               f"(ratio {infer['folded'] / infer['plain']:.3f})")
         print(f"  connect {cf['connect']:.2f}s, fold {cf['fold']:.3f}s "
               f"(a batch-1 forward takes {cf['forward_batch1']:.2f}s)")
+    op = time_pathway_op(args.device, args.rounds)
+    results["pathway_op_s"] = op
+    print(f"\nW + lambda * W_aux forward + backward, one ViT-B block's weights: AddScaled "
+          f"{op['AddScaled'] * 1e3:.2f} ms, addcmul {op['addcmul'] * 1e3:.2f} ms "
+          f"(ratio {op['AddScaled'] / op['addcmul']:.3f})")
     print("\njson:", json.dumps(results))
 
 
