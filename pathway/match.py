@@ -435,7 +435,8 @@ def match(target: ModelView, aux: ModelView, *, match: str, depth: str, segments
             f"  {shown}\nPairing it anyway could hand one head's key rows another head's query rows. Fix: "
             f"pairs={{target_weight: {{'aux': aux_weight(s), 'layout': '' or 'heads', 'heads': n, 'aux_layout': "
             f"'' or 'heads', 'aux_heads': n}}}} states the layouts ('' = rows [q | k | v], 'heads' = rows "
-            f"[head, (q, k, v), head_dim]); exclude=[...] leaves the weight out.")
+            f"[head, (q, k, v), head_dim], 'heads:a,b,c' = the same with q, k, v a, b, c rows wide per head); "
+            f"exclude=[...] leaves the weight out.")
     if problems and on_shape_mismatch == "error":
         error = GroupSizeError if any(p.endswith("[group]") for p in problems) else ShapeMismatchError
         shown = "\n  ".join(problems[:12]) + (f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else "")

@@ -298,6 +298,12 @@ def test_unequal_per_head_split_pairs_q_k_v_by_the_widths_the_graph_shows():
     back = built(pathway.plan(split, fused, target_inputs=x, aux_inputs=x), fused)     # split target <- fused aux
     qkv = plain_parameters(fused)["blocks.0.qkv.weight"].view(4, 96, 64)
     assert torch.equal(back["blocks.0.v.weight"], qkv[:, 48:].reshape(192, 64))
+    by_hand = {"aux": [f"blocks.0.{r}.weight" for r in "qkv"], "layout": "heads:24,24,48", "heads": 4}
+    hand = pathway.plan(fused, split, pairs={"blocks.0.qkv.weight": by_hand}, target_inputs=x, aux_inputs=x)
+    assert torch.equal(built(hand, split)["blocks.0.qkv.weight"], per_head.reshape(384, 64))
+    with pytest.raises(pathway.OptionError, match=r"384 rows cannot be 4 heads of \(q, k, v\) laid out as 'heads:24"):
+        pathway.plan(fused, split, pairs={"blocks.0.qkv.weight": {**by_hand, "layout": "heads:24,24,24"}},
+                     target_inputs=x, aux_inputs=x)
 
 
 def test_equal_row_totals_with_other_q_k_v_widths_are_refused():
