@@ -243,7 +243,8 @@ def _index(rows: Rows, items: tuple[Any, ...] | None) -> Rows | None:
     if items is None or rows.frozen:
         return None
     consuming = [i for i in items if i is not None and i is not Ellipsis]
-    if sum(isinstance(i, list) for i in items) > 1:
+    lists = sum(isinstance(i, list) for i in items)
+    if lists > 1 or lists and any(isinstance(i, int) for i in items):    # torch would move the indexed dims first
         return None
     if Ellipsis in items:
         at = items.index(Ellipsis)
