@@ -103,6 +103,7 @@ def measure(mode: str, folder: str) -> dict:
     import transformers  # noqa: F401  (imported by both modes, so the import cost is in the baseline)
 
     import pathway
+    import pathway.reads
     from pathway.source import open_aux
 
     torch.set_num_threads(1)
@@ -119,7 +120,8 @@ def measure(mode: str, folder: str) -> dict:
     if mode in LAZY:
         aux = open_aux(folder)
         if mode == "whole":   # every matched tensor read whole, selected in memory (the reads before slicing)
-            aux.read = lambda names, rows=None, read=aux.read: read(names)
+            pathway.reads.rows_needed = lambda pair, selected, shapes: dict.fromkeys(
+                selected.aux if selected is not None else pair.aux)
     else:
         aux = transformers.AutoModel.from_pretrained(folder, dtype=torch.bfloat16).eval()
     loaded = time.perf_counter()
