@@ -161,7 +161,7 @@ CASES = [
     ("resume without the aux", lambda w: _resume(w, "aux.enabled=false"), "aux.enabled: True -> False"),
     ("data.root a symlink loop", lambda w: _train("data.demo=false", f"data.root={w['base'] / 'loop_a'}"),
      "is a symlink loop"),
-    ("NaN lambda_init", lambda w: _train("pathway.lambda_init=.nan"), "'pathway.lambda_init' = nan"),
+    ("NaN lambda_init", lambda w: _train("pathway.lambda_init=.nan"), "lambda_init=nan is not a finite number"),
     # more of our own
     ("a folder given as the recipe", lambda w: ["train", str(w["base"] / "recipes.d")], "is a folder; name a recipe"),
     ("a checkpoint given as the recipe", lambda w: ["train", str(w["base"] / "garbage.pt")], "not valid YAML"),
