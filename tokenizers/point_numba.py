@@ -14,12 +14,11 @@ pays the ~1 s compilation.
 
 from __future__ import annotations
 
-import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
 import torch
-from numba.core.errors import NumbaWarning
 from torch import Tensor
 
 from .base import TokenizerInputError
@@ -55,20 +54,24 @@ def _fps_cloud(x: np.ndarray, y: np.ndarray, z: np.ndarray, start: int, out: np.
                 break
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
-def _fps_clouds(x: np.ndarray, y: np.ndarray, z: np.ndarray, starts: np.ndarray, out: np.ndarray) -> None:
-    """``x, y, z [B, N]`` float32, ``starts [B]`` -> ``out [B, S]`` (filled in place), clouds in parallel."""
-    for b in numba.prange(x.shape[0]):
-        _fps_cloud(x[b], y[b], z[b], starts[b], out[b])
-
-
 def farthest_point_sample_numba(xyz: Tensor, num_samples: int, starts: Tensor) -> Tensor:
     """Indices ``[B, S]`` as ``point_group.farthest_point_sample``, on ``xyz``'s device (computed on the CPU)."""
     coords = xyz.detach().cpu().float().permute(2, 0, 1).contiguous().numpy()  # [3, B, N]
     if not np.isfinite(coords).all():
         raise TokenizerInputError("farthest_point_sample: the cloud has NaN or infinite coordinates; clean the data")
     out = np.empty((xyz.shape[0], num_samples), dtype=np.int64)
-    with warnings.catch_warnings():  # numba tries TBB first and says so when it is too old; OpenMP takes over
-        warnings.filterwarnings("ignore", message="The TBB threading layer requires", category=NumbaWarning)
-        _fps_clouds(coords[0], coords[1], coords[2], starts.to(torch.long).numpy(), out)
+    starts = starts.cpu().long().numpy()
+
+    def sample(b: int) -> None:
+        _fps_cloud(coords[0, b], coords[1, b], coords[2, b], starts[b], out[b])
+
+    # clouds in threads (the compiled loop releases the GIL); not numba's parallel=True, whose OpenMP threads
+    # keep spinning after each call and starve torch's own threads
+    workers = min(len(out), torch.get_num_threads())
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(sample, range(len(out))))
+    else:
+        for b in range(len(out)):
+            sample(b)
     return torch.from_numpy(out).to(xyz.device)
