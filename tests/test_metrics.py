@@ -146,3 +146,10 @@ def test_part_segmentation_augmentation_is_point_mae_segmentation():
     shift = out.mean(axis=0) - ratio[0, 0] * points.mean(axis=0)
     assert np.all(np.abs(shift) <= 0.1 + 1e-5)
     assert adapters.get("point").spec(4).options["isotropic_scale"] is False  # classification keeps its own
+
+
+def test_partnet_prediction_never_takes_the_other_label():
+    """A point whose top score is "other" (label 0) is predicted as its best part, as PartNet's test does."""
+    target = torch.tensor([[1, 2]])
+    logits = torch.tensor([[[5.0, 1.0, 0.0], [5.0, 0.0, 1.0]]])  # "other" wins the plain argmax on both points
+    assert part_category_miou(logits, target)["part_miou"] == pytest.approx(100.0)

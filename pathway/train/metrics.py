@@ -117,9 +117,13 @@ def part_category_miou(logits: Tensor, target: Tensor, ignore: tuple[int, ...] =
     ``part_miou``: for each part label except ``ignore``, intersection and union summed over every point of
     every shape, IoU = their ratio; the mean over the labels that occur in the target or the prediction.
     ``inst_miou``: per shape, the mean IoU over the labels it has or is predicted to have (``ignore`` left out).
-    Points whose target is in ``ignore`` are left out of both. ``logits [N, P, C]``, ``target [N, P]``.
+    Points whose target is in ``ignore`` are left out of both, and the prediction never takes an ``ignore`` label:
+    PartNet's own test predicts among the parts only (``argmax(logits[..., 1:]) + 1``, partnet_dataset
+    sem_seg/test_general_seg.py:124). ``logits [N, P, C]``, ``target [N, P]``.
     """
-    pred, target = logits.argmax(dim=-1), target.long()
+    scores = logits.detach().clone()
+    scores[..., list(ignore)] = float("-inf")
+    pred, target = scores.argmax(dim=-1), target.long()
     keep = ~torch.isin(target, torch.tensor(ignore, dtype=torch.long))
     num_classes = logits.shape[-1]
     labels = [c for c in range(num_classes) if c not in ignore]
