@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from pathway.errors import TraceError
+
 from .config import Recipe, RecipeError, batch_plan, check_adapter
 from .model import aux_reads, build_adapter, build_transformer, open_transformers_aux
 from .optim import base_lr
@@ -81,7 +83,9 @@ def dry_run(recipe: Recipe, *, world: int = 1, pretrain: bool = False) -> str:
     device = "meta"  # a Hugging Face aux too: it is built on meta from its config and read lazily
     try:
         target, aux, report = build(device)
-    except (NotImplementedError, RuntimeError):  # an op without a meta kernel: build for real on the CPU
+    except (NotImplementedError, RuntimeError, TraceError) as err:  # an op without a meta kernel: build on the CPU
+        if isinstance(err, TraceError) and not isinstance(err.__cause__, (NotImplementedError, RuntimeError)):
+            raise  # the core could not read the model for another reason than meta: the real run would stop too
         device = "cpu"
         target, aux, report = build(device)
     n_params = sum(p.numel() for p in target.parameters())
