@@ -45,7 +45,8 @@ def test_dry_run_every_recipe(recipe, capsys):
 def test_dry_run_of_a_demo_pairs_every_body_weight(capsys):
     assert main(["train", str(ROOT / "recipes/demo/point.yaml"), "--dry-run", "--set", "model.depth=3"]) == 0
     out = capsys.readouterr().out
-    assert "coverage    12/12 target body weights paired" in out and "built on meta" in out
+    assert "coverage    12/12 target body weights paired" in out
+    assert "built on meta" in out or "built on cpu" in out  # the CPU where an op has no meta kernel (point grouping)
     assert main(["pretrain", str(ROOT / "recipes/demo/point_mae.yaml"), "--dry-run"]) == 0
     assert "loss chamfer" in capsys.readouterr().out
 

@@ -14,6 +14,7 @@ there, so a second run started on the same folder is refused instead of interlea
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from collections.abc import Callable
@@ -142,3 +143,10 @@ def unlock_run_dir(run_dir: Path) -> None:
     handle = _HELD.pop(Path(run_dir).resolve(), None)
     if handle is not None:
         handle.close()
+
+
+@atexit.register
+def _unlock_all() -> None:
+    """Close the locks of runs that ended in an error at exit (the kernel would release them anyway)."""
+    for run_dir in list(_HELD):
+        unlock_run_dir(run_dir)
