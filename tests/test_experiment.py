@@ -1,5 +1,5 @@
-"""The main job (`pathway experiment`) end to end at toy sizes (same code path as the full run), its two
-stand-ins for MiniLM, and the paired intervals its verdict rests on."""
+"""The main job (`pathway experiment`) end to end at toy sizes (same code path as the full run): two screens of
+the shipped donors, their placebos, and the paired intervals its verdict rests on."""
 
 from __future__ import annotations
 
@@ -8,46 +8,54 @@ import json
 import pytest
 import torch
 
-from pathway.train.experiment import CONDITIONS, SETTINGS, minilm_dir, perturbed_copy, run_experiment
+from pathway.screen.weights import perturbed_copy
+from pathway.train.experiment import SETTINGS, minilm_dir, run_experiment
 from pathway.train.paired import paired_difference
 
 QUERY = "layer.0.attention.self.query.weight"
+CONDITIONS = ("baseline", "point-mae", "point-mae+align", "point-mae~gauss", "point-mae~rows", "minilm",
+              "minilm~gauss", "minilm~rows")
 
 
 @pytest.mark.slow
-def test_quick_experiment_writes_both_settings_intervals_plots_and_folds(tmp_path):
+def test_quick_experiment_writes_both_screens_intervals_plots_and_folds(tmp_path):
     summary = run_experiment(tmp_path, quick=True)
     text = summary.read_text()
     for setting in SETTINGS:
         assert f"## {setting.name}: " in text
-    for condition in CONDITIONS:
-        assert text.count(f"| {condition} |") == len(SETTINGS)
-    assert text.count("(= baseline)") == len(CONDITIONS) * len(SETTINGS)  # folded models are plain-sized
-    for comparison in ("minilm - baseline", "shuffled - baseline", "minilm - control", "point-mae - control"):
+        result = json.loads((tmp_path / setting.name / "screen.json").read_text())
+        assert [c["name"] for c in result["conditions"]] == list(CONDITIONS)
+        assert all(c["per_seed"] and len(c["per_seed"]) == 2 for c in result["conditions"])
+        assert {r["candidate"] for r in result["ranking"]} == {"point-mae", "point-mae+align", "minilm"}
+        assert "minilm" in result["design"]["not_aligned"]
+        assert (tmp_path / setting.name / "screen.png").stat().st_size > 10_000
+        for c in result["conditions"][1:]:
+            assert c["fold_max_abs_diff"] < 1e-4 and len(c["parameters"]) == 1
+        assert {len(c["parameters"]) for c in result["conditions"]} == {1}
+        assert len({c["parameters"][0] for c in result["conditions"]}) == 1  # folded models are plain-sized
+    for comparison in ("minilm - baseline", "minilm - minilm~gauss", "point-mae+align - point-mae",
+                       "point-mae - point-mae~rows"):
         assert text.count(f"| {comparison} |") == len(SETTINGS)
-    assert "## Verdict" in text and "95 % CI" in text and "Bonferroni" in text
-    assert (tmp_path / "experiment.png").stat().st_size > 10_000
-    lambdas = json.loads((tmp_path / "lambdas.json").read_text())
-    assert len(lambdas["fix/minilm-seed0"]) == 24                  # 6 blocks x (qkv, proj, fc1, fc2)
-    report = (tmp_path / "runs" / "scratch" / "minilm-seed0" / "report.txt").read_text()
+    assert "### Verdict" in text and "95 % CI" in text and "Bonferroni" in text
+    runs = tmp_path / "fix-8x8" / "runs" / "fix"
+    report = (runs / "minilm-seed0" / "report.txt").read_text()
     assert "attention.self.{query,key,value}.weight" in report and "24/24" in report
-    for setting in SETTINGS:
-        for condition in CONDITIONS[1:]:
-            result = json.loads((tmp_path / "runs" / setting.name / f"{condition}-seed1" / "result.json").read_text())
-            assert result["fold_max_abs_diff"] < 1e-4
     # The fix setting trains only lambda and the classifier: on a shared seed the target starts from the same
-    # random weights, so a folded MiniLM run differs from the baseline's by exactly lambda * MiniLM's matrix.
+    # weights, so a folded MiniLM run differs from the baseline's by exactly lambda * MiniLM's matrix.
     from safetensors.torch import load_file
 
-    base = load_file(str(tmp_path / "runs" / "fix" / "baseline-seed0" / "model.safetensors"))
-    connected = load_file(str(tmp_path / "runs" / "fix" / "minilm-seed0" / "model.safetensors"))
+    base = load_file(str(runs / "baseline-seed0" / "model.safetensors"))
+    connected = load_file(str(runs / "minilm-seed0" / "model.safetensors"))
     aux = load_file(str(minilm_dir() / "model.safetensors"))
     fc1 = next(k for k in aux if k.endswith("layer.0.intermediate.dense.weight"))
-    scale = lambdas["fix/minilm-seed0"]["blocks.0.mlp.fc1.weight"]
+    lambda_rows = (runs / "minilm-seed0" / "lambdas.jsonl").read_text().splitlines()
+    scale = json.loads(lambda_rows[-1])["blocks.0.mlp.fc1.weight"]
     key = next(k for k in connected if k.endswith("blocks.0.mlp.fc1.weight"))
     assert scale != 0
     assert torch.allclose(connected[key] - base[key], scale * aux[fc1].float(), atol=1e-6)
-    assert not (tmp_path / "runs" / "fix" / "baseline-seed0" / "report.txt").exists()  # no aux, nothing connected
+    assert not (runs / "baseline-seed0" / "report.txt").exists()  # no aux, nothing connected
+    alignment = json.loads((tmp_path / "fix-8x8" / "weights" / "point-mae+align-seed0.json").read_text())
+    assert alignment["objective_after"] >= alignment["objective_before"]
 
 
 @pytest.mark.parametrize("kind", ["random", "rows"])
