@@ -274,6 +274,30 @@ def test_unreadable_files_are_counted_in_logs_and_result(image_data, tmp_path):
     assert json.loads((tmp_path / "skips" / "result.json").read_text())["unreadable_files"] == 1
 
 
+def test_an_evaluation_batch_of_unreadable_files_only_is_skipped_and_the_files_named(image_data, tmp_path, capsys):
+    """Both files of the first validation batch (batch size 2) unreadable: their items are left out, the batch is
+    empty and skipped, the run ends, and the user is told which files and how many."""
+    import shutil
+
+    from pathway.train.engine import train
+    from pathway.train.model import build_adapter
+
+    data = tmp_path / "data"
+    shutil.copytree(image_data, data)
+    r = load_recipe(IMAGE, tiny(data, tmp_path, "empty-batch", "data.batch_size=2", "train.max_steps=2",
+                                "data.num_workers=0"))
+    samples = build_adapter(r).dataset("val", train=False).samples
+    victims = [Path(samples[i][0]) for i in range(2)]
+    for victim in victims:
+        victim.write_bytes(b"not an image")
+    with pytest.warns(UserWarning, match="skipping unreadable file") as seen:
+        result = train(r, progress=False)
+    warned = " ".join(str(w.message) for w in seen)
+    assert all(f"{victim} " in warned for victim in victims) and "left out of the evaluation" in warned
+    assert result["step"] == 2 and result["unreadable_files"] == 2 and "top1" in result["metrics"]
+    assert "2 unreadable file(s) skipped so far" in capsys.readouterr().out
+
+
 def test_too_many_unreadable_files_stop_the_run_with_a_clear_error(image_data, tmp_path, capsys):
     import shutil
 

@@ -10,7 +10,8 @@ and per-item RNG seeds; loaders whose workers live for the whole run.
   restored afterwards, so loading in the main process does not disturb dropout or mixup.
 * :class:`Repeated`: an item that is several augmented samples of one file (VideoMAE's repeated
   augmentation, ``num_sample``); :func:`collate` flattens them into the batch, so a batch of B items
-  holds ``B * num_sample`` samples (VideoMAE's ``multiple_samples_collate``).
+  holds ``B * num_sample`` samples (VideoMAE's ``multiple_samples_collate``); a batch left with no sample
+  (its files all unreadable in evaluation) is None, which every evaluation loop skips.
 * :func:`make_loader`: workers are started once and kept (``persistent_workers``): forking them again at
   every epoch and every evaluation cost the first log window of each epoch ~90 % of its samples/s on a GPU
   (issue 19). Nothing an item depends on is set on the data set after they start: the epoch comes with
@@ -38,9 +39,11 @@ class Repeated(tuple):
 
 
 def collate(items: list):
-    """``default_collate``, after replacing each :class:`Repeated` item by the samples it holds."""
+    """``default_collate``, after replacing each :class:`Repeated` item by the samples it holds; None when no
+    sample is left (every file of an evaluation batch unreadable, each a ``LeftOut`` item): the evaluation
+    loops skip such a batch."""
     flat = [sample for item in items for sample in (item if isinstance(item, Repeated) else (item,))]
-    return default_collate(flat)
+    return default_collate(flat) if flat else None
 
 
 class EpochSampler(Sampler[tuple[int, int]]):

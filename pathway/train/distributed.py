@@ -42,7 +42,10 @@ def gather_rows(rows: list[Tensor], ctx: Any) -> list[Tensor]:
     ``rows``: this rank's batches of one kind (logits, targets or item ids), the rows of items ``rank, rank +
     world, ...`` (the evaluation sampler's ``rank::world`` share, which has no padding, so no item is counted
     twice). The result is one tensor, row ``i`` being item ``i``: the same rows, in the same order, as one process
-    scoring the whole split; metrics that depend on the order of ties (average precision) agree too."""
+    scoring the whole split; metrics that depend on the order of ties (average precision) agree too. Items left out
+    of an evaluation (unreadable files) shorten a rank's rows: every kind of row is still reordered by the same
+    permutation, so logits stay paired with their targets and items, but the order of the rows read after a gap
+    is interleaved differently from one process's (only the order of ties can differ)."""
     mine = torch.cat(rows) if rows else torch.empty(0)
     if ctx.world == 1:
         return [mine] if rows else []

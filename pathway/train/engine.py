@@ -274,6 +274,8 @@ def evaluate(model: nn.Module, loader, ctx: Context, metric: str, task: str) -> 
     acc = MetricAccumulator(metric)
     loss_sum, n = 0.0, 0
     for batch in loader:
+        if batch is None:  # every file of this batch unreadable: left out of the metric (data.collate)
+            continue
         x, y, *item = to_device(batch, ctx.device)
         with pathway.cached(), ctx.autocast():
             logits = model(x)
@@ -647,8 +649,8 @@ def finish(model: TransformerModel, recipe: Recipe, adapter, check_set, ctx: Con
     run_dir = recipe.run_dir
     out: dict[str, Any] = dict(extra)
     if pathway.is_connected(model):
-        x = to_device(next(iter(DataLoader(check_set, batch_size=min(8, len(check_set)), collate_fn=collate)))[0],
-                      ctx.device)
+        batches = DataLoader(check_set, batch_size=min(8, len(check_set)), collate_fn=collate)
+        x = to_device(next(batch for batch in batches if batch is not None)[0], ctx.device)
         out["fold_max_abs_diff"] = fold_and_check(model, x, ctx)
         ctx.log(f"fold: max |folded - connected| on a batch of {x.shape[0]}: {out['fold_max_abs_diff']:.3g}")
     out.update(save_folded(model, adapter, run_dir, log=ctx.log))
