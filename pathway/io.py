@@ -20,12 +20,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.nn.utils import parametrize
 
 from . import provenance
 from .errors import NonFiniteError, NotConnectedError, PathwayError
 from .inject import is_connected
-from .layer import PathwayWeight
+from .layer import PathwayWeight, attach_pathway
 from .modules import owners, pathway_sites
 
 FORMAT_VERSION = 1
@@ -200,7 +199,7 @@ def _rebuild(target: nn.Module, path: Path, spec: dict[str, Any]) -> None:
                                     tuple(p["scale_shape"]), 0.0, p["train_aux"], p["train_lambda"], p["source"],
                                     p["transform"], p["target_requires_grad"])
             for owner, name in sites:
-                parametrize.register_parametrization(owner, name, pathway)
+                attach_pathway(owner, name, pathway)
         module.parametrizations[tensor_name].original.requires_grad_(not site["pathways"][-1]["target_frozen"])
 
 

@@ -139,3 +139,14 @@ def test_aux_reference_refuses_a_trained_aux(tmp_path, aux_folder):
     pathway.connect(model, pathway.open_aux(aux_folder))
     with pytest.raises(pathway.PathwayError, match="connect with train_aux=False to save by reference"):
         pathway.save(model, tmp_path / "run.safetensors", aux_reference=aux_folder)
+
+
+def test_a_model_restored_by_load_refuses_pickling_by_name(tmp_path):
+    """pathway.load attaches pathways the way connect does, so torch.save(model) says what to do."""
+    import io
+
+    file = tmp_path / "run.safetensors"
+    pathway.save(_connected(), file)
+    restored = pathway.load(timm_vit(depth=2, dim=32, heads=2), file)
+    with pytest.raises(pathway.PicklingError, match=r"pathway\.fold\(model\) first"):
+        torch.save(restored, io.BytesIO())
