@@ -145,6 +145,8 @@ class OptimConfig:
     accum_steps: int | None = None  # micro-batches per optimizer step; None: from data.global_batch (else 1)
     optimizer: Literal["adamw", "lars"] = "adamw"  # lars: MAE's linear probe (LARS on the weights, AdamW on lambda)
     lambda_layer_decay: bool = True  # block i's lambda takes block i's layer-decay scale (the official code)
+    repeat_step: bool = False  # Point-MAE segmentation: AdamW steps twice per batch, the second time on the same
+    #   gradients clipped to clip_grad (needed); the schedule and the EMA step once per batch; not under fp16
 
 
 @dataclass
@@ -164,6 +166,8 @@ class TrainConfig:
     label_smoothing: float = 0.0  # 0.1 in the paper's image run
     ema: bool = False  # keep an EMA of the weights (timm ModelEmaV3) and evaluate it too
     ema_decay: float = 0.9999
+    export_ema: bool = False  # the EMA weights (needs ema) become the run's: the final test, the fold and
+    #   model.safetensors use them, and the best evaluation is the EMA's (MAE's from-scratch ViT-B reports them)
     eval_every: int = 1  # evaluate every N epochs (and always at the end)
     log_every: int = 10  # optimizer steps between log lines / JSONL rows
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0 = none by steps)
@@ -474,6 +478,17 @@ def check_mlp_width(recipe: Recipe, where: str) -> None:
                               f"{int(ratio * width)} units; it must give at least 1 (e.g. 4.0, a ViT's)")
 
 
+def check_protocol_options(recipe: Recipe, where: str) -> None:
+    """The options that copy an official protocol need the setting they act on: ``optim.repeat_step`` clips its
+    second step (``optim.clip_grad``), ``train.export_ema`` exports the EMA (``train.ema``)."""
+    if recipe.optim.repeat_step and recipe.optim.clip_grad is None:
+        raise RecipeError(f"{where}: 'optim.repeat_step' = true steps a second time on the gradients clipped to "
+                          f"'optim.clip_grad', which is not set; set optim.clip_grad (Point-MAE's segmentation: 10)")
+    if recipe.train.export_ema and not recipe.train.ema:
+        raise RecipeError(f"{where}: 'train.export_ema' = true but 'train.ema' = false: the run keeps no EMA to "
+                          f"export; set train.ema: true (and train.ema_decay), or remove train.export_ema")
+
+
 def check_values(recipe: Recipe, where: str) -> None:
     """Ranges of single values and the relations between them (widths divisible by heads)."""
     check_finite(recipe, where)
@@ -494,6 +509,7 @@ def check_values(recipe: Recipe, where: str) -> None:
                    "aux.num_heads" if a.num_heads else "model.num_heads", aux_heads)
     _divisible(where, "pretrain.decoder_dim", p.decoder_dim, "pretrain.decoder_heads", p.decoder_heads)
     check_mlp_width(recipe, where)
+    check_protocol_options(recipe, where)
     name = recipe.output.name
     if name and (name in (".", "..") or any(sep in name for sep in "/\\")):
         raise RecipeError(f"{where}: 'output.name' = {name!r} is not a folder name: the run folder is "

@@ -333,7 +333,7 @@ def steps_in_epoch(recipe: Recipe, loader, items: int, plan: BatchPlan) -> int:
 
 def optimizer_step(net: nn.Module, batches, loss_of: Callable[[Any], tuple[Tensor, int]], optimizer, scaler,
                    ctx: Context, accum_steps: int, clip_grad: float | None,
-                   on_nonfinite: Callable[[float], None]) -> tuple[float, int]:
+                   on_nonfinite: Callable[[float], None], repeat_step: bool = False) -> tuple[float, int]:
     """One optimizer step over ``accum_steps`` micro-batches; returns (mean loss, samples seen on all ranks).
 
     ``loss_of(batch)`` gives a micro-batch's loss and size. The losses are added up on the device; once the last
@@ -341,7 +341,15 @@ def optimizer_step(net: nn.Module, batches, loss_of: Callable[[Any], tuple[Tenso
     (``distributed.agreed_loss``), not one per micro-batch. If not, ``on_nonfinite(value)`` runs on every rank
     (it saves and raises) before any gradient of this step is applied. Under fp16 the grad scaler scales the loss
     and unscales before clipping.
+
+    ``repeat_step`` (``optim.repeat_step``) is Point-MAE's segmentation loop (``segmentation/main.py:191-201``):
+    the optimizer steps on the plain gradients, then the same gradients are clipped to ``clip_grad`` and it steps
+    again. The fp16 grad scaler would skip or keep the first step on overflow where the second cannot follow it,
+    so that pairing is refused.
     """
+    if repeat_step and scaler.is_enabled():
+        raise RecipeError("optim.repeat_step steps twice on one batch's gradients, which the fp16 grad scaler "
+                          "cannot follow (it skips a step on overflow); use --set train.amp=bf16 or fp32")
     loss_sum, seen = torch.zeros((), device=ctx.device), 0
     for micro in range(accum_steps):
         batch = to_device(next(batches), ctx.device)
@@ -354,11 +362,17 @@ def optimizer_step(net: nn.Module, batches, loss_of: Callable[[Any], tuple[Tenso
     value, finite = agreed_loss(loss_sum, ctx)  # the one host sync of the step; every rank stops together
     if not finite:
         on_nonfinite(value)
-    if clip_grad is not None:
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
-    scaler.step(optimizer)
-    scaler.update()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if repeat_step:  # the scaler is off (refused above): the gradients are the true ones
+        optimizer.step()
+        nn.utils.clip_grad_norm_(params, clip_grad)
+        optimizer.step()
+    else:
+        if clip_grad is not None:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(params, clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return value, seen
 
@@ -531,7 +545,8 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True,
         while position < steps_per_epoch * accum and step < total_steps:
             apply_lr(optimizer, lr_at(step, base_lr=lr, total_steps=total_steps, warmup_steps=warmup_steps,
                                       min_lr=o.min_lr))
-            loss_sum, samples = optimizer_step(net, batches, loss_of, optimizer, scaler, ctx, accum, o.clip_grad, stop)
+            loss_sum, samples = optimizer_step(net, batches, loss_of, optimizer, scaler, ctx, accum, o.clip_grad, stop,
+                                               repeat_step=o.repeat_step)
             position += accum
             window.add(samples)
             if ema is not None:
