@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from .errors import NotConnectedError, PathwayError
 from .modules import pathway_sites
+from .version import __version__
 
 KEY = "pathway_provenance"
 _CHUNK = 1 << 22
@@ -115,7 +116,6 @@ def capture(model: nn.Module, aux: Any | Iterable[Any] | None = None, recipe: An
                           "lambda": _lambda_value(p.scale), "aux_dtype": str(p.aux_weight.dtype).removeprefix("torch."),
                           "aux_trained": p.aux_weight.requires_grad, "aux_sha256": sha256_tensor(p.aux_weight)})
     auxes = [] if aux is None else list(aux) if isinstance(aux, (list, tuple)) else [aux]
-    from . import __version__
 
     record: dict[str, Any] = {
         "pathway_version": __version__,

@@ -15,10 +15,10 @@ if not (_here / "base.py").exists():
     __path__.append(str(_here.parents[1] / "adapters"))
 del _Path, _here
 
-from .base import Adapter as Adapter
-from .base import LayoutError as LayoutError
-from .base import OptionError as OptionError
-from .base import UnreadableFileError as UnreadableFileError
-from .registry import available as available
-from .registry import get as get
-from .registry import register as register
+from .base import (
+    Adapter as Adapter,
+    LayoutError as LayoutError,
+    OptionError as OptionError,
+    UnreadableFileError as UnreadableFileError,
+)
+from .registry import available as available, get as get, register as register

@@ -12,15 +12,17 @@ if not (_here / "base.py").exists():
 del _Path, _here
 
 from .audio_spectrogram import AudioSpectrogramTokenizer as AudioSpectrogramTokenizer
-from .base import Tokenizer as Tokenizer
-from .base import TokenizerOutput as TokenizerOutput
+from .base import Tokenizer as Tokenizer, TokenizerOutput as TokenizerOutput
 from .image_patch import ImagePatchTokenizer as ImagePatchTokenizer
-from .patch import PatchTokenizer as PatchTokenizer
-from .patch import patchify as patchify
-from .point_group import PointGroupTokenizer as PointGroupTokenizer
-from .point_group import farthest_point_sample as farthest_point_sample
-from .point_group import knn as knn
-from .pos_embed import resample_pos_embed as resample_pos_embed
-from .pos_embed import sincos_pos_embed as sincos_pos_embed
-from .pos_embed import sinusoid_table as sinusoid_table
+from .patch import PatchTokenizer as PatchTokenizer, patchify as patchify
+from .point_group import (
+    PointGroupTokenizer as PointGroupTokenizer,
+    farthest_point_sample as farthest_point_sample,
+    knn as knn,
+)
+from .pos_embed import (
+    resample_pos_embed as resample_pos_embed,
+    sincos_pos_embed as sincos_pos_embed,
+    sinusoid_table as sinusoid_table,
+)
 from .video_tubelet import VideoTubeletTokenizer as VideoTubeletTokenizer
