@@ -71,14 +71,23 @@ def test_inspect_two_timm_models(capsys):
 def test_train_then_eval_and_fold_from_the_command_line(tmp_path, capsys):
     import json
 
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
+
+    from pathway.provenance import sha256_file
+    from pathway.train.config import load_recipe
+    from pathway.train.model import build_adapter, build_transformer
 
     data = tmp_path / "data"
     assert main(["demo-data", "timeseries", str(data)]) == 0
     sets = [f"data.root={data}", f"output.dir={tmp_path}", "output.name=ts", "model.embed_dim=32", "model.depth=2",
             "model.num_heads=2", "train.epochs=1", "train.max_steps=4", "pathway.lambda_init=0.1"]
-    args = [a for s in sets for a in ("--set", s)]
     recipe = str(ROOT / "recipes/demo/timeseries.yaml")
+    aux = tmp_path / "aux.safetensors"  # an aux checkpoint in the engine's own keys, hashed into the provenance
+    plain = load_recipe(Path(recipe), sets)
+    aux_model = build_transformer(plain, build_adapter(plain), aux=True)
+    save_file({k: v.contiguous() for k, v in aux_model.state_dict().items()}, str(aux))
+    sets += [f"aux.checkpoint={aux}", "aux.checkpoint_format=pathway"]
+    args = [a for s in sets for a in ("--set", s)]
     assert main(["train", recipe, "--no-progress", *args]) == 0
     final = capsys.readouterr().out.strip().splitlines()[-1]
     assert final.startswith("final: top1")
@@ -93,6 +102,16 @@ def test_train_then_eval_and_fold_from_the_command_line(tmp_path, capsys):
     a, b = load_file(str(tmp_path / "folded.safetensors")), load_file(str(run / "model.safetensors"))
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     assert json.loads((run / "result.json").read_text())["fold_max_abs_diff"] < 1e-5
+    # both folded files say how they were made: the aux file and its sha256, every pair and its lambda
+    lambdas = json.loads((run / "lambdas.jsonl").read_text().splitlines()[-1])
+    capsys.readouterr()
+    for folded in (run / "model.safetensors", tmp_path / "folded.safetensors"):
+        assert main(["inspect", str(folded)]) == 0
+        shown = capsys.readouterr().out
+        assert f"from {aux}" in shown and f"aux.safetensors  sha256 {sha256_file(aux)}" in shown
+        fc2 = next(line for line in shown.splitlines() if line.startswith("  blocks.1.mlp.fc2.weight "))
+        assert "pairs (8):" in shown and "<- blocks.1.mlp.fc2.weight" in fc2
+        assert f"lambda {lambdas['blocks.1.mlp.fc2.weight']:+.6g}" in fc2
 
 
 def test_python_dash_m_pathway():

@@ -8,7 +8,7 @@
        clip; step; log loss, lr, throughput, mean |lambda|; checkpoint
     -> evaluate each `eval_every` epochs -> fold the pathways into the target, check on a batch that
        the folded model gives the connected model's outputs, save it (safetensors, the target
-       library's own keys), write metrics (JSONL, CSV) and plots.
+       library's own keys, the provenance record in the metadata), write metrics (JSONL, CSV) and plots.
 
 A modality enters only through its adapter (data, tokenizer, head, task, metric) and its recipe.
 """
@@ -659,16 +659,18 @@ def finish(model: TransformerModel, recipe: Recipe, adapter, check_set, ctx: Con
     """Fold, check, save the folded model, write CSVs and plots (rank 0)."""
     from torch.utils.data import DataLoader
 
-    from .export import save_folded
+    from .export import provenance_metadata, save_folded
 
     run_dir = recipe.run_dir
     out: dict[str, Any] = dict(extra)
+    record: dict[str, str] = {}
     if pathway.is_connected(model):
+        record = provenance_metadata(model, recipe)  # the pairs and lambdas, read before the fold removes them
         batches = DataLoader(check_set, batch_size=min(8, len(check_set)), collate_fn=collate)
         x = to_device(next(batch for batch in batches if batch is not None)[0], ctx.device)
         out["fold_max_abs_diff"] = fold_and_check(model, x, ctx)
         ctx.log(f"fold: max |folded - connected| on a batch of {x.shape[0]}: {out['fold_max_abs_diff']:.3g}")
-    out.update(save_folded(model, adapter, run_dir, log=ctx.log))
+    out.update(save_folded(model, adapter, run_dir, log=ctx.log, metadata=record))
     (run_dir / "result.json").write_text(json.dumps(out, indent=2))
     rows = log.rows()
     write_csv([r for r in rows if r["kind"] == "train"], run_dir / "train.csv")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError, read_state
 from .config import Recipe, recipe_from_dict
+from .export import provenance_metadata
 from .layouts import is_engine_layout, read_checkpoint
 from .model import TransformerModel, build_adapter, build_model, build_transformer
 from .owned import check_new_file
@@ -92,12 +93,15 @@ def fold_checkpoint(checkpoint: Path, output: Path) -> str:
 
     check_new_file(output, "fold output")
     state = read_state(checkpoint, ("model", "recipe"))
-    recipe = _without_init(recipe_from_dict(state["recipe"], f"{checkpoint} (embedded recipe)"))
+    trained = recipe_from_dict(state["recipe"], f"{checkpoint} (embedded recipe)")
+    recipe = _without_init(trained)
     adapter = build_adapter(recipe, need_data=False)
     model = load_run_model(recipe, checkpoint, adapter, state)
+    record: dict[str, str] = {}
     if pathway.is_connected(model):
+        record = provenance_metadata(model, trained)  # the pairs and lambdas, read before the fold removes them
         pathway.fold(model)
     output.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(output),
-              metadata={"format": "pathway", "layout": "TransformerModel", "step": str(state.get("step"))})
+              metadata={**record, "format": "pathway", "layout": "TransformerModel", "step": str(state.get("step"))})
     return f"folded {checkpoint} (step {state.get('step')}) -> {output}"

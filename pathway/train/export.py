@@ -24,7 +24,7 @@ from pathway.errors import PathwayError
 
 from .layouts import engine_to_timm
 
-__all__ = ["NonFiniteWeightsError", "timm_vit_kwargs", "save_folded"]
+__all__ = ["NonFiniteWeightsError", "timm_vit_kwargs", "provenance_metadata", "save_folded"]
 
 
 class NonFiniteWeightsError(PathwayError):
@@ -49,13 +49,45 @@ def timm_vit_kwargs(model: nn.Module, adapter: Any) -> dict[str, Any]:
     )
 
 
+def provenance_metadata(model: nn.Module, recipe: Any) -> dict[str, str]:
+    """The provenance record of a connected ``model`` (read before it is folded: the pairs and lambdas), its
+    recipe and its aux checkpoint, as safetensors metadata: ``pathway inspect`` prints it from the folded file,
+    a reader that ignores metadata still gets the plain model."""
+    from pathway import provenance
+
+    record = provenance.capture(model, recipe=recipe.to_dict())
+    record["aux"] = [aux_checkpoint_identity(recipe.aux)] if recipe.aux.checkpoint else []
+    return provenance.metadata(record)
+
+
+def aux_checkpoint_identity(aux: Any) -> dict[str, Any]:
+    """The recipe's aux checkpoint (``aux`` is its ``AuxConfig``) as the provenance records it: the path, the
+    format, the architecture the engine built for it, and the sha256 of the file (of each file of a Hugging Face
+    directory). A file no longer there (a checkpoint folded elsewhere) is recorded by its path alone; each pair
+    still carries the sha256 of the aux tensor it held."""
+    from pathway.provenance import sha256_file
+
+    path = Path(aux.checkpoint)
+    files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    if aux.checkpoint_format == "transformers":
+        config = path / "config.json"
+        model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+        architecture = {"class": "transformers.AutoModel", **({"model_type": model_type} if model_type else {})}
+    else:
+        architecture = {"class": "pathway.train.model.TransformerModel"}
+    return {"architecture": architecture, "path": str(path), "format": aux.checkpoint_format,
+            "files": {f.name: sha256_file(f) for f in files}}
+
+
 def _contiguous(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-def save_folded(model: nn.Module, adapter: Any, run_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+def save_folded(model: nn.Module, adapter: Any, run_dir: Path, log: Callable[[str], None] = print,
+                metadata: dict[str, str] | None = None) -> dict[str, Any]:
     """Write the (folded) model; for images also in timm keys, checked by loading it into timm. Weights holding
-    NaN or inf are refused (:class:`NonFiniteWeightsError`), not exported."""
+    NaN or inf are refused (:class:`NonFiniteWeightsError`), not exported. ``metadata`` (the provenance record,
+    :func:`provenance_metadata`) goes into every file written."""
     from safetensors.torch import save_file
 
     bad = [name for name, tensor in model.state_dict().items()
@@ -66,7 +98,9 @@ def save_folded(model: nn.Module, adapter: Any, run_dir: Path, log: Callable[[st
                                     f"the lr (optim.blr / optim.lr) or set optim.clip_grad")
     out: dict[str, Any] = {}
     path = run_dir / "model.safetensors"
-    save_file(_contiguous(model.state_dict()), str(path), metadata={"format": "pathway", "layout": "TransformerModel"})
+    extra = metadata or {}
+    save_file(_contiguous(model.state_dict()), str(path),
+              metadata={**extra, "format": "pathway", "layout": "TransformerModel"})
     out["model"] = str(path)
     log(f"saved folded model: {path}")
     if getattr(adapter, "name", "") != "image":
@@ -79,7 +113,7 @@ def save_folded(model: nn.Module, adapter: Any, run_dir: Path, log: Callable[[st
         return out
     kwargs = timm_vit_kwargs(model, adapter)
     timm_path = run_dir / "model_timm.safetensors"
-    save_file(_contiguous(engine_to_timm(model.state_dict())), str(timm_path), metadata={"format": "timm"})
+    save_file(_contiguous(engine_to_timm(model.state_dict())), str(timm_path), metadata={**extra, "format": "timm"})
     (run_dir / "model_timm.json").write_text(json.dumps({"model": "vit_base_patch16_224", "kwargs": kwargs}, indent=2))
     out["timm_model"] = str(timm_path)
     out["timm_max_abs_diff"] = check_timm_export(model, timm_path, kwargs)
