@@ -4,6 +4,8 @@ run's: final test, fold, export, best evaluation). Tiny models, CPU."""
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -84,3 +86,49 @@ def test_repeat_step_refuses_the_fp16_grad_scaler_and_a_missing_clip(tmp_path):
 def test_export_ema_without_ema_is_refused_by_name():
     with pytest.raises(RecipeError, match="'train.export_ema' = true but 'train.ema' = false.*train.ema: true"):
         load_recipe(IMAGE, ["train.export_ema=true", "train.ema=false"])
+
+
+def test_export_ema_exports_the_folded_ema_not_the_live_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    import pathway
+    from pathway.train.checkpoint import list_checkpoints, read_state
+    from pathway.train.demo_data import make_demo_data
+    from pathway.train.engine import train
+    from pathway.train.evaluate import fold_checkpoint
+    from pathway.train.model import build_adapter, build_model
+
+    data = make_demo_data("image", tmp_path / "data", per_class=8)
+    recipe = load_recipe(IMAGE, [f"data.root={data}", f"output.dir={tmp_path}", "output.name=ema", "model.embed_dim=16",
+                                 "model.depth=2", "model.num_heads=2", "data.batch_size=16", "train.epochs=1",
+                                 "train.max_steps=3", "optim.lr=0.05", "optim.warmup_epochs=0", "output.plots=false",
+                                 "pathway.lambda_init=0.2", "train.ema=true", "train.ema_decay=0.9",
+                                 "train.export_ema=true"])
+    result = train(recipe, progress=False)
+
+    state = read_state(list_checkpoints(recipe.run_dir / "checkpoints")[-1], ("model", "ema", "recipe"))
+    adapter = build_adapter(recipe)
+    example = adapter.dataset("train", True)[0][0][None]
+
+    def folded(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        model, _ = build_model(recipe, adapter, example=example, log=lambda _: None)
+        model.load_state_dict(tensors, strict=True)
+        assert pathway.is_connected(model)  # the fold is not trivial
+        pathway.fold(model)
+        return model.state_dict()
+
+    ema = folded({k.removeprefix("module."): v for k, v in state["ema"].items()})
+    live = folded(state["model"])
+    exported = load_file(str(recipe.run_dir / "model.safetensors"))
+    assert set(exported) == set(ema)
+    for k, v in exported.items():
+        torch.testing.assert_close(v, ema[k], rtol=0, atol=1e-6, msg=k)
+    assert max((exported[k] - live[k]).abs().max().item() for k in exported) > 1e-3  # not the live weights
+    fold_checkpoint(list_checkpoints(recipe.run_dir / "checkpoints")[-1], tmp_path / "folded.safetensors")
+    assert all(torch.equal(v, load_file(str(tmp_path / "folded.safetensors"))[k]) for k, v in exported.items())
+
+    row = [r for r in map(json.loads, (recipe.run_dir / "metrics.jsonl").read_text().splitlines())
+           if r["kind"] == "eval"][-1]
+    assert result["weights"] == "ema" and set(result["best"]) == {"ema_top1", "epoch", "step"}
+    assert result["metrics"]["top1"] == row["ema_top1"] and result["metrics"]["loss"] == row["ema_loss"]
+    assert result["live_metrics"]["top1"] == row["top1"] and math.isfinite(result["live_metrics"]["loss"])

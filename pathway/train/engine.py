@@ -189,15 +189,18 @@ def multiview_test_set(adapter, split: str):
     return adapter.multiview_dataset(split)
 
 
-def primary_metric(metrics: dict[str, float]) -> str | None:
-    """The metric a run is judged by: the first the adapter's metric reports (top1, map, inst_miou, part_miou)."""
-    return next((k for k in metrics if k not in ("kind", "step", "epoch", "loss") and not k.startswith("ema_")), None)
+def primary_metric(metrics: dict[str, float], ema: bool = False) -> str | None:
+    """The metric a run is judged by: the first the adapter's metric reports (top1, map, inst_miou, part_miou);
+    with ``ema`` (``train.export_ema``: the EMA's weights are the run's) the EMA's column of it (``ema_top1``)."""
+    key = next((k for k in metrics if k not in ("kind", "step", "epoch", "loss") and not k.startswith("ema_")), None)
+    return f"ema_{key}" if ema and key is not None else key
 
 
-def best_evaluation(best: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
-    """``best`` or the evaluation ``row`` (with its ``epoch`` and ``step``), whichever scores higher."""
-    key = primary_metric(row)
-    if key is None or (best and best[key] >= row[key]):
+def best_evaluation(best: dict[str, Any], row: dict[str, Any], ema: bool = False) -> dict[str, Any]:
+    """``best`` or the evaluation ``row`` (with its ``epoch`` and ``step``), whichever scores higher (by the EMA's
+    metric with ``ema``)."""
+    key = primary_metric(row, ema)
+    if key is None or key not in row or (best and best[key] >= row[key]):
         return best
     return {key: row[key], "epoch": row["epoch"], "step": row["step"]}
 
@@ -536,7 +539,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True,
     best: dict[str, Any] = {}  # the best evaluation (primary metric, epoch, step), reported beside the last
     for row in log.rows() if resume else ():  # the evaluations before the checkpoint (the log is truncated to it)
         if row["kind"] == "eval":
-            best = best_evaluation(best, row)
+            best = best_evaluation(best, row, t.export_ema)
             last_eval = {k: v for k, v in row.items() if k not in ("kind", "step", "epoch")}
     window = Window()  # samples/s and the wait for data, per log row
     while step < total_steps and epoch < t.epochs:
@@ -581,7 +584,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True,
                 if ema is not None:
                     ema_eval = evaluate(ema.module, val_loader, ctx, adapter.metric, adapter.task)
                     last_eval.update({f"ema_{k}": v for k, v in ema_eval.items()})
-                best = best_evaluation(best, {**last_eval, "epoch": epoch, "step": step})
+                best = best_evaluation(best, {**last_eval, "epoch": epoch, "step": step}, t.export_ema)
                 skipped = unreadable_files(adapter, ctx)
                 log.write(kind="eval", step=step, epoch=epoch, **last_eval)
                 ctx.log(f"eval step {step} epoch {epoch}: "
@@ -595,6 +598,9 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True,
 
     # -- the final test: the multi-view protocol, once, on the connected model ----------------------
     result: dict[str, Any] = {"step": step, "metrics": last_eval, "run_dir": str(run_dir), "plan": str(plan)}
+    if t.export_ema:  # the EMA is the run from here on: final test, fold, export (the checkpoint keeps both)
+        model.load_state_dict(ema.module.state_dict())
+        result.update(weights="ema", **ema_metrics(last_eval))
     test_set = multiview_test_set(adapter, recipe.data.val_split)
     if test_set is not None:
         test_loader = make_loader(test_set, shuffle=False, **loader_args)[0]
@@ -605,7 +611,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True,
     if best:
         result["best"] = best
         log.write(kind="best", step=step, epoch=epoch, best=best)
-        key = primary_metric(last_eval)
+        key = primary_metric(last_eval, t.export_ema)
         ctx.log(f"best evaluation: epoch {best['epoch']} (step {best['step']}) {key} {best[key]:.4g}; "
                 f"last: epoch {epoch} {key} {last_eval[key]:.4g}")
     result["unreadable_files"] = unreadable_files(adapter, ctx)
@@ -641,6 +647,13 @@ def check_resumable(state: dict[str, Any], recipe: Recipe, ctx: Context, path: P
             f"data.global_batch the global batch would change from {saved.global_batch} to {plan.global_batch}: "
             f"run it on {saved_world} process(es) (a recipe that states data.global_batch keeps its batch on any "
             f"number, through accumulation)")
+
+
+def ema_metrics(evaluation: dict[str, float]) -> dict[str, dict[str, float]]:
+    """A last evaluation of live and EMA weights (``top1``, ``ema_top1``, ...) split for a run whose EMA is exported:
+    ``metrics`` are the EMA's, without the prefix (the metrics of the exported weights), ``live_metrics`` the rest."""
+    return {"metrics": {k.removeprefix("ema_"): v for k, v in evaluation.items() if k.startswith("ema_")},
+            "live_metrics": {k: v for k, v in evaluation.items() if not k.startswith("ema_")}}
 
 
 def replica_difference(model: nn.Module, ctx: Context) -> float:

@@ -28,6 +28,17 @@ def _without_init(recipe: Recipe) -> Recipe:
                                aux=dataclasses.replace(recipe.aux, checkpoint=""))
 
 
+def run_weights(state: dict, recipe: Recipe) -> dict:
+    """The weights a training checkpoint stands for: the live model's, or with ``train.export_ema`` the EMA's (the
+    run exported those), so that ``pathway fold`` and ``pathway eval`` of a checkpoint give the run's model."""
+    if not recipe.train.export_ema:
+        return state["model"]
+    if state.get("ema") is None:
+        raise CheckpointError("the recipe sets train.export_ema but the checkpoint holds no EMA; evaluate it with "
+                              "the recipe it was trained with, or with --set train.export_ema=false")
+    return {k.removeprefix("module."): v for k, v in state["ema"].items()}  # timm ModelEmaV3 keeps it as `module`
+
+
 def load_run_model(recipe: Recipe, weights: Path, adapter, state: dict | None = None) -> TransformerModel:
     """A model holding ``weights``: connected for a training checkpoint (``state``, if already read), plain
     for a folded file or an official fine-tuned one (MAE, VideoMAE, AudioMAE, Point-MAE, timm: every tensor,
@@ -38,7 +49,7 @@ def load_run_model(recipe: Recipe, weights: Path, adapter, state: dict | None = 
         state = state or read_state(weights)
         example = adapter.example_input()[None]  # the core reads both graphs on an input of the adapter's shape
         model, _ = build_model(_without_init(recipe), adapter, example=example, log=lambda _: None)
-        tensors = state["model"]
+        tensors = run_weights(state, recipe)
     else:
         model = build_transformer(recipe, adapter)
         tensors, args = read_checkpoint(weights)
