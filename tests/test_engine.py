@@ -1,6 +1,7 @@
 """The engine: schedule, metrics, model, a whole tiny run (fold check, timm export, logs, plots),
 NaN stop, corrupt checkpoints, MAE pretraining. Tiny models (width 32, depth 2), a few steps, CPU."""
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -113,6 +114,8 @@ def test_run_writes_logs_plots_and_folded_model(finished_run):
     assert all(r["lambda_abs"] > 0 and r["samples_per_s"] > 0 and math.isfinite(r["loss"]) for r in train_rows)
     assert {"top1", "top5", "ema_top1"} <= set(result["metrics"])
     assert load_recipe(run / "recipe.yaml").to_dict() == {**recipe.to_dict()}  # resolved recipe saved
+    installed = importlib.util.find_spec("tensorboard") is not None
+    assert recipe.train.tensorboard is None and (run / "tensorboard").is_dir() == installed  # default: if installed
 
 
 def test_fold_is_checked_and_folded_file_is_plain(finished_run):
@@ -347,10 +350,12 @@ def test_checkpoint_epochs_saves_every_k_epochs_and_the_end(image_data, tmp_path
 
     # 240 training images / 80 = 3 steps an epoch; 3 epochs; a checkpoint after epoch 2 and the final one
     recipe = load_recipe(IMAGE, tiny(image_data, tmp_path, "every2", "data.batch_size=80", "train.epochs=3",
-                                     "train.max_steps=9", "train.checkpoint_epochs=2", "train.keep_last=9"))
+                                     "train.max_steps=9", "train.checkpoint_epochs=2", "train.keep_last=9",
+                                     "train.tensorboard=false"))
     train(recipe, progress=False)
     saved = [p.name for p in list_checkpoints(recipe.run_dir / "checkpoints")]
     assert saved == ["ckpt-00000006.pt", "ckpt-00000009.pt"]
+    assert not (recipe.run_dir / "tensorboard").exists()  # train.tensorboard=false, installed or not
 
 
 def test_item_seeds_touch_only_the_cpu_generator(image_data, monkeypatch):

@@ -170,6 +170,8 @@ class TrainConfig:
     #   model.safetensors use them, and the best evaluation is the EMA's (MAE's from-scratch ViT-B reports them)
     eval_every: int = 1  # evaluate every N epochs (and always at the end)
     log_every: int = 10  # optimizer steps between log lines / JSONL rows
+    tensorboard: bool | None = None  # the JSONL rows also as TensorBoard scalars in RUN/tensorboard; None: when the
+    #   tensorboard package is installed; true without it is refused; false: off
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0 = none by steps)
     checkpoint_minutes: float = 30.0  # wall-clock minutes between checkpoints (0 = none by time): a preempted run
     #   loses at most this much; an ImageNet epoch of ViT-B on 8 GPUs is longer

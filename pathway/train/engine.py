@@ -461,9 +461,9 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True,
 
     # -- resume -----------------------------------------------------------------------------------
     step, epoch, position = 0, 0, 0  # optimizer steps done; epoch; micro-batches consumed in it
-    from .tracking import TensorBoard  # rows also go to RUN/tensorboard when tensorboard is installed
+    from .tracking import TensorBoard  # rows also go to RUN/tensorboard (train.tensorboard)
 
-    board = TensorBoard.open(run_dir, ctx.main, getattr(t, "tensorboard", None))
+    board = TensorBoard.open(run_dir, ctx.main, t.tensorboard)
     log = board.mirror(JsonlLog(run_dir / "metrics.jsonl", ctx.main))
     lam_log = board.mirror(JsonlLog(run_dir / "lambdas.jsonl", ctx.main), prefix="lambda")
     if resumed is not None:

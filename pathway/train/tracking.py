@@ -19,9 +19,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pathway.errors import PathwayError
+from .config import RecipeError
 
 FOLDER = "tensorboard"
+
+
+class TensorBoardMissingError(RecipeError):
+    """``train.tensorboard: true`` where the tensorboard package is not installed."""
 
 
 def _installed() -> bool:
@@ -42,8 +46,9 @@ class TensorBoard:
     def open(cls, run_dir: Path, main: bool, enabled: bool | None) -> TensorBoard:
         """``enabled``: None = on when tensorboard is installed; True = required; False = off."""
         if enabled is True and not _installed():
-            raise PathwayError("train.tensorboard is true but the tensorboard package is not installed: "
-                               "pip install tensorboard (or the integrations extra), or set train.tensorboard=false")
+            raise TensorBoardMissingError("train.tensorboard is true but the tensorboard package is not installed: "
+                                          "pip install tensorboard (or the integrations extra), or set "
+                                          "train.tensorboard=false (or null: on where installed)")
         on = main and (enabled if enabled is not None else _installed())
         return cls(run_dir / FOLDER if on else None)
 
