@@ -96,6 +96,10 @@ def test_train_then_eval_and_fold_from_the_command_line(tmp_path, capsys):
     assert main(["eval", recipe, "--weights", str(run / "model.safetensors"), *args]) == 0
     evaluated = capsys.readouterr().out.strip()
     assert evaluated.split(", loss")[0] == final.removeprefix("final: ").split(", loss")[0]
+    with pytest.MonkeyPatch.context() as env:  # under torchrun only rank 0 prints the metrics line
+        env.setenv("RANK", "1")
+        assert main(["eval", recipe, "--weights", str(run / "model.safetensors"), *args]) == 0
+    assert capsys.readouterr().out == ""
     # fold a training checkpoint: same tensors as the run's own folded model
     ckpt = sorted((run / "checkpoints").glob("ckpt-*.pt"))[-1]
     assert main(["fold", str(ckpt), "-o", str(tmp_path / "folded.safetensors")]) == 0

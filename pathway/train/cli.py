@@ -137,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _report(line: str) -> None:
+    """Print a command's closing line once: under ``torchrun`` every process runs the command, rank 0 speaks."""
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(line)
+
+
 def _cmd_train(args) -> int:
     from .config import load_recipe
 
@@ -166,7 +174,7 @@ def _cmd_train(args) -> int:
     with StopSignals() as stops:  # SIGTERM, SIGUSR1, Ctrl-C: finish the step, checkpoint, stop
         result = train(recipe, resume=args.resume, progress=not args.no_progress, stops=stops)
     if result.get("metrics"):
-        print("final: " + ", ".join(f"{k} {v:.4g}" for k, v in result["metrics"].items()))
+        _report("final: " + ", ".join(f"{k} {v:.4g}" for k, v in result["metrics"].items()))
     return 0
 
 
@@ -192,7 +200,7 @@ def _cmd_eval(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     check_data(recipe)
     metrics = evaluate_weights(recipe, args.weights, split=args.split)
-    print(", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    _report(", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     return 0
 
 
