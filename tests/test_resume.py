@@ -274,3 +274,16 @@ def test_a_two_process_run_continues_on_one_process_with_its_global_batch(tmp_pa
     state = {"recipe": grown.to_dict(), "rng": [None, None]}
     with pytest.raises(WorldSizeError, match="written by 2 process.* global batch would change from 8 to 4"):
         check_resumable(state, grown, Context(torch.device("cpu")), tmp_path / "ckpt-00000001.pt")
+
+
+def test_loader_and_logging_settings_may_change_on_resume_and_a_shaping_key_may_not():
+    """A requeued job may get another machine: the worker count, the prefetch depth and TensorBoard logging are
+    not part of what the checkpoints continue; the batch size is."""
+    from pathway.train.checkpoint import recipe_changes
+    from pathway.train.config import load_recipe
+
+    image = ROOT / "recipes/demo/image.yaml"
+    saved = load_recipe(image).to_dict()
+    moved = load_recipe(image, ["data.num_workers=7", "data.prefetch_factor=6", "train.tensorboard=false"]).to_dict()
+    assert recipe_changes(saved, moved) == []
+    assert recipe_changes(saved, load_recipe(image, ["data.batch_size=5"]).to_dict()) == ["data.batch_size: 32 -> 5"]
