@@ -189,20 +189,19 @@ def multiview_test_set(adapter, split: str):
     return adapter.multiview_dataset(split)
 
 
-def primary_metric(metrics: dict[str, float], ema: bool = False) -> str | None:
-    """The metric a run is judged by: the first the adapter's metric reports (top1, map, inst_miou, part_miou);
-    with ``ema`` (``train.export_ema``: the EMA's weights are the run's) the EMA's column of it (``ema_top1``)."""
-    key = next((k for k in metrics if k not in ("kind", "step", "epoch", "loss") and not k.startswith("ema_")), None)
-    return f"ema_{key}" if ema and key is not None else key
+def primary_metric(metrics: dict[str, float]) -> str | None:
+    """The metric a run is judged by: the first the adapter's metric reports (top1, map, inst_miou, part_miou)."""
+    return next((k for k in metrics if k not in ("kind", "step", "epoch", "loss") and not k.startswith("ema_")), None)
 
 
 def best_evaluation(best: dict[str, Any], row: dict[str, Any], ema: bool = False) -> dict[str, Any]:
-    """``best`` or the evaluation ``row`` (with its ``epoch`` and ``step``), whichever scores higher (by the EMA's
-    metric with ``ema``)."""
-    key = primary_metric(row, ema)
-    if key is None or key not in row or (best and best[key] >= row[key]):
+    """``best`` or the evaluation ``row`` (with its ``epoch`` and ``step``), whichever scores higher; with ``ema``
+    (``train.export_ema``: the EMA's weights are the run's) by the EMA's column (``ema_top1``), marked so."""
+    key = primary_metric(row)
+    column = f"ema_{key}" if ema else key
+    if key is None or column not in row or (best and best[key] >= row[column]):
         return best
-    return {key: row[key], "epoch": row["epoch"], "step": row["step"]}
+    return {key: row[column], "epoch": row["epoch"], "step": row["step"], **({"weights": "ema"} if ema else {})}
 
 
 END_ROWS = ("test", "best")  # written once, after the final checkpoint
@@ -611,9 +610,9 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True,
     if best:
         result["best"] = best
         log.write(kind="best", step=step, epoch=epoch, best=best)
-        key = primary_metric(last_eval, t.export_ema)
-        ctx.log(f"best evaluation: epoch {best['epoch']} (step {best['step']}) {key} {best[key]:.4g}; "
-                f"last: epoch {epoch} {key} {last_eval[key]:.4g}")
+        key, weights = primary_metric(result["metrics"]), " of the EMA weights" if t.export_ema else ""
+        ctx.log(f"best evaluation{weights}: epoch {best['epoch']} (step {best['step']}) {key} {best[key]:.4g}; "
+                f"last: epoch {epoch} {key} {result['metrics'][key]:.4g}")
     result["unreadable_files"] = unreadable_files(adapter, ctx)
 
     # -- fold and export ----------------------------------------------------------------------------
