@@ -151,9 +151,13 @@ def test_timm_export_loads_strict_with_same_outputs(finished_run):
 
 
 def test_nan_loss_stops_after_saving(image_data, tmp_path, monkeypatch):
-    """Fault injection: the 3rd loss is NaN. The run stops with a message; the last safe state is on disk."""
+    """Fault injection: the 3rd loss is NaN. The run stops with a message; the last safe state is on disk; the run
+    folder's lock is released."""
+    import fcntl
+
     import pathway.train.engine as engine
     from pathway.train.checkpoint import load_latest
+    from pathway.train.owned import _HELD, LOCK
 
     real, calls = engine.compute_loss, {"n": 0}
 
@@ -168,6 +172,9 @@ def test_nan_loss_stops_after_saving(image_data, tmp_path, monkeypatch):
         engine.train(r, progress=False)
     path, state = load_latest(r.run_dir / "checkpoints")
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+    with (r.run_dir / LOCK).open("a") as lock:  # the run released its folder: another holder gets the lock at once
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert r.run_dir.resolve() not in _HELD  # nothing left open for the interpreter's exit (no ResourceWarning)
 
 
 def test_corrupt_checkpoint_is_named_and_previous_used(tmp_path):

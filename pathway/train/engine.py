@@ -391,8 +391,16 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True,
     A run folder that holds checkpoints is continued (the same command after a preemption resumes), provided its
     recipe is the one the checkpoints were written with; ``resume=True`` insists that there is one to continue.
     ``stops`` (the CLI's :class:`StopSignals`): a signal it received ends the run after the current optimizer step
-    with a checkpoint and :class:`RunStopped`.
+    with a checkpoint and :class:`RunStopped`. The run folder's lock is released on every way out (the end, a
+    stop, an error such as a NaN loss), so the same process, or another, can continue the run.
     """
+    try:
+        return _train(recipe, resume=resume, progress=progress, stops=stops)
+    finally:
+        unlock_run_dir(recipe.run_dir)  # held by rank 0 only; elsewhere nothing to release
+
+
+def _train(recipe: Recipe, *, resume: bool, progress: bool, stops: StopSignals | None) -> dict[str, Any]:
     ctx = setup(recipe)
     t, o = recipe.train, recipe.optim
     run_dir = recipe.run_dir
@@ -624,8 +632,6 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True,
                              extra={k: v for k, v in result.items() if k != "run_dir"}))
     ctx.barrier()
     release(ctx)
-    if ctx.main:
-        unlock_run_dir(run_dir)
     return result
 
 
