@@ -199,29 +199,35 @@ def test_the_process_group_is_destroyed_only_by_its_creator(two_ranks):
 
 
 class Pid(torch.utils.data.Dataset):
+    """A random value, the process that loaded the item, and whether that process ignores SIGTERM."""
+
     def __len__(self) -> int:
         return 4
 
     def __getitem__(self, i: int):
-        return torch.rand(1), os.getpid()
+        import signal
+
+        return torch.rand(1), os.getpid(), signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
 
 
-def test_loader_workers_persist_across_epochs_and_items_keep_their_epoch_seeds():
+def test_loader_workers_persist_across_epochs_keep_their_epoch_seeds_and_ignore_stop_signals():
     from pathway.train.data import make_loader, set_epoch
 
-    def epochs(workers: int) -> tuple[list, set]:
+    def epochs(workers: int) -> tuple[list, set, set]:
         loader, sampler = make_loader(Pid(), batch_size=2, num_workers=workers, seed=SEED, shuffle=True)
-        values, pids = [], set()
+        values, pids, ignored = [], set(), set()
         for epoch in range(3):
             set_epoch(loader, sampler, epoch)
-            for x, pid in loader:
+            for x, pid, ignores_sigterm in loader:
                 values.append(x)
                 pids.update(pid.tolist())
-        return values, pids
+                ignored.update(ignores_sigterm.tolist())
+        return values, pids, ignored
 
-    inline, _ = epochs(0)
-    worked, pids = epochs(1)
+    inline, _, _ = epochs(0)
+    worked, pids, ignored = epochs(1)
     assert len(pids) == 1 and os.getpid() not in pids  # one worker process served every epoch
+    assert ignored == {True}  # every loader's workers leave the stop signals to the main process
     assert all(torch.equal(a, b) for a, b in zip(inline, worked, strict=True))  # the epoch reached the worker
     assert not torch.equal(inline[0], inline[2])  # and each epoch draws anew
 

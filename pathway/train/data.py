@@ -119,9 +119,13 @@ def make_loader(
     """A DataLoader over :class:`SeededItems` with an :class:`EpochSampler`.
 
     ``num_workers`` None: :func:`default_workers`. Workers are started at the first epoch and kept for the
-    whole run; each loads ``prefetch_factor`` batches ahead. The DataLoader gets its own generator, so creating
-    an iterator does not consume the global torch RNG (which would shift dropout/drop-path after a resume).
+    whole run; each loads ``prefetch_factor`` batches ahead, and leaves the stop signals (SIGTERM, SIGUSR1,
+    Ctrl-C) to the main process (``preempt.ignore_stop_signals``), whichever loader it serves (training,
+    evaluation, the final multi-view test). The DataLoader gets its own generator, so creating an iterator does
+    not consume the global torch RNG (which would shift dropout/drop-path after a resume).
     """
+    from .preempt import ignore_stop_signals
+
     cuda = torch.cuda.is_available()
     workers = default_workers(cuda) if num_workers is None else num_workers
     items = SeededItems(dataset, seed)
@@ -136,6 +140,7 @@ def make_loader(
         pin_memory=cuda,
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=workers > 0,
+        worker_init_fn=ignore_stop_signals,
         prefetch_factor=prefetch_factor if workers else None,
     )
     return loader, sampler

@@ -39,7 +39,7 @@ from .metrics import MetricAccumulator
 from .model import TransformerModel, build_adapter, build_model
 from .optim import base_lr, build_mixup, build_optimizer, compute_loss
 from .owned import check_run_dir, claim_run_dir, lock_run_dir, unlock_run_dir
-from .preempt import CheckpointClock, RunStopped, StopSignals, agree, ignore_stop_signals
+from .preempt import CheckpointClock, RunStopped, StopSignals, agree
 from .schedule import apply_lr, lr_at, step_plan
 from .seeding import seed_everything, seed_rank_streams
 from .throughput import Window
@@ -427,9 +427,6 @@ def _train(recipe: Recipe, *, resume: bool, progress: bool, stops: StopSignals |
                        rank=ctx.rank, world=ctx.world, prefetch_factor=recipe.data.prefetch_factor)
     train_loader, train_sampler = make_loader(train_set, shuffle=True, **loader_args)
     val_loader = make_loader(val_set, shuffle=False, **loader_args)[0] if val_set is not None else None
-    for loader in (train_loader, val_loader):  # workers leave SIGTERM, SIGUSR1 and Ctrl-C to this process
-        if loader is not None:
-            loader.worker_init_fn = ignore_stop_signals
     plan = batch_plan(recipe, ctx.world)
     accum = plan.accum_steps
     steps_per_epoch = steps_in_epoch(recipe, train_loader, len(train_set), plan)
