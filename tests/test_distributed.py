@@ -99,6 +99,50 @@ def nonfinite_stop(rank: int, world: int) -> dict:
     return {"stopped_at": stopped_at, "finite": all(bool(torch.isfinite(p).all()) for p in model.parameters())}
 
 
+def stop_agreement(rank: int, world: int) -> dict:
+    """Five engine.optimizer_step calls carrying a StopAgreement: rank 0's checkpoint clock is due at step 1,
+    rank 1 receives SIGTERM before step 3. Returns the (stop, due) each step agreed and the all-reduces made."""
+    import signal
+
+    import torch.distributed as dist
+
+    from pathway.train.engine import Context, optimizer_step
+    from pathway.train.preempt import CheckpointClock, StopAgreement, StopSignals
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    stops, clock = StopSignals(), CheckpointClock(60.0)  # not entered: received is set by hand below
+    agreement = StopAgreement(stops, clock)
+    real, calls = dist.all_reduce, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    def nonfinite(value: float) -> None:
+        raise AssertionError(f"loss {value}")
+
+    agreed = []
+    dist.all_reduce = counted
+    try:
+        for step in range(5):
+            if rank == 0 and step == 1:
+                clock.last -= 3600  # an hour since the last checkpoint, on this rank's clock only
+            if rank == 1 and step == 3:
+                stops.received = signal.SIGTERM
+            optimizer_step(model, iter([torch.randn(2, 4)]), lambda b: (model(b).pow(2).mean(), b.shape[0]),
+                           optimizer, scaler, Context(torch.device("cpu"), rank, world), 1, None, nonfinite,
+                           agreement=agreement)
+            agreed.append([agreement.stop, agreement.due])
+            if agreement.due:
+                clock.saved()  # the engine's save() resets the clock on every rank
+    finally:
+        dist.all_reduce = real
+    return {"agreed": agreed, "all_reduces": len(calls)}
+
+
 def scenarios() -> tuple[tuple[str, Numbered], ...]:
     """11 items; 5 items x 3 views; 11 items of which 0, 2, 5 and 7 are unreadable: under 2 ranks a whole batch
     of 2 on each rank (rank 0's first, rank 1's second) is empty, and the shares read (4 and 3 items) differ in
@@ -145,7 +189,8 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     report = {"draws": [model_draws(SEED, rank), model_draws(SEED, rank)],  # the same run twice
-              "stop": nonfinite_stop(rank, world), "evaluation": sharded_evaluation(rank, world)}
+              "stop": nonfinite_stop(rank, world), "evaluation": sharded_evaluation(rank, world),
+              "agreement": stop_agreement(rank, world)}
     release(Context(torch.device("cpu"), rank, world, owns_group=False))  # a group it did not start is left alone
     report["kept_foreign_group"] = dist.is_initialized()
     release(Context(torch.device("cpu"), rank, world, owns_group=True))
@@ -180,6 +225,12 @@ def test_ranks_draw_their_own_mixup_and_drop_path_and_a_run_repeats_exactly(two_
 
 def test_a_nonfinite_loss_on_one_rank_stops_every_rank_at_that_step(two_ranks):
     assert [r["stop"] for r in two_ranks] == [{"stopped_at": 3, "finite": True}] * 2
+
+
+def test_a_stop_or_a_due_checkpoint_on_one_rank_is_agreed_by_all_in_the_step_all_reduce(two_ranks):
+    expected = [[False, False], [False, True], [False, False], [True, False], [True, False]]
+    assert [r["agreement"]["agreed"] for r in two_ranks] == [expected] * 2
+    assert [r["agreement"]["all_reduces"] for r in two_ranks] == [5, 5]  # one collective per step, loss included
 
 
 def test_sharded_evaluation_equals_one_process(two_ranks):

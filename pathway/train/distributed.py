@@ -1,7 +1,8 @@
 """What the engine does differently when ``torchrun`` started several processes (DDP).
 
 * :func:`agreed_loss`: the loss of an optimizer step and whether it is finite on every rank, read with one host
-  sync per optimizer step (not per micro-batch), so every rank stops together on a NaN or infinite loss.
+  sync per optimizer step (not per micro-batch), so every rank stops together on a NaN or infinite loss; the same
+  all-reduce carries the stop request and the checkpoint clock (``preempt.StopAgreement``).
 * :func:`gather_rows`: an evaluation's rows from every rank, back in the data set's order, so a metric scored
   on ``world`` shards equals the metric of one process scoring the whole split.
 * :func:`sync_batchnorm`: BatchNorm layers (the point tokenizer's mini-PointNet, the point heads) as
@@ -23,16 +24,24 @@ from torch import Tensor, nn
 __all__ = ["agreed_loss", "gather_rows", "release", "sync_batchnorm"]
 
 
-def agreed_loss(loss_sum: Tensor, ctx: Any) -> tuple[float, bool]:
+def agreed_loss(loss_sum: Tensor, ctx: Any, agreement: Any = None) -> tuple[float, bool]:
     """``(loss, finite on every rank)`` of a step whose micro-batch losses were added up on the device.
 
     One collective and one host sync for the step: the device tensor of non-finite counts is reduced over the
     ranks and read together with the loss. A rank whose own loss is finite still returns False when another
-    rank's is not, so every rank stops at the same step."""
-    bad = (~torch.isfinite(loss_sum)).float().reshape(1)
+    rank's is not, so every rank stops at the same step. ``agreement`` (a ``preempt.StopAgreement``): its local
+    flags (a stop signal received, a checkpoint due) are counted in the same all-reduce and it gets the agreed
+    ones, true on every rank where one rank's is."""
+    flags = agreement.local() if agreement is not None else ()
+    counts = (~torch.isfinite(loss_sum)).float().reshape(1)
     if ctx.world > 1:
-        dist.all_reduce(bad)
-    value, bad_ranks = torch.cat([loss_sum.detach().float().reshape(1), bad]).tolist()
+        if flags:
+            counts = torch.cat([counts, torch.tensor([float(f) for f in flags], device=counts.device)])
+        dist.all_reduce(counts)
+    value, bad_ranks, *reduced = torch.cat([loss_sum.detach().float().reshape(1), counts]).tolist()
+    if agreement is not None:
+        stop, due = (count > 0 for count in reduced) if reduced else flags  # one process: its own flags
+        agreement.agree(stop, due)
     return value, bad_ranks == 0
 
 

@@ -39,7 +39,7 @@ from .metrics import MetricAccumulator
 from .model import TransformerModel, build_adapter, build_model
 from .optim import base_lr, build_mixup, build_optimizer, compute_loss
 from .owned import check_run_dir, claim_run_dir, lock_run_dir, unlock_run_dir
-from .preempt import CheckpointClock, RunStopped, StopSignals, agree
+from .preempt import CheckpointClock, RunStopped, StopAgreement, StopSignals
 from .schedule import apply_lr, lr_at, step_plan
 from .seeding import seed_everything, seed_rank_streams
 from .throughput import Window
@@ -335,14 +335,16 @@ def steps_in_epoch(recipe: Recipe, loader, items: int, plan: BatchPlan) -> int:
 
 def optimizer_step(net: nn.Module, batches, loss_of: Callable[[Any], tuple[Tensor, int]], optimizer, scaler,
                    ctx: Context, accum_steps: int, clip_grad: float | None,
-                   on_nonfinite: Callable[[float], None], repeat_step: bool = False) -> tuple[float, int]:
+                   on_nonfinite: Callable[[float], None], repeat_step: bool = False,
+                   agreement: StopAgreement | None = None) -> tuple[float, int]:
     """One optimizer step over ``accum_steps`` micro-batches; returns (mean loss, samples seen on all ranks).
 
     ``loss_of(batch)`` gives a micro-batch's loss and size. The losses are added up on the device; once the last
     backward is queued, one host sync reads the step's loss and whether it is finite on every rank
     (``distributed.agreed_loss``), not one per micro-batch. If not, ``on_nonfinite(value)`` runs on every rank
     (it saves and raises) before any gradient of this step is applied. Under fp16 the grad scaler scales the loss
-    and unscales before clipping.
+    and unscales before clipping. ``agreement``: the stop request and the checkpoint clock ride in that same
+    all-reduce, so the loop learns whether every rank stops, or saves, after this step without another sync.
 
     ``repeat_step`` (``optim.repeat_step``) is Point-MAE's segmentation loop (``segmentation/main.py:191-201``):
     the optimizer steps on the plain gradients, then the same gradients are clipped to ``clip_grad`` and it steps
@@ -361,7 +363,7 @@ def optimizer_step(net: nn.Module, batches, loss_of: Callable[[Any], tuple[Tenso
         scaler.scale(loss / accum_steps).backward()
         loss_sum += loss.detach().float() / accum_steps
         seen += size * ctx.world
-    value, finite = agreed_loss(loss_sum, ctx)  # the one host sync of the step; every rank stops together
+    value, finite = agreed_loss(loss_sum, ctx, agreement)  # the one host sync of the step; every rank stops together
     if not finite:
         on_nonfinite(value)
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -499,12 +501,14 @@ def _train(recipe: Recipe, *, resume: bool, progress: bool, stops: StopSignals |
             f"{ctx.world} process(es) on {ctx.device}, amp {ctx.amp_dtype or 'off'}, run folder {run_dir}")
 
     clock = CheckpointClock(t.checkpoint_minutes)
+    agreement = StopAgreement(stops, clock)  # stop and save decisions, agreed in each step's loss all-reduce
 
     def save(at_step: int, at_epoch: int, at_position: int) -> Path | None:
         rngs: list[Any] = [ckpt.rng_state()]
         if ctx.world > 1:
             rngs = [None] * ctx.world
             dist.all_gather_object(rngs, ckpt.rng_state())
+        clock.saved()  # on every rank: a clock left running elsewhere would make every later step due
         if not ctx.main:
             return None
         state = {
@@ -512,7 +516,6 @@ def _train(recipe: Recipe, *, resume: bool, progress: bool, stops: StopSignals |
             "ema": ema.state_dict() if ema is not None else None, "step": at_step, "epoch": at_epoch,
             "position": at_position, "rng": rngs, "world": ctx.world, "recipe": recipe.to_dict(),
         }
-        clock.saved()
         return ckpt.save_checkpoint(ckpt_dir, state, at_step, t.keep_last)
 
     # -- train ------------------------------------------------------------------------------------
@@ -553,7 +556,7 @@ def _train(recipe: Recipe, *, resume: bool, progress: bool, stops: StopSignals |
             apply_lr(optimizer, lr_at(step, base_lr=lr, total_steps=total_steps, warmup_steps=warmup_steps,
                                       min_lr=o.min_lr))
             loss_sum, samples = optimizer_step(net, batches, loss_of, optimizer, scaler, ctx, accum, o.clip_grad, stop,
-                                               repeat_step=o.repeat_step)
+                                               repeat_step=o.repeat_step, agreement=agreement)
             position += accum
             window.add(samples)
             if ema is not None:
@@ -571,13 +574,12 @@ def _train(recipe: Recipe, *, resume: bool, progress: bool, stops: StopSignals |
                                     sps=f"{row['samples_per_s']:.0f}", wait=f"{row['data_wait']:.0%}")
             if bar is not None:
                 bar.update(1)
-            stop_now, due = agree(stops.received is not None, clock.due(), ctx.world, ctx.device)
-            if stop_now:
+            if agreement.stop:
                 saved = save(step, epoch, position)
                 raise RunStopped(f"stopped by {stops.name} after step {step} of {total_steps} (epoch {epoch}); "
                                  f"checkpoint {saved or 'written by rank 0'}; run the same command again to continue",
                                  exit_code=128 + (stops.received or signal.SIGTERM))
-            if (due or (t.checkpoint_every and step % t.checkpoint_every == 0)) and step < total_steps:
+            if (agreement.due or (t.checkpoint_every and step % t.checkpoint_every == 0)) and step < total_steps:
                 save(step, epoch, position)
 
         if position >= steps_per_epoch * accum:  # the epoch is complete

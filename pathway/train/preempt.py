@@ -3,8 +3,9 @@
 SLURM sends SIGTERM at preemption or cancellation (and SIGUSR1 ahead of the time limit when the job asks with
 ``--signal``); torchrun forwards SIGTERM to its workers; Ctrl-C sends SIGINT. While a run trains,
 :class:`StopSignals` turns each of these into a request that the loop reads after the current optimizer step:
-every rank agrees on it (:func:`agree`), rank 0 writes the checkpoint atomically and the run ends with
-:class:`RunStopped`, naming the step and the checkpoint. A second Ctrl-C stops at once (Python's default).
+every rank agrees on it (:class:`StopAgreement`, carried in the step's one all-reduce), rank 0 writes the
+checkpoint atomically and the run ends with :class:`RunStopped`, naming the step and the checkpoint. A second
+Ctrl-C stops at once (Python's default).
 
 The same collective carries the wall-clock checkpoint interval (``train.checkpoint_minutes``), so ranks whose
 clocks disagree still save at the same step.
@@ -17,12 +18,9 @@ import threading
 import time
 from types import FrameType
 
-import torch
-import torch.distributed as dist
-
 from pathway.errors import PathwayError
 
-__all__ = ["RunStopped", "StopSignals", "CheckpointClock", "agree", "ignore_stop_signals"]
+__all__ = ["RunStopped", "StopSignals", "CheckpointClock", "StopAgreement", "ignore_stop_signals"]
 
 SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
@@ -92,10 +90,19 @@ class CheckpointClock:
         self.last = time.monotonic()
 
 
-def agree(stop: bool, due: bool, world: int, device: torch.device) -> tuple[bool, bool]:
-    """``(stop, checkpoint due)`` as every rank sees it: true on one rank is true on all (one all-reduce)."""
-    if world == 1:
-        return stop, due
-    flags = torch.tensor([float(stop), float(due)], device=device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return bool(flags[0].item()), bool(flags[1].item())
+class StopAgreement:
+    """Whether to stop, and whether a checkpoint is due, as every rank sees it after an optimizer step.
+
+    Each step, :meth:`local` (this rank's stop request and clock) rides in the step's one all-reduce, the loss's
+    (``distributed.agreed_loss``), and :meth:`agree` records the result: true on one rank is true on all, at the
+    same step, with no collective or host read of its own."""
+
+    def __init__(self, stops: StopSignals, clock: CheckpointClock) -> None:
+        self.stops, self.clock = stops, clock
+        self.stop = self.due = False
+
+    def local(self) -> tuple[bool, bool]:
+        return self.stops.received is not None, self.clock.due()
+
+    def agree(self, stop: bool, due: bool) -> None:
+        self.stop, self.due = stop, due
