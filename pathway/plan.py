@@ -258,11 +258,10 @@ def _check_models(target: nn.Module, aux: nn.Module, lazy: bool = False) -> None
         raise NoPairsError("the target or the aux model has no floating-point parameters")
     if lazy:   # read from disk: tensors are converted when they are read
         return
-    for name, p in (("target", t), ("aux", a)):
-        if p.device.type == "meta":
-            raise DeviceMismatchError(f"the {name} model is on the meta device: it has shapes but no weights, so there "
-                                      f"is nothing to {'train' if name == 'target' else 'add'}; load its weights first "
-                                      f"(for a checkpoint on disk: pathway.open_aux(path) reads only what pairs)")
+    if a.device.type == "meta" and t.device.type != "meta":   # both on meta: a plan of shapes (the dry run)
+        raise DeviceMismatchError("the aux model is on the meta device: it has shapes but no weights, so there is "
+                                  "nothing to add; load its weights first (for a checkpoint on disk: "
+                                  "pathway.open_aux(path) reads only what pairs)")
     if t.device != a.device:
         raise DeviceMismatchError(f"the aux model is on {a.device} and the target on {t.device}; move it first: "
                                   f"aux.to('{t.device}')")
