@@ -173,7 +173,7 @@ def pretrain(recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:
                 break
             apply_lr(optimizer, lr_at(step, base_lr=lr, total_steps=total, warmup_steps=warmup, min_lr=o.min_lr))
             loss_sum, _ = optimizer_step(mae, batches, loss_of, optimizer, scaler, ctx, plan.accum_steps, o.clip_grad,
-                                         stop)
+                                         stop, repeat_step=o.repeat_step)
             step += 1
             losses.append(loss_sum)
             if step % t.log_every == 0 or step == total:
