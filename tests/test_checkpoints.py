@@ -612,7 +612,8 @@ def test_pathway_eval_of_a_point_mae_finetuned_file(tmp_path):
                          [f"data.root={data}", "data.options.num_points=64", "data.options.num_groups=8",
                           "data.options.group_size=4", "data.batch_size=16", "data.num_workers=0",
                           f"model.embed_dim={D}", f"model.depth={DEPTH}", f"model.num_heads={HEADS}",
-                          "aux.num_heads=2", "model.checkpoint=", "train.device=cpu"])
+                          "aux.num_heads=2", "model.checkpoint=", "train.device=cpu",
+                          "data.options.test_votes=1"])  # one view per cloud here: the votes are tested on their own
     assert recipe.data.options["head"] == "pointmae" and recipe.model.cls_token and recipe.model.pos_every_block
     metrics = evaluate_weights(recipe, weights)
 

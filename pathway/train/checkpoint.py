@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pathway.train.layouts import CheckpointError
+from pathway.train.layouts import CheckpointError, load_error
 
 __all__ = ["CheckpointError", "rng_state", "set_rng_state", "save_checkpoint", "list_checkpoints", "read_state",
-           "load_latest", "load_error", "reseed", "RESUMABLE_CHANGES", "RecipeChangedError", "recipe_changes"]
+           "load_latest", "reseed", "RESUMABLE_CHANGES", "RecipeChangedError", "recipe_changes"]
 
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 
@@ -117,18 +117,6 @@ def atomic_save(obj: Any, path: Path) -> None:
                               f"lower train.keep_last) and run the same command again; the partial file was "
                               f"removed, earlier checkpoints are intact") from err
     _fsync_dir(path.parent)
-
-
-def load_error(err: Exception) -> str:
-    """What ``torch.load(weights_only=True)`` found wrong in a file, without torch's advice to load it with
-    ``weights_only=False`` (which runs any code the file holds)."""
-    text = str(err)
-    if "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:", 1)[1]
-    elif text.startswith("Weights only load failed"):
-        text = "it pickles objects beyond tensors and plain containers"
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    return f"{type(err).__name__}: {first.split('. Please')[0][:200]}"  # not torch's advice to allow the class
 
 
 def list_checkpoints(folder: Path) -> list[Path]:

@@ -189,13 +189,24 @@ class LoadReport:
 # Reading
 
 
+def load_error(err: Exception) -> str:
+    """What ``torch.load(weights_only=True)`` found wrong in a file, without torch's advice to load it with
+    ``weights_only=False`` (which runs any code the file holds)."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    elif text.startswith("Weights only load failed"):
+        text = "it pickles objects beyond tensors and plain containers"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(err).__name__}: {first.split('. Please')[0][:200]}"  # not torch's advice to allow the class
+
+
 def _torch_load(path: Path) -> Any:
     """`torch.load(weights_only=True)` with exactly one extra class allowed: MAE-family `args` Namespaces."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError (a RuntimeError subclass varies by version)
-        from .checkpoint import load_error  # torch's own text advises weights_only=False: never quoted
 
         if "Unsupported global" in str(err):
             raise CheckpointError(
