@@ -47,7 +47,7 @@ def controls(tmp_path_factory):
     donor = train(load_recipe(RECIPE, [*size, f"model.checkpoint={start}", "aux.enabled=false", f"output.dir={tmp}",
                                        "output.name=donor", "train.epochs=12", "optim.blr=0.05"]), progress=False)
     result = screen(RECIPE, [f"shared={donor['model']}:pathway", f"random={random_donor}:pathway"], seeds=4,
-                    steps=60, out=tmp / "out", log=lambda line: None,
+                    steps=40, out=tmp / "out", log=lambda line: None,
                     overrides=[*size, f"model.checkpoint={start}", "optim.blr=0.3", "optim.lambda_lr=0.3",
                                "train.epochs=12"])
     return result, tmp / "out"
