@@ -34,7 +34,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from pathway.errors import PathwayError
+from pathway.errors import OptionError, PathwayError
 
 __all__ = [
     "RecipeError",
@@ -359,7 +359,6 @@ def _plain(value: Any) -> Any:
 
 def pathway_section(values: Any, where: str) -> dict[str, Any]:
     """The ``pathway`` section resolved against ``pathway.plan.Options``: every option, with its default."""
-    from pathway.errors import OptionError
     from pathway.plan import Options
 
     if values is None:
@@ -650,6 +649,24 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return recipe
 
 
+def check_task_options(recipe: Recipe, task: str) -> None:
+    """Refuse training options that do not fit the task, naming the key and what to use instead."""
+    t = recipe.train
+    if task == "multilabel":
+        if t.mixup > 0 or t.cutmix > 0:
+            key = "train.mixup" if t.mixup > 0 else "train.cutmix"
+            raise OptionError(
+                f"{key}={getattr(t, key.split('.')[1])} does not fit a multi-label task (timm's batch Mixup/CutMix "
+                f"mixes one class per item); use AudioMAE's mixup: data.options.mixup: 0.5 (the share of clips "
+                f"mixed with another clip, lambda ~ Beta(10, 10), labels mixed) and set {key}: 0")
+        if t.label_smoothing > 0:
+            raise OptionError(f"train.label_smoothing={t.label_smoothing} does not fit a multi-label task (BCE on "
+                              f"multi-hot targets; AudioMAE's loss has none); set train.label_smoothing: 0")
+    if task == "segmentation" and (t.mixup > 0 or t.cutmix > 0):
+        key = "train.mixup" if t.mixup > 0 else "train.cutmix"
+        raise OptionError(f"{key} does not fit part segmentation (per-point labels); set {key}: 0")
+
+
 def check_adapter(recipe: Recipe) -> None:
     """The adapters the recipe names must be registered, and its train options must fit the adapter's task."""
     from pathway.adapters import registry as adapters
@@ -659,10 +676,6 @@ def check_adapter(recipe: Recipe) -> None:
         if name and name not in names:
             raise RecipeError(f"{recipe.source}: '{key}' = {name!r} is not a registered adapter; "
                               f"available: {', '.join(names)}")
-    from pathway.errors import OptionError
-
-    from .optim import check_task_options  # the one list of options each task refuses
-
     try:
         check_task_options(recipe, adapters.get(recipe.data.adapter).task)
     except OptionError as err:

@@ -18,7 +18,8 @@
 * the loss of each task: cross-entropy (hard, label-smoothed, or soft targets after Mixup/CutMix),
   BCE-with-logits for multi-label, per-point cross-entropy for part segmentation.
 * timm ``Mixup`` for classification. Options that do not fit the task are refused
-  (:func:`check_task_options`); multi-label mixup is AudioMAE's, in the audio adapter (``data.options.mixup``).
+  (:func:`pathway.train.config.check_task_options`); multi-label mixup is AudioMAE's, in the audio adapter
+  (``data.options.mixup``).
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from torch import Tensor, nn
 
 from pathway.errors import OptionError
 
-from .config import Recipe
+from .config import Recipe, check_task_options
 from .schedule import scaled_lr
 
-__all__ = ["adamw", "base_lr", "build_optimizer", "build_mixup", "check_task_options", "compute_loss",
+__all__ = ["adamw", "base_lr", "build_optimizer", "build_mixup", "compute_loss",
            "freeze_all_but_head_and_lambdas", "lambda_layer_groups", "LarsWithAdamW", "OPTIMIZERS"]
 
 OPTIMIZERS = ("adamw", "lars")
@@ -200,28 +201,10 @@ def build_lars(groups: list[dict[str, Any]], recipe: Recipe, lr: float) -> LarsW
     return LarsWithAdamW(weights, lambdas, lr, tuple(o.betas), o.eps)
 
 
-def check_task_options(recipe: Recipe, task: str) -> None:
-    """Refuse training options that do not fit the task, naming the key and what to use instead."""
-    t = recipe.train
-    if task == "multilabel":
-        if t.mixup > 0 or t.cutmix > 0:
-            key = "train.mixup" if t.mixup > 0 else "train.cutmix"
-            raise OptionError(
-                f"{key}={getattr(t, key.split('.')[1])} does not fit a multi-label task (timm's batch Mixup/CutMix "
-                f"mixes one class per item); use AudioMAE's mixup: data.options.mixup: 0.5 (the share of clips "
-                f"mixed with another clip, lambda ~ Beta(10, 10), labels mixed) and set {key}: 0")
-        if t.label_smoothing > 0:
-            raise OptionError(f"train.label_smoothing={t.label_smoothing} does not fit a multi-label task (BCE on "
-                              f"multi-hot targets; AudioMAE's loss has none); set train.label_smoothing: 0")
-    if task == "segmentation" and (t.mixup > 0 or t.cutmix > 0):
-        key = "train.mixup" if t.mixup > 0 else "train.cutmix"
-        raise OptionError(f"{key} does not fit part segmentation (per-point labels); set {key}: 0")
-
-
 def build_mixup(recipe: Recipe, num_classes: int, task: str):
     """timm Mixup/CutMix (which also applies label smoothing) for classification, or None when off.
 
-    Options that do not fit ``task`` raise :class:`OptionError` (:func:`check_task_options`)."""
+    Options that do not fit ``task`` raise :class:`OptionError` (:func:`pathway.train.config.check_task_options`)."""
     check_task_options(recipe, task)
     t = recipe.train
     if task != "classification" or (t.mixup <= 0 and t.cutmix <= 0):
