@@ -244,8 +244,27 @@ def _check_reparametrized(model: nn.Module, side: str, opts: Options) -> None:
         f"remove_spectral_norm(module) for the old hooks; connect, and apply it again after pathway.fold if needed.")
 
 
+def _refuse_adapter_layers(model: nn.Module, side: str) -> None:
+    """A PEFT-wrapped model (LoRA and its kin) holds each adapted layer as ``base_layer`` beside its adapter
+    matrices, which the trace would read as weights of the block (pairing ``lora_A`` with an aux weight). The
+    two compose in one order only: connect the plain model, then wrap it. Found by the class's package, so the
+    core does not import peft."""
+    found = [name for name, m in model.named_modules() if type(m).__module__.startswith("peft.")
+             and isinstance(getattr(m, "base_layer", None), nn.Module)]
+    if found:
+        raise OptionError(
+            f"the {side} model holds {len(found)} PEFT adapter layer(s) ({', '.join(found[:3])}"
+            f"{', ...' if len(found) > 3 else ''}): their adapter matrices would be read as weights of the block. "
+            f"Connect the plain model first, then get_peft_model (LoRA on a connected model trains lambda and LoRA; "
+            f"README, 'PEFT LoRA with a pathway'), or merge the adapters into the model first "
+            f"(model.merge_and_unload()), then connect")
+
+
 def _check_models(target: nn.Module, aux: nn.Module, lazy: bool = False) -> None:
-    """Refuse self-connections and (for aux objects in memory) device or dtype mismatches."""
+    """Refuse self-connections, PEFT-wrapped models and (for aux objects in memory) device or dtype mismatches."""
+    _refuse_adapter_layers(target, "target")
+    if isinstance(aux, nn.Module):
+        _refuse_adapter_layers(aux, "aux")
     if target is aux:
         raise SelfConnectionError("the aux model is the target itself; connect a model trained on another modality")
     shared = {id(p) for p in target.parameters()} & {id(p) for p in aux.parameters()}

@@ -91,16 +91,14 @@ def test_lora_on_a_connected_hf_bert_trains_lambda_and_lora_then_merges_exactly(
     assert difference < 1e-5
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="core: connect reads LoRA's lora_A/lora_B as weights of the block (a CoverageError or a "
-                          "ShapeMismatchError pairing lora_A today); it should refuse a PEFT-wrapped target by name "
-                          "and say: connect first, then get_peft_model (or merge_and_unload, then connect)")
 def test_connect_on_a_lora_wrapped_model_says_how_to_order_the_two():
     wrapped = peft.get_peft_model(timm_vit(depth=2, dim=32, heads=2), peft.LoraConfig(r=4, target_modules=["qkv"]))
     with pytest.raises(pathway.PathwayError) as error:
         pathway.connect(wrapped, timm_vit(depth=2, dim=32, heads=2, classes=0),
                         target_inputs=torch.randn(1, 3, 32, 32))
-    assert "get_peft_model" in str(error.value)
+    assert "get_peft_model" in str(error.value) and "merge_and_unload" in str(error.value)
+    assert "base_model.model.blocks.0.attn.qkv" in str(error.value)
+    assert not pathway.is_connected(wrapped)
 
 
 def test_tensorboard_mirrors_the_jsonl_rows_and_a_resume_cuts_both(tmp_path):
