@@ -23,7 +23,7 @@ import torch
 from pathway.train.layouts import CheckpointError, load_error
 
 __all__ = ["CheckpointError", "rng_state", "set_rng_state", "save_checkpoint", "list_checkpoints", "read_state",
-           "load_latest", "reseed", "RESUMABLE_CHANGES", "RecipeChangedError", "recipe_changes"]
+           "load_latest", "RESUMABLE_CHANGES", "RecipeChangedError", "recipe_changes"]
 
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 
@@ -48,14 +48,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def reseed(seed: int) -> None:
-    """Fresh RNG streams of python, numpy and torch (CPU and CUDA) from ``seed``: a rank that a checkpoint holds
-    no state for (the run resumed on more processes than it was saved from)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 # Keys that may differ between a run's checkpoints and the recipe it is resumed with: where outputs go, how

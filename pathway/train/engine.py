@@ -485,7 +485,7 @@ def _train(recipe: Recipe, *, resume: bool, progress: bool, stops: StopSignals |
         if saved_world == ctx.world:
             ckpt.set_rng_state(state["rng"][ctx.rank])
         else:  # per-rank streams cannot be carried to another world: fresh ones, distinct per rank and step
-            ckpt.reseed(t.seed * 1_000_003 + step * 4_099 + ctx.rank)
+            seed_everything(t.seed * 1_000_003 + step * 4_099 + ctx.rank)
             ctx.log(f"resumed on {ctx.world} process(es) a run saved from {saved_world}: {plan}; the rest of epoch "
                     f"{epoch} reads this world's share of its order, and the random streams restart")
         log.truncate_after(step)
