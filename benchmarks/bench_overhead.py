@@ -28,6 +28,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 
 import timm
 import torch
@@ -102,19 +104,25 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(name: str, device: str, batch: int, rounds: int) -> dict[str, float]:
-    steps = {v: step_fn(build(name, v, device), v, device, batch) for v in VARIANTS}
-    for step in steps.values():          # warm-up
-        step()
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+def interleaved_medians(calls: dict[str, Callable[[], None]], device: str, rounds: int) -> dict[str, float]:
+    """Median seconds of each call: one warm-up call each, then ``rounds`` rounds calling each in turn, so every
+    variant sees the same machine state (thermal, other load) and the ratios are side by side."""
+    for call in calls.values():
+        call()
+    times: dict[str, list[float]] = {key: [] for key in calls}
     for _ in range(rounds):
-        for v, step in steps.items():
+        for key, call in calls.items():
             sync(device)
             t = time.perf_counter()
-            step()
+            call()
             sync(device)
-            times[v].append(time.perf_counter() - t)
-    return {v: statistics.median(ts) for v, ts in times.items()}
+            times[key].append(time.perf_counter() - t)
+    return {key: statistics.median(ts) for key, ts in times.items()}
+
+
+def time_steps(name: str, device: str, batch: int, rounds: int) -> dict[str, float]:
+    steps = {v: step_fn(build(name, v, device), v, device, batch) for v in VARIANTS}
+    return interleaved_medians(steps, device, rounds)
 
 
 def time_pathway_op(device: str, rounds: int) -> dict[str, float]:
@@ -135,17 +143,7 @@ def time_pathway_op(device: str, rounds: int) -> dict[str, float]:
         for (weight, aux), scale, grad in zip(tensors, scales, grads):
             torch.autograd.backward(formula(weight, scale, aux), grad)
 
-    times: dict[str, list[float]] = {k: [] for k in formulas}
-    for formula in formulas.values():
-        run(formula)
-    for _ in range(rounds * 4):
-        for key, formula in formulas.items():
-            sync(device)
-            t = time.perf_counter()
-            run(formula)
-            sync(device)
-            times[key].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return interleaved_medians({key: partial(run, formula) for key, formula in formulas.items()}, device, rounds * 4)
 
 
 def time_inference(name: str, device: str, batch: int, rounds: int) -> dict[str, float]:
@@ -155,18 +153,8 @@ def time_inference(name: str, device: str, batch: int, rounds: int) -> dict[str,
         lam.data.fill_(0.1)
     pathway.fold(folded)
     x = torch.randn(batch, 3, 224, 224, device=device)
-    out: dict[str, list[float]] = {"plain": [], "folded": []}
     with torch.no_grad():
-        for model in (plain, folded):
-            model(x)
-        for _ in range(rounds):
-            for key, model in (("plain", plain), ("folded", folded)):
-                sync(device)
-                t = time.perf_counter()
-                model(x)
-                sync(device)
-                out[key].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in out.items()}
+        return interleaved_medians({"plain": partial(plain, x), "folded": partial(folded, x)}, device, rounds)
 
 
 def connect_fold_time(name: str, device: str) -> dict[str, float]:
