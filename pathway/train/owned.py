@@ -17,7 +17,6 @@ from __future__ import annotations
 import atexit
 import os
 import socket
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -53,8 +52,7 @@ def _refusal(folder: Path, kind: str, why: str, fix: str) -> FolderNotOwnedError
                                f"only what it wrote itself); {fix}")
 
 
-def check_claimable(folder: str | Path, kind: str, *, legacy: Callable[[Path], bool] | None = None,
-                    fix: str = "name a new or empty folder") -> None:
+def check_claimable(folder: str | Path, kind: str, *, fix: str = "name a new or empty folder") -> None:
     """Raise :class:`FolderNotOwnedError` unless ``claim(folder, kind)`` would succeed; writes nothing."""
     folder = Path(folder)
     if not folder.exists():
@@ -69,17 +67,14 @@ def check_claimable(folder: str | Path, kind: str, *, legacy: Callable[[Path], b
         return
     if found is not None:
         raise _refusal(folder, kind, f"belongs to another pathway command ({found})", fix)
-    if legacy is not None and legacy(folder):
-        return
     if any(folder.iterdir()):
         raise _refusal(folder, kind, "holds files pathway did not write", fix)
 
 
-def claim(folder: str | Path, kind: str, *, legacy: Callable[[Path], bool] | None = None,
-          fix: str = "name a new or empty folder") -> Path:
+def claim(folder: str | Path, kind: str, *, fix: str = "name a new or empty folder") -> Path:
     """Make ``folder`` the project's own for ``kind`` (create and mark it), or refuse; returns the folder."""
     folder = Path(folder)
-    check_claimable(folder, kind, legacy=legacy, fix=fix)
+    check_claimable(folder, kind, fix=fix)
     folder.mkdir(parents=True, exist_ok=True)
     if owner(folder) != kind:
         (folder / MARKER).write_text(kind + "\n")
