@@ -207,6 +207,35 @@ def test_fps_backends_give_the_reference_indices():
         farthest_point_sample(dup, 4, start=88)
 
 
+def test_numba_fps_skipping_leaves_keeps_the_reference_indices():
+    """The leaf skipping of ``point_numba`` on clouds that stress its bound: far from the origin, tiny and huge
+    scales, distances that overflow float32, degenerate boxes (a line, one point repeated), exact ties across
+    leaves (a shuffled grid, repeated clouds), tight clusters, and leaves of 32, 64 and 128 points."""
+    pytest.importorskip("numba")
+    g = torch.Generator().manual_seed(11)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(12.0)] * 3, indexing="ij"), -1).reshape(1, -1, 3)
+    line = torch.zeros(1, 2000, 3)
+    line[..., 0] = torch.rand(2000, generator=g)
+    clusters = torch.randn(1, 6000, 3, generator=g) * 0.01 + torch.randint(5, (1, 6000, 1), generator=g)
+    cases = [
+        (torch.nn.functional.normalize(torch.randn(2, 8192, 3, generator=g), dim=-1), 1024),  # leaves of 64
+        (torch.rand(1, 20000, 3, generator=g), 600),  # leaves of 128
+        (torch.rand(1, 4000, 3, generator=g) + 1e4, 500),
+        (torch.rand(1, 3000, 3, generator=g) * 1e-20, 300),
+        (torch.rand(1, 3000, 3, generator=g) * 3e38, 300),  # squared distances overflow to inf
+        (torch.ones(1, 500, 3), 500),
+        (line, 400),
+        (grid[:, torch.randperm(grid.shape[1], generator=g)], 1728),
+        (torch.rand(1, 1000, 3, generator=g).repeat(1, 5, 1), 1000),
+        (clusters, 600),
+    ]
+    for xyz, num_samples in cases:
+        for start in (0, xyz.shape[1] - 1):
+            ref = farthest_point_sample(xyz, num_samples, start=start, backend="torch")
+            assert torch.equal(ref, farthest_point_sample(xyz, num_samples, start=start, backend="numba")), (
+                tuple(xyz.shape), num_samples, start)
+
+
 def test_triton_kernels_match_reference_in_interpreter():
     """Triton's interpreter runs the kernels on CPU tensors; switched on before triton is imported: a subprocess."""
     pytest.importorskip("triton")
