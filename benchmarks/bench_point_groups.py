@@ -1,10 +1,12 @@
 """The point tokenizer's FPS + KNN grouping: backends, open3d, its share of a training step (prints, asserts nothing).
 
-1. Farthest point sampling of one cloud and of 32 clouds of 8192 points down to 512 and 1024 centres, on the
-   device the script runs on: the torch loop (the reference), the default backend (``auto``: Triton on CUDA,
-   numba on CPU) and, on the CPU when open3d is installed, open3d's ``farthest_point_down_sample`` (one call
-   per cloud, as a data loader would do). "FPS+KNN" adds the 32-neighbour grouping. Issue 23's figures of the
-   torch loop (torch 2.11, one H200 and the same machine's 16 CPU cores) are printed beside.
+1. Farthest point sampling of one cloud and of 32 clouds of 8192 points down to 512 and 1024 centres (or
+   ``--clouds``, ``--points``, ``--centres``), on the device the script runs on: the torch loop (the reference),
+   the default backend (``auto``: Triton on CUDA, numba on CPU) and, on the CPU when open3d is installed,
+   open3d's ``farthest_point_down_sample`` (one call per cloud, as a data loader would do). "KNN" is the
+   32-neighbour search of those centres alone (``auto``: Triton on CUDA, the torch reference on CPU), "FPS+KNN"
+   both. Issue 23's figures of the torch loop (torch 2.11, one H200 and the same machine's 16 CPU cores) are
+   printed beside.
 2. The grouping's share of one training step (forward, backward, AdamW) of a point recipe's model, for the
    ShapeNetPart shape (16 clouds x 2048 points, 128 groups of 32) and ModelNet40's (32 x 1024, 64 groups of
    32): the tokenizer with a ViT body (``--width``/``--depth``/``--heads``; the recipes: 768 wide, 12 blocks,
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 
 from pathway.tokenizers.point_group import (
     FPS_BACKENDS,
+    KNN_BACKENDS,
     PointGroupTokenizer,
     farthest_point_sample,
     gather_points,
@@ -37,7 +40,8 @@ from pathway.tokenizers.point_group import (
 from pathway.train.model import TransformerModel
 
 # issue 23: farthest_point_sample alone, torch 2.11, best of 5 -> (H200, the same machine's 16 CPU cores), ms
-ISSUE_23_FPS_MS = {(1, 512): (56.9, 31.5), (1, 1024): (78.8, 61.3), (32, 512): (42.2, 98.7), (32, 1024): (82.5, 191.5)}
+ISSUE_23_FPS_MS = {(1, 8192, 512): (56.9, 31.5), (1, 8192, 1024): (78.8, 61.3), (32, 8192, 512): (42.2, 98.7),
+                   (32, 8192, 1024): (82.5, 191.5)}  # (clouds, points, centres)
 SHAPES = {"ShapeNetPart": (16, 2048, 128, 32), "ModelNet40": (32, 1024, 64, 32)}  # clouds, points, groups, size
 
 
@@ -66,36 +70,45 @@ def auto_backend(device: torch.device) -> str:
     return pick_backend("auto", torch.empty(1, 8192, 3, device=device), "bench", FPS_BACKENDS)
 
 
-def fps_table(device: torch.device) -> None:
+def knn_backend(device: torch.device) -> str:
+    """What ``backend="auto"`` takes for KNN on clouds of 8192 points on this device."""
+    return pick_backend("auto", torch.empty(1, 8192, 3, device=device), "bench", KNN_BACKENDS)
+
+
+def fps_table(device: torch.device, points: int, clouds: list[int], centres: list[int]) -> None:
     try:
         import open3d as o3d
     except ImportError:
         o3d = None
     auto = auto_backend(device)
-    print(f"\nFPS on {device} (auto = {auto}; open3d {o3d.__version__ if o3d else 'not installed'}), "
-          "best of 3, ms; issue 23's torch loop beside")
-    print("| clouds x points -> centres | open3d FPS | torch FPS | auto FPS | open3d / auto | torch FPS+KNN "
-          "| auto FPS+KNN | issue: H200 | issue: 16 CPU cores |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\nFPS and KNN on {device} (auto = {auto} for FPS, {knn_backend(device)} for KNN; open3d "
+          f"{o3d.__version__ if o3d else 'not installed'}), best of 3, ms; issue 23's torch loop beside")
+    print("| clouds x points -> centres | open3d FPS | torch FPS | auto FPS | open3d / auto | torch KNN | auto KNN "
+          "| torch FPS+KNN | auto FPS+KNN | issue: H200 | issue: 16 CPU cores |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
-    for batch in (1, 32):
-        clouds = rng.standard_normal((batch, 8192, 3)).astype(np.float32)
-        xyz = torch.from_numpy(clouds).to(device)
+    for batch in clouds:
+        cloud_array = rng.standard_normal((batch, points, 3)).astype(np.float32)
+        xyz = torch.from_numpy(cloud_array).to(device)
         pcs = None
         if o3d is not None and device.type == "cpu":
-            pcs = [o3d.geometry.PointCloud(o3d.utility.Vector3dVector(c.astype(np.float64))) for c in clouds]
-        for groups in (512, 1024):
+            pcs = [o3d.geometry.PointCloud(o3d.utility.Vector3dVector(c.astype(np.float64))) for c in cloud_array]
+        for groups in centres:
             t_o3d = None
             if pcs is not None:
                 t_o3d = best_of(lambda pcs=pcs, g=groups: [pc.farthest_point_down_sample(g) for pc in pcs], device)
             t_ref = best_of(lambda x=xyz, g=groups: farthest_point_sample(x, g, backend="torch"), device)
             t_auto = best_of(lambda x=xyz, g=groups: farthest_point_sample(x, g, backend="auto"), device)
+            centre_xyz = gather_points(xyz, farthest_point_sample(xyz, groups))
+            t_knn_ref = best_of(lambda c=centre_xyz, x=xyz: knn(c, x, 32, backend="torch"), device)
+            t_knn_auto = best_of(lambda c=centre_xyz, x=xyz: knn(c, x, 32, backend="auto"), device)
             t_ref_all = best_of(lambda x=xyz, g=groups: grouping(x, g, 32, "torch"), device)
             t_auto_all = best_of(lambda x=xyz, g=groups: grouping(x, g, 32, "auto"), device)
-            h200, cpu16 = ISSUE_23_FPS_MS[(batch, groups)]
+            h200, cpu16 = ISSUE_23_FPS_MS.get((batch, points, groups), ("-", "-"))
             o3d_cells = (f"{t_o3d * 1e3:.1f}", f"{t_o3d / t_auto:.2f}x") if t_o3d else ("-", "-")
-            print(f"| {batch} x 8192 -> {groups} | {o3d_cells[0]} | {t_ref * 1e3:.1f} | {t_auto * 1e3:.1f} | "
-                  f"{o3d_cells[1]} | {t_ref_all * 1e3:.1f} | {t_auto_all * 1e3:.1f} | {h200} | {cpu16} |", flush=True)
+            print(f"| {batch} x {points} -> {groups} | {o3d_cells[0]} | {t_ref * 1e3:.1f} | {t_auto * 1e3:.1f} | "
+                  f"{o3d_cells[1]} | {t_knn_ref * 1e3:.1f} | {t_knn_auto * 1e3:.1f} | {t_ref_all * 1e3:.1f} | "
+                  f"{t_auto_all * 1e3:.1f} | {h200} | {cpu16} |", flush=True)
 
 
 class MeanTokenHead(nn.Module):
@@ -177,12 +190,15 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=768)
     parser.add_argument("--depth", type=int, default=12)
     parser.add_argument("--heads", type=int, default=6)
+    parser.add_argument("--points", type=int, default=8192, help="points per cloud of the FPS/KNN table")
+    parser.add_argument("--clouds", type=int, nargs="+", default=[1, 32], help="batch sizes of the FPS/KNN table")
+    parser.add_argument("--centres", type=int, nargs="+", default=[512, 1024], help="centres of the FPS/KNN table")
     parser.add_argument("--torch-compile", action="store_true", help="also time torch.compile of the torch loop")
     args = parser.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {name}")
-    fps_table(device)
+    fps_table(device, args.points, args.clouds, args.centres)
     step_shares(device, args.width, args.depth, args.heads)
     if args.torch_compile:
         torch_compile_rows(device)

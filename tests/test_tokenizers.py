@@ -236,6 +236,30 @@ def test_numba_fps_skipping_leaves_keeps_the_reference_indices():
                 tuple(xyz.shape), num_samples, start)
 
 
+class _SampledClouds(torch.utils.data.Dataset):
+    """Each item samples a batch of clouds with numba's FPS: what a loader that groups points does."""
+
+    def __init__(self, xyz: torch.Tensor) -> None:
+        self.xyz = xyz
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return farthest_point_sample(self.xyz, 64, backend="numba")
+
+
+def test_numba_fps_thread_pool_survives_fork(monkeypatch):
+    """A DataLoader worker forked after the parent sampled in threads gets its own pool (a copied one has none)."""
+    pytest.importorskip("numba")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # two workers even in the loader's one-thread child
+    xyz = cloud(8, 2048, seed=12)
+    parent = farthest_point_sample(xyz, 64, backend="numba")  # 8 x 2048 x 64: enough work for the pool
+    loader = torch.utils.data.DataLoader(_SampledClouds(xyz), batch_size=None, num_workers=1,
+                                         multiprocessing_context="fork", timeout=60)
+    assert torch.equal(next(iter(loader)), parent)
+
+
 def test_triton_kernels_match_reference_in_interpreter():
     """Triton's interpreter runs the kernels on CPU tensors; switched on before triton is imported: a subprocess."""
     pytest.importorskip("triton")
