@@ -168,7 +168,7 @@ def fps_then_knn(xyz: torch.Tensor, num_samples: int, k: int, backend: str, devi
     xyz = xyz.to(device)
     idx = farthest_point_sample(xyz, num_samples, backend=backend)
     centres = xyz.gather(1, idx[..., None].expand(-1, -1, 3))
-    return (idx, *knn(centres, xyz, k, backend=backend if backend != "numba" else "torch"))
+    return (idx, *knn(centres, xyz, k, backend=backend))
 
 
 def grouping_cases() -> list[tuple[torch.Tensor, int, int]]:
@@ -207,10 +207,12 @@ def test_fps_backends_give_the_reference_indices():
         farthest_point_sample(dup, 4, start=88)
 
 
-def test_numba_fps_skipping_leaves_keeps_the_reference_indices():
-    """The leaf skipping of ``point_numba`` on clouds that stress its bound: far from the origin, tiny and huge
-    scales, distances that overflow float32, degenerate boxes (a line, one point repeated), exact ties across
-    leaves (a shuffled grid, repeated clouds), tight clusters, and leaves of 32, 64 and 128 points."""
+def test_numba_skipping_leaves_keeps_the_reference_indices():
+    """The leaf skipping of ``point_numba``'s FPS and KNN on clouds that stress its bound: far from the origin,
+    tiny and huge scales, distances that overflow float32, degenerate boxes (a line, one point repeated), exact
+    ties across leaves (a shuffled grid, repeated clouds), tight clusters, and leaves of 32, 64 and 128 points.
+    KNN is checked from the FPS centres (k = 32 and k = N) and from queries off the cloud (k = 3, as
+    ``interpolate_to_points`` asks)."""
     pytest.importorskip("numba")
     g = torch.Generator().manual_seed(11)
     grid = torch.stack(torch.meshgrid(*[torch.arange(12.0)] * 3, indexing="ij"), -1).reshape(1, -1, 3)
@@ -219,7 +221,7 @@ def test_numba_fps_skipping_leaves_keeps_the_reference_indices():
     clusters = torch.randn(1, 6000, 3, generator=g) * 0.01 + torch.randint(5, (1, 6000, 1), generator=g)
     cases = [
         (torch.nn.functional.normalize(torch.randn(2, 8192, 3, generator=g), dim=-1), 1024),  # leaves of 64
-        (torch.rand(1, 20000, 3, generator=g), 600),  # leaves of 128
+        (torch.rand(1, 17000, 3, generator=g), 300),  # leaves of 128
         (torch.rand(1, 4000, 3, generator=g) + 1e4, 500),
         (torch.rand(1, 3000, 3, generator=g) * 1e-20, 300),
         (torch.rand(1, 3000, 3, generator=g) * 3e38, 300),  # squared distances overflow to inf
@@ -234,6 +236,13 @@ def test_numba_fps_skipping_leaves_keeps_the_reference_indices():
             ref = farthest_point_sample(xyz, num_samples, start=start, backend="torch")
             assert torch.equal(ref, farthest_point_sample(xyz, num_samples, start=start, backend="numba")), (
                 tuple(xyz.shape), num_samples, start)
+        centres = xyz.gather(1, ref[..., None].expand(-1, -1, 3))
+        off_cloud = centres[:, :50] + 0.37 * (centres[:, 50:100] - centres[:, :50])
+        for query, k in ((centres, min(32, xyz.shape[1])), (centres[:, :3], xyz.shape[1]), (off_cloud, 3)):
+            ours = knn(query, xyz, k, backend="numba")
+            assert all(torch.equal(a, b) for a, b in zip(knn(query, xyz, k, backend="torch"), ours)), (
+                tuple(xyz.shape), tuple(query.shape), k)
+        assert (knn(centres, xyz, 1)[0] == 0).all()  # each centre is its own nearest point, even at 3e38
 
 
 class _SampledClouds(torch.utils.data.Dataset):

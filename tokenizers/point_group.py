@@ -10,7 +10,8 @@ Conv1d(C,128)-BN-ReLU-Conv1d(128,256), max-pool, concat the pooled feature to ea
 No CUDA extension to build (pointnet2_ops / knn_cuda fail to build for many users). The reference is pure
 torch: FPS is vectorised over the batch and loops only over the ``G`` samples; KNN is a chunked distance
 matrix + ``topk``. Faster paths give the same indices and are taken when installed: Triton kernels on CUDA
-(``point_kernels``), numba's compiled FPS loop on CPU (``point_numba``).
+(``point_kernels``), numba's compiled FPS and KNN on CPU, which skip the parts of the cloud that cannot change
+the result (``point_numba``).
 FPS starts at index 0 by default, as Point-MAE's pointnet2 kernel does (deterministic);
 ``fps_start=None`` picks a random start per cloud.
 
@@ -53,7 +54,7 @@ def _has_module(name: str) -> bool:
 
 
 def pick_backend(backend: str, xyz: Tensor, name: str, choices: tuple[str, ...]) -> str:
-    """``auto``: Triton on CUDA, numba (FPS only) on CPU, when installed and the cloud fits; else the torch loop."""
+    """``auto``: Triton on CUDA, numba on CPU, when installed and the cloud fits; else the torch reference."""
     if backend not in choices:
         raise OptionError(f"{name}: backend={backend!r} is not one of {choices}")
     if backend != "auto":
@@ -111,7 +112,7 @@ def _farthest_point_sample_torch(xyz: Tensor, num_samples: int, starts: Tensor) 
     return out
 
 
-KNN_BACKENDS = ("auto", "torch", "triton")
+KNN_BACKENDS = ("auto", "torch", "triton", "numba")
 
 
 @torch.no_grad()
@@ -120,16 +121,21 @@ def knn(query: Tensor, ref: Tensor, k: int, backend: str = "auto") -> tuple[Tens
 
     Returns squared distances ``[B, G, k]`` (float32, ``(dx*dx + dy*dy) + dz*dz``) and indices into ``ref``
     ``[B, G, k]``; equal distances go to the lower index, on every backend. ``auto`` takes the Triton
-    kernel on CUDA (``point_kernels``), else the torch reference.
+    kernel on CUDA (``point_kernels``), numba's leaf search on CPU (``point_numba``), else the torch reference.
     """
     b, g, _ = query.shape
     n = ref.shape[1]
     if k > n:
         raise TokenizerInputError(f"knn: k={k} neighbours asked from clouds of {n} points")
-    if pick_backend(backend, ref, "knn", KNN_BACKENDS) == "triton":
+    backend = pick_backend(backend, ref, "knn", KNN_BACKENDS)
+    if backend == "triton":
         from .point_kernels import knn_triton
 
         return knn_triton(query, ref, k)
+    if backend == "numba":
+        from .point_numba import knn_numba
+
+        return knn_numba(query, ref, k)
     return _knn_torch(query, ref, k)
 
 
@@ -140,7 +146,8 @@ def _knn_torch(query: Tensor, ref: Tensor, k: int) -> tuple[Tensor, Tensor]:
     nearest are the candidates, whose exact distances ``(dx*dx + dy*dy) + dz*dz`` decide. The rounding of
     the matmul form is below ``delta = 32 eps (max |r|^2 + |q|^2)``, so the exact ``k`` nearest are all
     candidates when the last candidate is more than ``2 delta`` beyond the ``k``-th; queries where it is not
-    (many equal distances, clouds far from the origin) are recomputed exactly over the whole cloud.
+    (many equal distances, clouds far from the origin, norms that overflow float32) are recomputed exactly over
+    the whole cloud.
     """
     b, g, _ = query.shape
     n = ref.shape[1]
@@ -157,7 +164,9 @@ def _knn_torch(query: Tensor, ref: Tensor, k: int) -> tuple[Tensor, Tensor]:
         d, idx = _nearest_by_key(_exact_sq_dist(q.unsqueeze(2), gather_points(ref, candidates)), candidates, k)
         if m < n:
             delta = _ROUNDING * (ref_sq_max + q_sq)
-            unsure = (approx_top[..., -1] <= approx_top[..., k - 1] + 2 * delta).nonzero(as_tuple=True)
+            # not "clearly beyond": also NaN, where squared norms overflow float32 (|coordinates| > ~1e19)
+            sure = approx_top[..., -1] > approx_top[..., k - 1] + 2 * delta
+            unsure = (~sure).nonzero(as_tuple=True)
             if unsure[0].numel():
                 every = torch.arange(n, device=ref.device).expand(unsure[0].numel(), n)
                 d[unsure], idx[unsure] = _nearest_by_key(_exact_sq_dist(q[unsure].unsqueeze(1), ref[unsure[0]]),

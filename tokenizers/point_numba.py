@@ -94,18 +94,45 @@ def _update_leaf(x: np.ndarray, y: np.ndarray, z: np.ndarray, lo: int, hi: int, 
 
 
 @numba.njit(cache=True, nogil=True)
-def _fps_cloud(x: np.ndarray, y: np.ndarray, z: np.ndarray, start: int, out: np.ndarray, leaf: int) -> None:
-    """One cloud ``x, y, z [N]`` float32 -> ``out [S]``; the farthest point is the lowest index of the maximum."""
+def _leaves(x: np.ndarray, y: np.ndarray, z: np.ndarray, leaf: int):
+    """The cloud in leaf order: original indices, x, y, z, and each leaf's float64 box ``[L, 6]``.
+
+    Leaf ``b`` holds positions ``b * leaf`` to ``(b + 1) * leaf - 1``; its box is min x, max x, min y, max y,
+    min z, max z of those points.
+    """
     n = x.shape[0]
     order = _morton_order(x, y, z)
-    xs, ys, zs = x[order], y[order], z[order]  # leaf b holds positions b*leaf ... (b+1)*leaf - 1
-    leaves = (n + leaf - 1) // leaf
-    box = np.empty((leaves, 6))  # float64 min x, max x, min y, max y, min z, max z
-    for b in range(leaves):
+    xs, ys, zs = x[order], y[order], z[order]
+    box = np.empty(((n + leaf - 1) // leaf, 6))
+    for b in range(box.shape[0]):
         lo, hi = b * leaf, min(n, (b + 1) * leaf)
         box[b, 0], box[b, 1] = xs[lo:hi].min(), xs[lo:hi].max()
         box[b, 2], box[b, 3] = ys[lo:hi].min(), ys[lo:hi].max()
         box[b, 4], box[b, 5] = zs[lo:hi].min(), zs[lo:hi].max()
+    return order, xs, ys, zs, box
+
+
+@numba.njit(cache=True, nogil=True)
+def _box_gap(box: np.ndarray, b: int, cx: np.float32, cy: np.float32, cz: np.float32) -> float:
+    """Squared distance (float64) from ``(cx, cy, cz)`` to leaf ``b``'s box: no point of the leaf is nearer."""
+    gx = max(box[b, 0] - cx, cx - box[b, 1], 0.0)
+    gy = max(box[b, 2] - cy, cy - box[b, 3], 0.0)
+    gz = max(box[b, 4] - cz, cz - box[b, 5], 0.0)
+    return gx * gx + gy * gy + gz * gz
+
+
+@numba.njit(cache=True, nogil=True)
+def _all_farther(gap: float, bound: np.float32) -> bool:
+    """Every point of a box ``gap`` away computes a float32 distance >= ``bound`` (see the module docstring)."""
+    return gap > _SKIP_FLOOR and gap * (1.0 - _SKIP_MARGIN) >= bound
+
+
+@numba.njit(cache=True, nogil=True)
+def _fps_cloud(x: np.ndarray, y: np.ndarray, z: np.ndarray, start: int, out: np.ndarray, leaf: int) -> None:
+    """One cloud ``x, y, z [N]`` float32 -> ``out [S]``; the farthest point is the lowest index of the maximum."""
+    n = x.shape[0]
+    order, xs, ys, zs, box = _leaves(x, y, z, leaf)
+    leaves = box.shape[0]
     farthest = 0  # a position in leaf order
     while order[farthest] != start:
         farthest += 1
@@ -115,13 +142,8 @@ def _fps_cloud(x: np.ndarray, y: np.ndarray, z: np.ndarray, start: int, out: np.
         out[i] = order[farthest]
         cx, cy, cz = xs[farthest], ys[farthest], zs[farthest]
         for b in range(leaves):
-            gx = max(box[b, 0] - cx, cx - box[b, 1], 0.0)
-            gy = max(box[b, 2] - cy, cy - box[b, 3], 0.0)
-            gz = max(box[b, 4] - cz, cz - box[b, 5], 0.0)
-            gap = gx * gx + gy * gy + gz * gz
-            if gap > _SKIP_FLOOR and gap * (1.0 - _SKIP_MARGIN) >= leaf_max[b]:
-                continue
-            leaf_max[b] = _update_leaf(xs, ys, zs, b * leaf, min(n, (b + 1) * leaf), cx, cy, cz, nearest)
+            if not _all_farther(_box_gap(box, b, cx, cy, cz), leaf_max[b]):
+                leaf_max[b] = _update_leaf(xs, ys, zs, b * leaf, min(n, (b + 1) * leaf), cx, cy, cz, nearest)
         best = leaf_max.max()
         lowest = n
         for b in range(leaves):
@@ -129,6 +151,51 @@ def _fps_cloud(x: np.ndarray, y: np.ndarray, z: np.ndarray, start: int, out: np.
                 for j in range(b * leaf, min(n, (b + 1) * leaf)):
                     if nearest[j] == best and order[j] < lowest:
                         lowest, farthest = order[j], j
+
+
+@numba.njit(cache=True, nogil=True)
+def _knn_leaf(query: np.ndarray, q: int, xs: np.ndarray, ys: np.ndarray, zs: np.ndarray, order: np.ndarray, lo: int,
+              hi: int, kept_d: np.ndarray, kept_i: np.ndarray) -> None:
+    """Points ``lo:hi`` (leaf order) into the sorted ``(distance, index)`` list ``kept_d, kept_i`` of query ``q``."""
+    k = kept_d.shape[0]
+    cx, cy, cz = query[q, 0], query[q, 1], query[q, 2]
+    for j in range(lo, hi):
+        dx, dy, dz = xs[j] - cx, ys[j] - cy, zs[j] - cz
+        d = (dx * dx + dy * dy) + dz * dz
+        i = order[j]
+        if d > kept_d[k - 1] or (d == kept_d[k - 1] and i > kept_i[k - 1]):
+            continue
+        p = k - 1  # insertion into the sorted list
+        while p > 0 and (kept_d[p - 1] > d or (kept_d[p - 1] == d and kept_i[p - 1] > i)):
+            kept_d[p], kept_i[p] = kept_d[p - 1], kept_i[p - 1]
+            p -= 1
+        kept_d[p], kept_i[p] = d, i
+
+
+@numba.njit(cache=True, nogil=True)
+def _knn_cloud(query: np.ndarray, x: np.ndarray, y: np.ndarray, z: np.ndarray, leaf: int, dist: np.ndarray,
+               index: np.ndarray) -> None:
+    """The ``k`` nearest of ``x, y, z [N]`` for each row of ``query [G, 3]`` into ``dist, index [G, k]``.
+
+    The nearest box's leaf is searched first, so the ``k``-th distance is small early; then every other leaf
+    whose box is not farther than that distance by the skip margin (strictly farther: not even a tie with a
+    lower index could enter). The kept list is in (distance, index) order, so equal distances go to the lower
+    index, as in the reference.
+    """
+    n, k = x.shape[0], dist.shape[1]
+    order, xs, ys, zs, box = _leaves(x, y, z, leaf)
+    gaps = np.empty(box.shape[0])
+    for q in range(query.shape[0]):
+        for b in range(box.shape[0]):
+            gaps[b] = _box_gap(box, b, query[q, 0], query[q, 1], query[q, 2])
+        kept_d, kept_i = dist[q], index[q]
+        kept_d[:] = np.inf
+        kept_i[:] = n  # above every index: the first k points always enter
+        first = np.argmin(gaps)
+        _knn_leaf(query, q, xs, ys, zs, order, first * leaf, min(n, (first + 1) * leaf), kept_d, kept_i)
+        for b in range(box.shape[0]):
+            if b != first and not (gaps[b] > _SKIP_FLOOR and gaps[b] * (1.0 - _SKIP_MARGIN) > kept_d[k - 1]):
+                _knn_leaf(query, q, xs, ys, zs, order, b * leaf, min(n, (b + 1) * leaf), kept_d, kept_i)
 
 
 _THREADED_WORK = 1 << 19  # clouds x points x samples below which one thread beats handing clouds to the pool
@@ -145,11 +212,30 @@ def _thread_pool(workers: int) -> ThreadPoolExecutor:
     return _pool[2]
 
 
+def _finite_coords(xyz: Tensor, name: str) -> np.ndarray:
+    """``xyz [B, N, 3]`` as float32 ``[3, B, N]`` numpy; NaN or inf refused (the skipping bounds assume finite)."""
+    coords = xyz.detach().cpu().float().permute(2, 0, 1).contiguous().numpy()
+    if not np.isfinite(coords).all():
+        raise TokenizerInputError(f"{name}: the cloud has NaN or infinite coordinates; clean the data")
+    return coords
+
+
+def _per_cloud(clouds: int, work: int, fn) -> None:
+    """``fn(b)`` for every cloud: in threads (the compiled loops release the GIL) when the work pays for them.
+
+    Not numba's ``parallel=True``, whose OpenMP threads keep spinning after each call and starve torch's own.
+    """
+    workers = min(clouds, torch.get_num_threads())
+    if workers > 1 and work >= _THREADED_WORK:
+        list(_thread_pool(workers).map(fn, range(clouds)))
+    else:
+        for b in range(clouds):
+            fn(b)
+
+
 def farthest_point_sample_numba(xyz: Tensor, num_samples: int, starts: Tensor) -> Tensor:
     """Indices ``[B, S]`` as ``point_group.farthest_point_sample``, on ``xyz``'s device (computed on the CPU)."""
-    coords = xyz.detach().cpu().float().permute(2, 0, 1).contiguous().numpy()  # [3, B, N]
-    if not np.isfinite(coords).all():
-        raise TokenizerInputError("farthest_point_sample: the cloud has NaN or infinite coordinates; clean the data")
+    coords = _finite_coords(xyz, "farthest_point_sample")
     clouds, points = xyz.shape[:2]
     out = np.empty((clouds, num_samples), dtype=np.int64)
     starts = starts.cpu().long().numpy()
@@ -158,12 +244,21 @@ def farthest_point_sample_numba(xyz: Tensor, num_samples: int, starts: Tensor) -
     def sample(b: int) -> None:
         _fps_cloud(coords[0, b], coords[1, b], coords[2, b], starts[b], out[b], leaf)
 
-    # clouds in threads (the compiled loop releases the GIL); not numba's parallel=True, whose OpenMP threads
-    # keep spinning after each call and starve torch's own threads
-    workers = min(clouds, torch.get_num_threads())
-    if workers > 1 and clouds * points * num_samples >= _THREADED_WORK:
-        list(_thread_pool(workers).map(sample, range(clouds)))
-    else:
-        for b in range(clouds):
-            sample(b)
+    _per_cloud(clouds, clouds * points * num_samples, sample)
     return torch.from_numpy(out).to(xyz.device)
+
+
+def knn_numba(query: Tensor, ref: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Squared distances and indices ``[B, G, k]`` as ``point_group.knn``, on ``ref``'s device (computed on the CPU)."""
+    coords = _finite_coords(ref, "knn")
+    queries = _finite_coords(query, "knn").transpose(1, 2, 0).copy()  # [B, G, 3]
+    clouds, points = ref.shape[:2]
+    dist = np.empty((clouds, query.shape[1], k), dtype=np.float32)
+    index = np.empty((clouds, query.shape[1], k), dtype=np.int64)
+    leaf = leaf_size(points)
+
+    def search(b: int) -> None:
+        _knn_cloud(queries[b], coords[0, b], coords[1, b], coords[2, b], leaf, dist[b], index[b])
+
+    _per_cloud(clouds, clouds * query.shape[1] * min(points, 64 * k), search)
+    return torch.from_numpy(dist).to(ref.device), torch.from_numpy(index).to(ref.device)
