@@ -1,24 +1,27 @@
-"""Farthest point sampling on the CPU as one compiled loop (numba) that skips the parts of the cloud it cannot change.
+"""Farthest point sampling and k nearest neighbours on the CPU as compiled loops (numba) that skip the parts of
+the cloud that cannot change the result.
 
 The torch loop of ``point_group.py`` pays a few microseconds of dispatch per call, several calls per sampled
 centre: for one cloud that is several times slower than open3d's C++ loop, which itself visits every point at
-every step. Here the whole sampling is one numba function, and most points are not visited at all:
+every step; its KNN computes every centre's distance to every point. Here each is one numba function, and most
+points are not visited at all:
 
 - the cloud is cut into leaves of nearby points (counting sort by Morton code on a 16^3 grid, then runs of
-  ``leaf`` points), each with its bounding box and the largest "distance to the chosen set" inside it;
-- a new centre cannot lower any distance in a leaf whose box is at least that largest distance away, so such a
-  leaf is skipped: after the first few dozen centres most leaves are (3-5x fewer operations than open3d for
-  8192 -> 512 points);
-- the next centre is the maximum over the leaves' maxima, the lowest original index on ties.
+  ``leaf`` points), each with its bounding box;
+- FPS: a new centre cannot lower any "distance to the chosen set" in a leaf whose box is at least the leaf's
+  largest such distance away, so the leaf is skipped: after the first few dozen centres most leaves are; the
+  next centre is the maximum over the leaves' maxima, the lowest original index on ties;
+- KNN: leaves are searched nearest box first, until the nearest box left is farther than the ``k``-th
+  distance found.
 
-The result is the reference's, bit for bit: the distances of visited points are ``(dx*dx + dy*dy) + dz*dz`` in
-float32 (no FMA contraction or reassociation), and a leaf is skipped only with a margin (1e-5 relative, the
-bound in float64) far above the float32 rounding of a distance (about 3e-7), so a skipped point's computed
-distance could not have been below its current one. Clouds of a batch run in parallel threads.
+The results are the reference's, bit for bit: the distances of visited points are ``(dx*dx + dy*dy) + dz*dz``
+in float32 (no FMA contraction or reassociation), and a leaf is skipped only with a margin (1e-5 relative, the
+box's distance in float64) far above the float32 rounding of a distance (about 3e-7), so no skipped point's
+computed distance could have changed the result. Clouds of a batch run in parallel threads.
 
-numba is optional (it comes with librosa); ``point_group`` keeps the torch loop when it is missing. The
+numba is optional (it comes with librosa); ``point_group`` keeps the torch reference when it is missing. The
 compiled functions are cached beside this file (numba's ``cache=True``), so only the first run on a machine
-pays the compilation.
+pays the compilation (about 5 s).
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ _SKIP_FLOOR = 1e-30  # boxes nearer than this are always visited (float32 square
 
 
 def leaf_size(num_points: int) -> int:
-    """Points per leaf: small leaves skip more points, but each costs a box test per step; measured best on
-    uniform and spherical clouds of 1,024 to 100,000 points (benchmarks/modalities.md)."""
+    """Points per leaf: small leaves skip more points, but each costs a box test per step (FPS) or per query
+    (KNN); measured best for both on uniform, Gaussian and spherical clouds of 1,024 to 100,000 points."""
     return 32 if num_points <= 4096 else 64 if num_points <= 16384 else 128
 
 
@@ -177,10 +180,10 @@ def _knn_cloud(query: np.ndarray, x: np.ndarray, y: np.ndarray, z: np.ndarray, l
                index: np.ndarray) -> None:
     """The ``k`` nearest of ``x, y, z [N]`` for each row of ``query [G, 3]`` into ``dist, index [G, k]``.
 
-    The nearest box's leaf is searched first, so the ``k``-th distance is small early; then every other leaf
-    whose box is not farther than that distance by the skip margin (strictly farther: not even a tie with a
-    lower index could enter). The kept list is in (distance, index) order, so equal distances go to the lower
-    index, as in the reference.
+    Leaves are searched nearest box first (picked one at a time: a query searches about 5-15 leaves, cheaper
+    than sorting all boxes), until the nearest box left is strictly farther than the ``k``-th distance by the
+    skip margin: no point in it or beyond could enter, not even on a tie with a lower index. The kept list is
+    in (distance, index) order, so equal distances go to the lower index, as in the reference.
     """
     n, k = x.shape[0], dist.shape[1]
     order, xs, ys, zs, box = _leaves(x, y, z, leaf)
@@ -191,14 +194,15 @@ def _knn_cloud(query: np.ndarray, x: np.ndarray, y: np.ndarray, z: np.ndarray, l
         kept_d, kept_i = dist[q], index[q]
         kept_d[:] = np.inf
         kept_i[:] = n  # above every index: the first k points always enter
-        first = np.argmin(gaps)
-        _knn_leaf(query, q, xs, ys, zs, order, first * leaf, min(n, (first + 1) * leaf), kept_d, kept_i)
-        for b in range(box.shape[0]):
-            if b != first and not (gaps[b] > _SKIP_FLOOR and gaps[b] * (1.0 - _SKIP_MARGIN) > kept_d[k - 1]):
-                _knn_leaf(query, q, xs, ys, zs, order, b * leaf, min(n, (b + 1) * leaf), kept_d, kept_i)
+        for _ in range(box.shape[0]):
+            b = np.argmin(gaps)
+            if gaps[b] > _SKIP_FLOOR and gaps[b] * (1.0 - _SKIP_MARGIN) > kept_d[k - 1]:
+                break  # an inf gap marks a searched leaf: it ends the search once k points are kept
+            gaps[b] = np.inf
+            _knn_leaf(query, q, xs, ys, zs, order, b * leaf, min(n, (b + 1) * leaf), kept_d, kept_i)
 
 
-_THREADED_WORK = 1 << 19  # clouds x points x samples below which one thread beats handing clouds to the pool
+_THREADED_WORK = 1 << 19  # clouds x points x centres (the brute-force work) below which one thread is faster
 _pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (process id, workers, pool)
 
 
@@ -260,5 +264,5 @@ def knn_numba(query: Tensor, ref: Tensor, k: int) -> tuple[Tensor, Tensor]:
     def search(b: int) -> None:
         _knn_cloud(queries[b], coords[0, b], coords[1, b], coords[2, b], leaf, dist[b], index[b])
 
-    _per_cloud(clouds, clouds * query.shape[1] * min(points, 64 * k), search)
+    _per_cloud(clouds, clouds * points * query.shape[1], search)
     return torch.from_numpy(dist).to(ref.device), torch.from_numpy(index).to(ref.device)
