@@ -73,7 +73,7 @@ class PointMAEClassificationHead(nn.Module):
     after the final norm (``:545``), then ``cls_head_finetune(concat_f)``; the MLP is ``:459-469``:
     ``Linear(2D, 256), BatchNorm1d(256), ReLU, Dropout(0.5), Linear(256, 256), BatchNorm1d(256), ReLU,
     Dropout(0.5), Linear(256, C)``. ``mlp`` is that ``Sequential`` index for index, so a fine-tuned file's
-    ``cls_head_finetune.N.*`` are this head's ``mlp.N.*`` (``pathway.train.layouts`` renames them to
+    ``cls_head_finetune.N.*`` are this head's ``mlp.N.*`` (``pathway.train.official.layouts`` renames them to
     ``head.mlp.N.*``). Initialisation is PyTorch's default, as Point-MAE's when it starts from a pretrained
     checkpoint (``load_model_from_ckpt`` applies ``_init_weights`` only from scratch, ``:514-516``).
 

@@ -383,7 +383,7 @@ class PointPartAdapter(_PointAdapterBase):
       at ``level`` (3: the fine-grained parts), see :mod:`pathway.adapters.partnet`; ``level: null`` reads
       data_v0 files whose labels were mapped beforehand (:func:`read_partnet`). Metric ``partnet_miou``
       (part-category mIoU, :func:`pathway.train.metrics.part_category_miou`);
-      ``python -m pathway.train.partnet_sweep`` runs every category and averages.
+      ``python -m pathway.train.jobs.partnet_sweep`` runs every category and averages.
 
     ``num_classes`` (part labels) defaults to 50 for ShapeNetPart, to K + 1 from PartNet's level file, else it is
     read from the training files.

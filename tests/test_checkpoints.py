@@ -2,7 +2,7 @@
 
 Each test writes a synthetic checkpoint with exactly the official keys and shapes (small widths: D=64,
 depth 2, 2 heads) in the official file format (`.pth` with `model` + `args` Namespace, Point-MAE's
-`base_model`, safetensors), loads it through `pathway.train.layouts` into a real `TransformerModel` built
+`base_model`, safetensors), loads it through `pathway.train.official.layouts` into a real `TransformerModel` built
 from the real tokenizers and heads, and compares values. The MAE and timm cases also compare the whole
 forward with timm's own `VisionTransformer` carrying the same weights. Nothing is downloaded.
 """
@@ -22,8 +22,14 @@ from pathway.tokenizers.image_patch import ImagePatchTokenizer
 from pathway.tokenizers.patch import PatchTokenizer
 from pathway.tokenizers.point_group import PointGroupTokenizer
 from pathway.tokenizers.pos_embed import resample_pos_embed, sinusoid_table
-from pathway.train.layouts import CheckpointError, detect_format, load_checkpoint, load_state_dict, read_checkpoint
 from pathway.train.model import TransformerModel
+from pathway.train.official.layouts import (
+    CheckpointError,
+    detect_format,
+    load_checkpoint,
+    load_state_dict,
+    read_checkpoint,
+)
 
 D, DEPTH, HEADS = 64, 2, 2
 torch.manual_seed(0)
@@ -599,9 +605,9 @@ def test_pathway_eval_of_a_point_mae_finetuned_file(tmp_path):
     the recipe's Point-MAE head takes the whole file, and the metrics are those of the loaded model."""
     from pathway.train.config import load_recipe
     from pathway.train.evaluate import evaluate_weights
-    from pathway.train.fixtures import MODELNET_CLASSES, write_dataset
     from pathway.train.metrics import MetricAccumulator
     from pathway.train.model import build_adapter
+    from pathway.train.official.fixtures import MODELNET_CLASSES, write_dataset
 
     data = write_dataset("modelnet40", tmp_path / "modelnet40")
     sd = point_mae_finetuned_sd(len(MODELNET_CLASSES), prefix="module.")  # DataParallel, as Point-MAE saves it

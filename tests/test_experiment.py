@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pathway.screen.weights import perturbed_copy
-from pathway.train.experiment import SETTINGS, minilm_dir, run_experiment
+from pathway.train.jobs.experiment import SETTINGS, minilm_dir, run_experiment
 from pathway.train.paired import paired_difference
 
 QUERY = "layer.0.attention.self.query.weight"

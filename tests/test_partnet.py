@@ -11,8 +11,8 @@ import pytest
 from pathway import adapters
 from pathway.adapters.base import LayoutError, OptionError
 from pathway.adapters.partnet import LevelLabels, categories
-from pathway.train.fixtures import PARTNET_LEVEL3, write_partnet
-from pathway.train.partnet_sweep import main as sweep_main
+from pathway.train.jobs.partnet_sweep import main as sweep_main
+from pathway.train.official.fixtures import PARTNET_LEVEL3, write_partnet
 
 SMALL = {"num_points": 64, "num_groups": 8, "group_size": 8}
 

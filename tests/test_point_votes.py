@@ -10,7 +10,7 @@ import torch
 
 from pathway import adapters
 from pathway.adapters.base import OptionError
-from pathway.train.fixtures import MODELNET_CLASSES, write_modelnet40
+from pathway.train.official.fixtures import MODELNET_CLASSES, write_modelnet40
 
 SMALL = {"num_points": 64, "num_groups": 8, "group_size": 8}
 

@@ -1,7 +1,7 @@
 """Every paper recipe runs for real: ``pathway train RECIPE --rehearse`` on tiny data in the official layouts.
 
 One rehearsal per recipe under ``recipes/paper/`` (the Table 5-6 ablations included): the recipe as written,
-sizes reduced (pathway/train/rehearse.py SIZES), trained a few steps, evaluated, folded, exported; then the
+sizes reduced (pathway/train/jobs/rehearse.py SIZES), trained a few steps, evaluated, folded, exported; then the
 exported file is evaluated again and the last training checkpoint folded again, and both must agree with the
 run. The data sets and checkpoint files are written once per session and shared (``cache``).
 """
@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pathway.train.fixtures import LAYOUTS, write_checkpoint, write_dataset
-from pathway.train.layouts import detect_format, read_checkpoint
-from pathway.train.rehearse import SIZES, rehearse
+from pathway.train.jobs.rehearse import SIZES, rehearse
+from pathway.train.official.fixtures import LAYOUTS, write_checkpoint, write_dataset
+from pathway.train.official.layouts import detect_format, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "recipes" / "paper"
@@ -138,7 +138,7 @@ def test_a_clip_decord_misreads_is_decoded_by_pyav_not_skipped(tmp_path: Path):
     import numpy as np
 
     from pathway.adapters.video import VideoAdapter
-    from pathway.train.fixtures import _write_mp4
+    from pathway.train.official.fixtures import _write_mp4
 
     _write_mp4(tmp_path / "train" / "a" / "clip.mp4", 20, 32, 48, np.random.default_rng(0))
     adapter = VideoAdapter(tmp_path, num_frames=4, img_size=32, strict=True)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pathway.train.layouts import CheckpointError, load_error
+from pathway.train.official.layouts import CheckpointError, load_error
 
 __all__ = ["CheckpointError", "rng_state", "set_rng_state", "save_checkpoint", "list_checkpoints", "read_state",
            "load_latest", "RESUMABLE_CHANGES", "RecipeChangedError", "recipe_changes"]

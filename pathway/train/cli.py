@@ -107,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "MiniLM text and two controls, from scratch and in the fix setting, "
                                           "with paired intervals (README's first command)",
                        description="Run the embedded experiment and write results/ (tables, verdict, plots). "
-                                   "Conditions, seeds and hyper-parameters are fixed in pathway/train/experiment.py "
-                                   "and recipes/demo/experiment_image*.yaml.")
+                                   "Conditions, seeds and hyper-parameters are fixed in "
+                                   "pathway/train/jobs/experiment.py and recipes/demo/experiment_image*.yaml.")
     p.add_argument("--out", type=Path, default=Path("results"), help="output folder (default: results)")
     p.add_argument("--quick", action="store_true", help="toy sizes and 2 seeds, same code path (about a minute)")
 
@@ -154,7 +154,7 @@ def _cmd_train(args) -> int:
     if args.world is not None and args.world < 1:
         raise UsageError(f"pathway train: --world {args.world}: give a number of processes, 1 or more")
     if args.rehearse:
-        from .rehearse import rehearse
+        from .jobs.rehearse import rehearse
 
         result = rehearse(args.recipe, args.overrides, world=args.world, keep=args.keep)
         if result is not None:  # rank 0 reports
@@ -164,12 +164,12 @@ def _cmd_train(args) -> int:
     if args.dry_run:
         import os
 
-        from .dryrun import dry_run
+        from .jobs.dryrun import dry_run
 
         print(dry_run(recipe, world=int(os.environ.get("WORLD_SIZE", "1"))))
         return 0
+    from .cluster.preempt import StopSignals
     from .engine import train
-    from .preempt import StopSignals
 
     with StopSignals() as stops:  # SIGTERM, SIGUSR1, Ctrl-C: finish the step, checkpoint, stop
         result = train(recipe, resume=args.resume, progress=not args.no_progress, stops=stops)
@@ -183,7 +183,7 @@ def _cmd_pretrain(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.dry_run:
-        from .dryrun import dry_run
+        from .jobs.dryrun import dry_run
 
         print(dry_run(recipe, pretrain=True))
         return 0
@@ -222,7 +222,7 @@ def _cmd_inspect(args) -> int:
         print(provenance.describe(provenance.read(args.models[0])))
         return 0
     if len(args.models) == 1:
-        from .dryrun import dry_run
+        from .jobs.dryrun import dry_run
 
         print(dry_run(load_recipe(Path(args.models[0]), args.overrides)))
         return 0
@@ -253,7 +253,7 @@ def _cmd_demo_data(args) -> int:
 
 
 def _cmd_experiment(args) -> int:
-    from .experiment import run_experiment
+    from .jobs.experiment import run_experiment
 
     run_experiment(args.out, quick=args.quick)
     return 0
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     Recipe, adapter, data, checkpoint, folder and loss errors are all PathwayErrors that name what to fix; an
     OSError (a file that cannot be read or written) names its path. argparse handles wrong commands and flags.
     """
-    from .preempt import RunStopped
+    from .cluster.preempt import RunStopped
 
     args = build_parser().parse_args(argv)
     try:

@@ -101,7 +101,7 @@ class ModelConfig:
     fc_norm: bool = False  # MAE / VideoMAE / AudioMAE global pooling: mean of the patch tokens, then a LayerNorm
     #   (fc_norm), then the Linear; no norm after the blocks (their pretraining norm goes unused, as there)
     checkpoint: str = ""  # initial weights of the target ("" = random init, i.e. from scratch)
-    checkpoint_format: str = "auto"  # "auto" | "pathway" | a format known to pathway.train.layouts (e.g. "mae")
+    checkpoint_format: str = "auto"  # "auto" | "pathway" | a format of pathway.train.official.layouts (e.g. "mae")
 
 
 @dataclass

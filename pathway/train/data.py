@@ -51,7 +51,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
     Training (``shuffle=True``) drops the tail so every rank gets the same count (DDP steps stay in
     lock-step); evaluation keeps every item once across ranks (``rank::world``, no padding, so no item
-    is scored twice; ``distributed.gather_rows`` puts the rows back in the data set's order).
+    is scored twice; ``cluster.distributed.gather_rows`` puts the rows back in the data set's order).
     """
 
     def __init__(self, n: int, *, seed: int, shuffle: bool, rank: int = 0, world: int = 1) -> None:
@@ -120,11 +120,11 @@ def make_loader(
 
     ``num_workers`` None: :func:`default_workers`. Workers are started at the first epoch and kept for the
     whole run; each loads ``prefetch_factor`` batches ahead, and leaves the stop signals (SIGTERM, SIGUSR1,
-    Ctrl-C) to the main process (``preempt.ignore_stop_signals``), whichever loader it serves (training,
+    Ctrl-C) to the main process (``cluster.preempt.ignore_stop_signals``), whichever loader it serves (training,
     evaluation, the final multi-view test). The DataLoader gets its own generator, so creating an iterator does
     not consume the global torch RNG (which would shift dropout/drop-path after a resume).
     """
-    from .preempt import ignore_stop_signals
+    from .cluster.preempt import ignore_stop_signals
 
     cuda = torch.cuda.is_available()
     workers = default_workers(cuda) if num_workers is None else num_workers

@@ -32,16 +32,16 @@ from torch import Tensor, nn
 import pathway
 
 from . import checkpoint as ckpt
+from .cluster.distributed import agreed_loss, gather_rows, release, sync_batchnorm
+from .cluster.preempt import CheckpointClock, RunStopped, StopAgreement, StopSignals
+from .cluster.seeding import seed_everything, seed_rank_streams
 from .config import BatchPlan, Recipe, RecipeError, batch_plan, check_adapter, check_data
 from .data import Repeated, collate, make_loader, set_epoch
-from .distributed import agreed_loss, gather_rows, release, sync_batchnorm
 from .metrics import MetricAccumulator
 from .model import TransformerModel, build_adapter, build_model
 from .optim import base_lr, build_mixup, build_optimizer, compute_loss
 from .owned import check_run_dir, claim_run_dir, lock_run_dir, unlock_run_dir
-from .preempt import CheckpointClock, RunStopped, StopAgreement, StopSignals
 from .schedule import apply_lr, lr_at, step_plan
-from .seeding import seed_everything, seed_rank_streams
 from .throughput import Window
 
 __all__ = ["NonFiniteLossError", "RunStopped", "WorldSizeError", "Context",
@@ -265,8 +265,8 @@ def evaluate(model: nn.Module, loader, ctx: Context, metric: str, task: str) -> 
     """The adapter's metric over ``loader``, plus the mean loss.
 
     Under DDP every rank scores its share (the evaluation sampler's ``rank::world``, no padding) and the rows are
-    gathered in the data set's order (``distributed.gather_rows``): the metric of one process scoring the whole
-    split. Pass the plain model, not the DDP wrapper: the shares differ in length by one, so no rank may wait on
+    gathered in the data set's order (``cluster.distributed.gather_rows``): the metric of one process scoring the
+    whole split. Pass the plain model, not the DDP wrapper: the shares differ in length by one, so no rank may wait on
     a collective inside a forward. Items are ``(x, y)``, or ``(x, y, item)`` for the views of a multi-view test:
     one view per row, streamed batch by batch (never the views of an item stacked in memory), the softmax
     probabilities of an item's views averaged by the accumulator (VideoMAE's ``merge``); the loss is the mean over
@@ -341,7 +341,7 @@ def optimizer_step(net: nn.Module, batches, loss_of: Callable[[Any], tuple[Tenso
 
     ``loss_of(batch)`` gives a micro-batch's loss and size. The losses are added up on the device; once the last
     backward is queued, one host sync reads the step's loss and whether it is finite on every rank
-    (``distributed.agreed_loss``), not one per micro-batch. If not, ``on_nonfinite(value)`` runs on every rank
+    (``cluster.distributed.agreed_loss``), not one per micro-batch. If not, ``on_nonfinite(value)`` runs on every rank
     (it saves and raises) before any gradient of this step is applied. Under fp16 the grad scaler scales the loss
     and unscales before clipping. ``agreement``: the stop request and the checkpoint clock ride in that same
     all-reduce, so the loop learns whether every rank stops, or saves, after this step without another sync.

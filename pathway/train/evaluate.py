@@ -4,7 +4,8 @@ Two kinds of files come out of ``pathway train``: the folded model (``model.safe
 target) and training checkpoints (``checkpoints/ckpt-*.pt``: the connected model with its aux
 weights and lambdas, and the resolved recipe). Both can be evaluated; a checkpoint can be folded. So can
 the fine-tuned files of the official code bases (MAE, VideoMAE, AudioMAE, Point-MAE): ``pathway eval RECIPE
---weights their_file.pth`` converts them with ``pathway.train.layouts`` and requires every tensor, head included.
+--weights their_file.pth`` converts them with ``pathway.train.official.layouts`` and requires every tensor, head
+included.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from pathlib import Path
 from .checkpoint import CheckpointError, read_state
 from .config import Recipe, recipe_from_dict
 from .export import provenance_metadata
-from .layouts import is_engine_layout, read_checkpoint
 from .model import TransformerModel, build_adapter, build_model, build_transformer
+from .official.layouts import is_engine_layout, read_checkpoint
 from .owned import check_new_file
 
 __all__ = ["load_run_model", "evaluation_set", "evaluate_weights", "fold_checkpoint"]
@@ -43,7 +44,7 @@ def load_run_model(recipe: Recipe, weights: Path, adapter, state: dict | None = 
     """A model holding ``weights``: connected for a training checkpoint (``state``, if already read), plain
     for a folded file or an official fine-tuned one (MAE, VideoMAE, AudioMAE, Point-MAE, timm: every tensor,
     the classifier included, must be in the file)."""
-    from .layouts import load_checkpoint
+    from .official.layouts import load_checkpoint
 
     if weights.suffix == ".pt" and weights.name.startswith("ckpt-"):
         state = state or read_state(weights)
@@ -81,8 +82,8 @@ def evaluate_weights(recipe: Recipe, weights: Path, split: str | None = None, ct
     ``ctx``: the engine ``Context`` to run in (default: set up from the recipe and the environment); one process
     of a process group passes a single-process one to evaluate alone. Under ``torchrun`` each process scores its
     share of the items and every process gets the metric of the whole split (``engine.evaluate``)."""
+    from .cluster.distributed import release
     from .data import make_loader
-    from .distributed import release
     from .engine import evaluate, setup
 
     ctx = ctx or setup(recipe)

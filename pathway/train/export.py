@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from pathway.errors import PathwayError
 
-from .layouts import engine_to_timm
+from .official.layouts import engine_to_timm
 
 __all__ = ["NonFiniteWeightsError", "timm_vit_kwargs", "provenance_metadata", "save_folded"]
 

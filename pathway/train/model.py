@@ -229,11 +229,11 @@ def init_from_checkpoint(model: nn.Module, path: str | Path, fmt: str = "auto", 
     """Load ``path`` into ``model`` and return a one-line account of what was loaded.
 
     ``fmt="pathway"`` (or ``"auto"`` on a file in TransformerModel keys, e.g. ``pathway pretrain``'s
-    encoder) loads our own layout; anything else goes through ``pathway.train.layouts.load_checkpoint``
+    encoder) loads our own layout; anything else goes through ``pathway.train.official.layouts.load_checkpoint``
     (official MAE-family and timm layouts, exact key checks). ``body_only`` (the aux model) keeps only
     ``blocks.*`` and requires every body tensor: a half-loaded aux body would silently weaken the pathway.
     """
-    from .layouts import ENGINE_BODY, is_engine_layout, load_checkpoint, read_checkpoint
+    from .official.layouts import ENGINE_BODY, is_engine_layout, load_checkpoint, read_checkpoint
 
     path = Path(path)
     state, args = read_checkpoint(path)  # read once; MAE-family files keep their `args` for format detection

@@ -4,7 +4,7 @@ PartNet trains and scores one network per category and level (daerduoCarey/partn
 ``exps/sem_seg_pointcnn/README.md:12``); a paper's PartNet column is the mean over the categories (level 3: the
 17 that have it). ::
 
-    python -m pathway.train.partnet_sweep recipes/paper/partnet_pointmae_baseline.yaml [--set KEY=VALUE ...]
+    python -m pathway.train.jobs.partnet_sweep recipes/paper/partnet_pointmae_baseline.yaml [--set KEY=VALUE ...]
         [--categories Chair Table ...] [--no-progress]
 
 Each category runs as ``pathway train RECIPE --set data.options.category=C --set output.name=<run>-C``. After
@@ -24,8 +24,8 @@ from typing import Any
 
 from pathway.adapters import partnet
 
-from .config import Recipe, RecipeError, load_recipe
-from .metrics import average_over_categories
+from ..config import Recipe, RecipeError, load_recipe
+from ..metrics import average_over_categories
 
 PARTNET_LAYOUTS = ("partnet", "partnet_h5")
 
@@ -55,7 +55,7 @@ def summarise(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def run_sweep(path: str | Path, overrides: list[str] | None = None, categories: list[str] | None = None,
               progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train ``path`` once per category (all of the level's, or ``categories``) and write the means."""
-    from .engine import train
+    from ..engine import train
 
     overrides = list(overrides or [])
     recipe = load_recipe(path, overrides)
@@ -85,7 +85,8 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, categories: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pathway.train.partnet_sweep", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pathway.train.jobs.partnet_sweep",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("recipe", help="a PartNet recipe (data.options.layout partnet or partnet_h5)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override, as pathway train --set")

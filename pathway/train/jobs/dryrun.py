@@ -17,10 +17,10 @@ import torch
 
 from pathway.errors import TraceError
 
-from .config import Recipe, RecipeError, batch_plan, check_adapter
-from .model import aux_reads, build_adapter, build_transformer, open_transformers_aux
-from .optim import base_lr
-from .schedule import step_plan
+from ..config import Recipe, RecipeError, batch_plan, check_adapter
+from ..model import aux_reads, build_adapter, build_transformer, open_transformers_aux
+from ..optim import base_lr
+from ..schedule import step_plan
 
 __all__ = ["dry_run"]
 
@@ -52,7 +52,7 @@ def dry_run(recipe: Recipe, *, world: int = 1, pretrain: bool = False) -> str:
     root = recipe.data.root
     demo_pending = False
     if recipe.data.demo and root:  # a dry run writes nothing: check that the real run could make the data there
-        from .demo_data import check_demo_root
+        from ..demo_data import check_demo_root
 
         demo_pending = not check_demo_root(recipe.data.adapter, root)
     has_data = bool(root) and Path(root).exists() and not demo_pending

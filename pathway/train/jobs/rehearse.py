@@ -2,7 +2,7 @@
 
 A dry run checks the plan; a rehearsal checks the run. It writes a tiny data set in the layout the recipe
 reads (ImageNet class folders, Kinetics csv + mp4, AudioSet csv + wav, ShapeNetPart's benchmark folder,
-PartNet, ModelNet; ``pathway/train/fixtures.py``) and the recipe's checkpoint files in their official key
+PartNet, ModelNet; ``pathway/train/official/fixtures.py``) and the recipe's checkpoint files in their official key
 layouts (MAE, VideoMAE, AudioMAE, Point-MAE, M2PT aux) at a reduced width, then runs the recipe **as
 written** -- adapter options, augmentation, mixup, loss, optimizer and parameter groups, freezing, schedule
 shape, evaluation views and metric, fold and export -- changing only sizes (:data:`SIZES`: width, depth,
@@ -40,7 +40,7 @@ import torch
 
 from pathway.errors import PathwayError
 
-from .config import Recipe, batch_plan, load_recipe, recipe_from_dict
+from ..config import Recipe, batch_plan, load_recipe, recipe_from_dict
 
 __all__ = ["SIZES", "RehearsalError", "Rehearsal", "rehearse", "rehearsal_recipe"]
 
@@ -165,8 +165,8 @@ def _aux_adapter_spec(recipe: Recipe):
 
 def _checkpoint_files(recipe: Recipe, data_root: Path, folder: Path) -> dict[str, str]:
     """The recipe's checkpoint files, written in their official layouts for the rehearsal's sizes."""
-    from .fixtures import write_checkpoint
-    from .model import build_adapter, build_transformer
+    from ..model import build_adapter, build_transformer
+    from ..official.fixtures import write_checkpoint
 
     files = {}
     probe = rehearsal_recipe(recipe, data_root, folder / "probe", {}, 1)
@@ -193,7 +193,7 @@ def _checkpoint_files(recipe: Recipe, data_root: Path, folder: Path) -> dict[str
 
 
 def _data_root(recipe: Recipe, folder: Path) -> tuple[str, Path]:
-    from .fixtures import layout_of, write_dataset
+    from ..official.fixtures import layout_of, write_dataset
 
     layout = layout_of(recipe.data.adapter, recipe.data.options)
     kwargs = {"category": recipe.data.options["category"]} if layout == "partnet" else {}
@@ -204,7 +204,7 @@ def _data_root(recipe: Recipe, folder: Path) -> tuple[str, Path]:
 @contextmanager
 def _workspace(cache: Path | None, keep: bool):
     """(fixtures folder, scratch folder): the fixtures go to ``cache`` when given; scratch is always new."""
-    from .owned import claim
+    from ..owned import claim
 
     scratch = Path(tempfile.mkdtemp(prefix="pathway-rehearse-"))
     try:
@@ -228,7 +228,7 @@ def _spawned_rank(rank: int, recipe_dict: dict[str, Any], source: str, world: in
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    from .engine import train
+    from ..engine import train
 
     recipe = recipe_from_dict(recipe_dict, f"{source} (rehearsal, rank {rank})")
     recipe.source = source
@@ -242,7 +242,7 @@ def _spawned_rank(rank: int, recipe_dict: dict[str, Any], source: str, world: in
 
 
 def _train(recipe: Recipe, world: int) -> dict[str, Any]:
-    from .engine import train
+    from ..engine import train
 
     if world == 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process, or torchrun's processes
         return train(recipe, progress=False)
@@ -255,7 +255,7 @@ def _train(recipe: Recipe, world: int) -> dict[str, Any]:
 
 def _alone():
     """A single-process CPU context: rank 0 checks the outputs while the other ranks wait."""
-    from .engine import Context
+    from ..engine import Context
 
     return Context(torch.device("cpu"))
 
@@ -274,8 +274,8 @@ def _check_official_file(small: Recipe, exported: Path, evaluated: dict[str, flo
     it must score what the export scores. Returns the format checked (None where there is no such layout)."""
     from safetensors.torch import load_file
 
-    from .evaluate import evaluate_weights
-    from .fixtures import official_finetuned
+    from ..evaluate import evaluate_weights
+    from ..official.fixtures import official_finetuned
 
     fmt = small.model.checkpoint_format
     if fmt not in OFFICIAL_FINETUNED or not small.model.fc_norm or not evaluated:
@@ -294,8 +294,8 @@ def _check_outputs(small: Recipe, result: dict[str, Any], scratch: Path) -> tupl
     checkpoint as ``pathway fold`` does."""
     from safetensors.torch import load_file
 
-    from .checkpoint import list_checkpoints
-    from .evaluate import evaluate_weights, fold_checkpoint
+    from ..checkpoint import list_checkpoints
+    from ..evaluate import evaluate_weights, fold_checkpoint
 
     run_dir = small.run_dir
     exported = run_dir / "model.safetensors"

@@ -1,6 +1,6 @@
 """Tiny data sets in the paper's official layouts and checkpoint files in the official key layouts.
 
-``pathway train RECIPE --rehearse`` (``pathway/train/rehearse.py``) runs a paper recipe for real on what
+``pathway train RECIPE --rehearse`` (``pathway/train/jobs/rehearse.py``) runs a paper recipe for real on what
 this module writes, so the readers, loaders and checkpoint converters meet the same folders, file
 formats and key names as on the GPU node:
 

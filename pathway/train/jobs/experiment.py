@@ -27,9 +27,9 @@ from typing import Any
 
 from pathway.errors import PathwayError
 
-from .owned import claim
+from ..owned import claim
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "demo"
+RECIPES = Path(__file__).resolve().parents[3] / "recipes" / "demo"
 
 
 @dataclass(frozen=True)
@@ -87,8 +87,8 @@ def run_experiment(out: str | Path = "results", quick: bool = False) -> Path:
     """Make the data, pretrain the point-cloud donor, run both screens and write the summary; returns it."""
     from pathway.screen import Candidate, screen
 
-    from .demo_data import make_demo_data
-    from .pretrain import pretrain
+    from ..demo_data import make_demo_data
+    from ..pretrain import pretrain
 
     sizes = QUICK if quick else FULL
     out = claim(Path(out).resolve(), "experiment",
@@ -103,7 +103,7 @@ def run_experiment(out: str | Path = "results", quick: bool = False) -> Path:
 
     print("\n== donor 1: MAE pretraining of a point-cloud encoder on the embedded point clouds", flush=True)
     t = time.perf_counter()
-    from .config import load_recipe
+    from ..config import load_recipe
 
     pre = load_recipe(RECIPES / "experiment_point_mae.yaml", [
         f"data.root={point_root}", f"output.dir={out / 'aux'}", "output.name=point-mae", *sizes.pretrain])

@@ -25,7 +25,7 @@ Our class token is folded (``cls_token + pos[:, 0]``, docs/checkpoints.md), so `
 position and ``pos_embed[:, 0]`` is zero. The final ``norm`` and the classifier are left out: neither backbone
 has them (mmseg's ``final_norm`` is off in the MAE config). ::
 
-    python -m pathway.train.dense_export runs/paper/imagenet_mae_point/model.safetensors --layout vitdet \\
+    python -m pathway.train.official.dense_export runs/paper/imagenet_mae_point/model.safetensors --layout vitdet \\
         --out m2pt_point_vitdet.pth
 """
 
@@ -168,7 +168,7 @@ def export_dense(src: str | Path, layout: str, out: str | Path, prefix: str | No
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pathway.train.dense_export",
+    parser = argparse.ArgumentParser(prog="python -m pathway.train.official.dense_export",
                                      description="write a folded ViT as detectron2 ViTDet's or mmsegmentation MAE's "
                                                  "backbone file")
     parser.add_argument("model", help="a run's model.safetensors (TransformerModel keys, folded)")
