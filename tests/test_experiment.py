@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
+from pathway.screen.paired import paired_difference
 from pathway.screen.weights import perturbed_copy
 from pathway.train.jobs.experiment import SETTINGS, minilm_dir, run_experiment
-from pathway.train.paired import paired_difference
 
 QUERY = "layer.0.attention.self.query.weight"
 CONDITIONS = ("baseline", "point-mae", "point-mae+align", "point-mae~gauss", "point-mae~rows", "minilm",

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pathway.train.paired import PairedDifference, paired_difference
-
 from .design import Condition, planned_comparisons
+from .paired import PairedDifference, paired_difference
 from .run import Run
 
 __all__ = ["CONFIDENCE", "VERDICTS", "Comparison", "compare", "rank", "to_json", "to_markdown", "plot"]
