@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -267,6 +268,27 @@ def test_numba_fps_thread_pool_survives_fork(monkeypatch):
     loader = torch.utils.data.DataLoader(_SampledClouds(xyz), batch_size=None, num_workers=1,
                                          multiprocessing_context="fork", timeout=60)
     assert torch.equal(next(iter(loader)), parent)
+
+
+def test_point_grouping_refuses_non_finite_points_on_every_backend():
+    """NaN or inf coordinates are named, not grouped: the torch loop used to return index 0 again and again."""
+    xyz = cloud(2, 64, seed=13)
+    xyz[1, 17, 2] = float("nan")
+    query = cloud(2, 4, seed=14)
+    query[0, 2, 0] = float("inf")
+    backends = ["torch"] + (["numba"] if importlib.util.find_spec("numba") else [])
+    for backend in backends:
+        with pytest.raises(ValueError, match=r"cloud has NaN or infinite coordinates \(first at batch 1, point 17\)"):
+            farthest_point_sample(xyz, 8, backend=backend)
+        with pytest.raises(ValueError, match="the cloud has NaN"):
+            knn(query, xyz, 4, backend=backend)
+        with pytest.raises(ValueError, match=r"query point has NaN or infinite coord \(first at batch 0, point 2\)"):
+            knn(query, cloud(2, 64), 4, backend=backend)
+        # an empty batch is an empty result, as for the other tokenizers' ops
+        d, idx = knn(cloud(0, 4), cloud(0, 64), 3, backend=backend)
+        assert d.shape == idx.shape == (0, 4, 3)
+    with pytest.raises(ValueError, match="point 17"):
+        PointGroupTokenizer(num_groups=8, group_size=4, embed_dim=16).encode(xyz)
 
 
 def test_triton_kernels_match_reference_in_interpreter():

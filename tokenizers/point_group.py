@@ -45,6 +45,16 @@ def _fps_starts(xyz: Tensor, start: int | None) -> Tensor:
     return torch.full((b,), int(start), dtype=torch.long, device=xyz.device)
 
 
+def _check_finite(xyz: Tensor, name: str, what: str) -> None:
+    """NaN or inf coordinates refused: every backend would return some indices, none of them meaningful."""
+    if not bool(torch.isfinite(xyz).all()):
+        bad = (~torch.isfinite(xyz)).any(-1).nonzero()[0].tolist()
+        raise TokenizerInputError(
+            f"{name}: {what} has NaN or infinite coordinates (first at batch {bad[0]}, point {bad[1]}); clean or "
+            "drop such points before grouping"
+        )
+
+
 def _has_module(name: str) -> bool:
     try:
         __import__(name)
@@ -81,6 +91,7 @@ def farthest_point_sample(xyz: Tensor, num_samples: int, start: int | None = 0, 
     b, n, _ = xyz.shape
     if num_samples > n:
         raise TokenizerInputError(f"farthest_point_sample: asked for {num_samples} samples from clouds of {n} points")
+    _check_finite(xyz, "farthest_point_sample", "the cloud")
     starts = _fps_starts(xyz, start)
     backend = pick_backend(backend, xyz, "farthest_point_sample", FPS_BACKENDS)
     if backend == "triton":
@@ -127,6 +138,10 @@ def knn(query: Tensor, ref: Tensor, k: int, backend: str = "auto") -> tuple[Tens
     n = ref.shape[1]
     if k > n:
         raise TokenizerInputError(f"knn: k={k} neighbours asked from clouds of {n} points")
+    _check_finite(ref, "knn", "the cloud")
+    _check_finite(query, "knn", "a query point")
+    if b == 0 or g == 0:
+        return query.new_empty(b, g, k, dtype=torch.float32), torch.empty(b, g, k, dtype=torch.long, device=ref.device)
     backend = pick_backend(backend, ref, "knn", KNN_BACKENDS)
     if backend == "triton":
         from .point_kernels import knn_triton

@@ -34,8 +34,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import TokenizerInputError
-
 _GRID_BITS = 4  # Morton cells per axis: 2**4; the leaves are cut from the cells' order, so this only sets locality
 _SKIP_MARGIN = 1e-5  # relative: a leaf is skipped when its box's distance * (1 - margin) >= its largest distance
 _SKIP_FLOOR = 1e-30  # boxes nearer than this are always visited (float32 squares of such offsets are subnormal)
@@ -209,19 +207,19 @@ _pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (process id, workers
 def _thread_pool(workers: int) -> ThreadPoolExecutor:
     """One pool kept for the process: starting threads costs ~0.7 ms, as long as sampling 32 small clouds.
 
-    Made again in a forked child (a DataLoader worker): a pool copied by ``fork`` has no threads left."""
+    Sized by torch's thread count (not by the batch, so a short last batch does not replace it); made again
+    when that count changes and in a forked child (a DataLoader worker): a pool copied by ``fork`` has no
+    threads left."""
     global _pool
     if _pool is None or _pool[:2] != (os.getpid(), workers):
         _pool = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="pathway-fps"))
     return _pool[2]
 
 
-def _finite_coords(xyz: Tensor, name: str) -> np.ndarray:
-    """``xyz [B, N, 3]`` as float32 ``[3, B, N]`` numpy; NaN or inf refused (the skipping bounds assume finite)."""
-    coords = xyz.detach().cpu().float().permute(2, 0, 1).contiguous().numpy()
-    if not np.isfinite(coords).all():
-        raise TokenizerInputError(f"{name}: the cloud has NaN or infinite coordinates; clean the data")
-    return coords
+def _coords(xyz: Tensor) -> np.ndarray:
+    """``xyz [B, N, 3]`` as float32 ``[3, B, N]`` numpy (finite: ``point_group`` checks before calling us, and
+    the skipping bounds rely on it)."""
+    return xyz.detach().cpu().float().permute(2, 0, 1).contiguous().numpy()
 
 
 def _per_cloud(clouds: int, work: int, fn) -> None:
@@ -229,8 +227,8 @@ def _per_cloud(clouds: int, work: int, fn) -> None:
 
     Not numba's ``parallel=True``, whose OpenMP threads keep spinning after each call and starve torch's own.
     """
-    workers = min(clouds, torch.get_num_threads())
-    if workers > 1 and work >= _THREADED_WORK:
+    workers = torch.get_num_threads()
+    if clouds > 1 and workers > 1 and work >= _THREADED_WORK:
         list(_thread_pool(workers).map(fn, range(clouds)))
     else:
         for b in range(clouds):
@@ -239,7 +237,7 @@ def _per_cloud(clouds: int, work: int, fn) -> None:
 
 def farthest_point_sample_numba(xyz: Tensor, num_samples: int, starts: Tensor) -> Tensor:
     """Indices ``[B, S]`` as ``point_group.farthest_point_sample``, on ``xyz``'s device (computed on the CPU)."""
-    coords = _finite_coords(xyz, "farthest_point_sample")
+    coords = _coords(xyz)
     clouds, points = xyz.shape[:2]
     out = np.empty((clouds, num_samples), dtype=np.int64)
     starts = starts.cpu().long().numpy()
@@ -254,8 +252,8 @@ def farthest_point_sample_numba(xyz: Tensor, num_samples: int, starts: Tensor) -
 
 def knn_numba(query: Tensor, ref: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Squared distances and indices ``[B, G, k]`` as ``point_group.knn``, on ``ref``'s device (computed on the CPU)."""
-    coords = _finite_coords(ref, "knn")
-    queries = _finite_coords(query, "knn").transpose(1, 2, 0).copy()  # [B, G, 3]
+    coords = _coords(ref)
+    queries = _coords(query).transpose(1, 2, 0).copy()  # [B, G, 3]
     clouds, points = ref.shape[:2]
     dist = np.empty((clouds, query.shape[1], k), dtype=np.float32)
     index = np.empty((clouds, query.shape[1], k), dtype=np.int64)
