@@ -20,6 +20,8 @@ MAE targets: each group's xyz relative to its centre, ``[B, G, K*3]``, compared 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -46,8 +48,10 @@ def _fps_starts(xyz: Tensor, start: int | None) -> Tensor:
 
 
 def _check_finite(xyz: Tensor, name: str, what: str) -> None:
-    """NaN or inf coordinates refused: every backend would return some indices, none of them meaningful."""
-    if not bool(torch.isfinite(xyz).all()):
+    """NaN or inf coordinates refused: every backend would return some indices, none of them meaningful.
+
+    One ``amax`` of ``|xyz|`` (it propagates NaN): a quarter of ``isfinite().all()``'s time on a small cloud."""
+    if xyz.numel() and not math.isfinite(xyz.detach().abs().amax().item()):
         bad = (~torch.isfinite(xyz)).any(-1).nonzero()[0].tolist()
         raise TokenizerInputError(
             f"{name}: {what} has NaN or infinite coordinates (first at batch {bad[0]}, point {bad[1]}); clean or "

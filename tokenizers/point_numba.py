@@ -6,8 +6,8 @@ centre: for one cloud that is several times slower than open3d's C++ loop, which
 every step; its KNN computes every centre's distance to every point. Here each is one numba function, and most
 points are not visited at all:
 
-- the cloud is cut into leaves of nearby points (counting sort by Morton code on a 16^3 grid, then runs of
-  ``leaf`` points), each with its bounding box;
+- the cloud is cut into leaves of nearby points (a counting sort by Morton code on a grid of about two points
+  a cell, then runs of ``leaf`` points), each with its bounding box;
 - FPS: a new centre cannot lower any "distance to the chosen set" in a leaf whose box is at least the leaf's
   largest such distance away, so the leaf is skipped: after the first few dozen centres most leaves are; the
   next centre is the maximum over the leaves' maxima, the lowest original index on ties;
@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-_GRID_BITS = 4  # Morton cells per axis: 2**4; the leaves are cut from the cells' order, so this only sets locality
 _SKIP_MARGIN = 1e-5  # relative: a leaf is skipped when its box's distance * (1 - margin) >= its largest distance
 _SKIP_FLOOR = 1e-30  # boxes nearer than this are always visited (float32 squares of such offsets are subnormal)
 
@@ -58,10 +57,18 @@ def _spread_bits(v: int) -> int:
 def _morton_order(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
     """Point indices sorted by the Morton code of their grid cell (a stable counting sort): nearby points together."""
     n = x.shape[0]
-    cells = 1 << (3 * _GRID_BITS)
-    lo_x, lo_y, lo_z = np.float64(x.min()), np.float64(y.min()), np.float64(z.min())
-    extent = max(np.float64(x.max()) - lo_x, np.float64(y.max()) - lo_y, np.float64(z.max()) - lo_z, 1e-300)
-    scale = ((1 << _GRID_BITS) - 1e-3) / extent
+    bits = max(3, min(6, int(np.log2(max(n, 16) / 2) / 3 + 0.5)))  # about 2 points a cell: 8^3 for 1,024 points
+    cells = 1 << (3 * bits)
+    lo_x = hi_x = x[0]
+    lo_y = hi_y = y[0]
+    lo_z = hi_z = z[0]
+    for j in range(1, n):  # one pass: six ndarray.min/max calls took 4x as long (each checks for NaN)
+        lo_x, hi_x = min(lo_x, x[j]), max(hi_x, x[j])
+        lo_y, hi_y = min(lo_y, y[j]), max(hi_y, y[j])
+        lo_z, hi_z = min(lo_z, z[j]), max(hi_z, z[j])
+    lo_x, lo_y, lo_z = np.float64(lo_x), np.float64(lo_y), np.float64(lo_z)
+    extent = max(np.float64(hi_x) - lo_x, np.float64(hi_y) - lo_y, np.float64(hi_z) - lo_z, 1e-300)
+    scale = ((1 << bits) - 1e-3) / extent
     code = np.empty(n, np.int64)
     start = np.zeros(cells + 1, np.int64)
     for j in range(n):
@@ -103,13 +110,15 @@ def _leaves(x: np.ndarray, y: np.ndarray, z: np.ndarray, leaf: int):
     """
     n = x.shape[0]
     order = _morton_order(x, y, z)
-    xs, ys, zs = x[order], y[order], z[order]
+    xs, ys, zs = np.empty_like(x), np.empty_like(y), np.empty_like(z)
     box = np.empty(((n + leaf - 1) // leaf, 6))
-    for b in range(box.shape[0]):
-        lo, hi = b * leaf, min(n, (b + 1) * leaf)
-        box[b, 0], box[b, 1] = xs[lo:hi].min(), xs[lo:hi].max()
-        box[b, 2], box[b, 3] = ys[lo:hi].min(), ys[lo:hi].max()
-        box[b, 4], box[b, 5] = zs[lo:hi].min(), zs[lo:hi].max()
+    box[:, 0::2], box[:, 1::2] = np.inf, -np.inf
+    for j in range(n):  # gather and boxes in one pass
+        b, px, py, pz = j // leaf, x[order[j]], y[order[j]], z[order[j]]
+        xs[j], ys[j], zs[j] = px, py, pz
+        box[b, 0], box[b, 1] = min(box[b, 0], px), max(box[b, 1], px)
+        box[b, 2], box[b, 3] = min(box[b, 2], py), max(box[b, 3], py)
+        box[b, 4], box[b, 5] = min(box[b, 4], pz), max(box[b, 5], pz)
     return order, xs, ys, zs, box
 
 
