@@ -228,17 +228,25 @@ def _thread_pool(workers: int) -> ThreadPoolExecutor:
 def _coords(xyz: Tensor) -> np.ndarray:
     """``xyz [B, N, 3]`` as float32 ``[3, B, N]`` numpy (finite: ``point_group`` checks before calling us, and
     the skipping bounds rely on it)."""
-    return xyz.detach().cpu().float().permute(2, 0, 1).contiguous().numpy()
+    # the transpose in numpy, on one thread: torch's parallel copy would wake its OpenMP threads just before our pool
+    return np.ascontiguousarray(xyz.detach().cpu().float().numpy().transpose(2, 0, 1))
 
 
 def _per_cloud(clouds: int, work: int, fn) -> None:
     """``fn(b)`` for every cloud: in threads (the compiled loops release the GIL) when the work pays for them.
 
-    Not numba's ``parallel=True``, whose OpenMP threads keep spinning after each call and starve torch's own.
+    One task a thread, each taking every ``workers``-th cloud: a task a cloud cost more in hand-offs than a
+    small cloud's sampling (32 x 1024 -> 64 took as long as one thread). Not numba's ``parallel=True``, whose
+    OpenMP threads keep spinning after each call and starve torch's own.
     """
-    workers = torch.get_num_threads()
-    if clouds > 1 and workers > 1 and work >= _THREADED_WORK:
-        list(_thread_pool(workers).map(fn, range(clouds)))
+    workers = min(clouds, torch.get_num_threads())
+    if workers > 1 and work >= _THREADED_WORK:
+
+        def every_nth(first: int) -> None:
+            for b in range(first, clouds, workers):
+                fn(b)
+
+        list(_thread_pool(torch.get_num_threads()).map(every_nth, range(workers)))
     else:
         for b in range(clouds):
             fn(b)
