@@ -133,7 +133,9 @@ def _box_gap(box: np.ndarray, b: int, cx: np.float32, cy: np.float32, cz: np.flo
 
 @numba.njit(cache=True, nogil=True)
 def _all_farther(gap: float, bound: np.float32) -> bool:
-    """Every point of a box ``gap`` away computes a float32 distance >= ``bound`` (see the module docstring)."""
+    """Every point of a box ``gap`` away computes a float32 distance above ``bound``, strictly (the margin is far
+    above the float32 rounding of a distance, see the module docstring): no point of it can lower a minimum of
+    ``bound`` nor tie with a k-th distance of ``bound``."""
     return gap > _SKIP_FLOOR and gap * (1.0 - _SKIP_MARGIN) >= bound
 
 
@@ -164,11 +166,10 @@ def _fps_cloud(x: np.ndarray, y: np.ndarray, z: np.ndarray, start: int, out: np.
 
 
 @numba.njit(cache=True, nogil=True)
-def _knn_leaf(query: np.ndarray, q: int, xs: np.ndarray, ys: np.ndarray, zs: np.ndarray, order: np.ndarray, lo: int,
-              hi: int, kept_d: np.ndarray, kept_i: np.ndarray) -> None:
-    """Points ``lo:hi`` (leaf order) into the sorted ``(distance, index)`` list ``kept_d, kept_i`` of query ``q``."""
+def _knn_leaf(cx: np.float32, cy: np.float32, cz: np.float32, xs: np.ndarray, ys: np.ndarray, zs: np.ndarray,
+              order: np.ndarray, lo: int, hi: int, kept_d: np.ndarray, kept_i: np.ndarray) -> None:
+    """Points ``lo:hi`` (leaf order) into the sorted ``(distance, index)`` list ``kept_d, kept_i`` of the query."""
     k = kept_d.shape[0]
-    cx, cy, cz = query[q, 0], query[q, 1], query[q, 2]
     for j in range(lo, hi):
         dx, dy, dz = xs[j] - cx, ys[j] - cy, zs[j] - cz
         d = (dx * dx + dy * dy) + dz * dz
@@ -183,30 +184,31 @@ def _knn_leaf(query: np.ndarray, q: int, xs: np.ndarray, ys: np.ndarray, zs: np.
 
 
 @numba.njit(cache=True, nogil=True)
-def _knn_cloud(query: np.ndarray, x: np.ndarray, y: np.ndarray, z: np.ndarray, leaf: int, dist: np.ndarray,
-               index: np.ndarray) -> None:
-    """The ``k`` nearest of ``x, y, z [N]`` for each row of ``query [G, 3]`` into ``dist, index [G, k]``.
+def _knn_cloud(qx: np.ndarray, qy: np.ndarray, qz: np.ndarray, x: np.ndarray, y: np.ndarray, z: np.ndarray,
+               leaf: int, dist: np.ndarray, index: np.ndarray) -> None:
+    """The ``k`` nearest of ``x, y, z [N]`` for each query ``qx, qy, qz [G]`` into ``dist, index [G, k]``.
 
     Leaves are searched nearest box first (picked one at a time: a query searches about 5-15 leaves, cheaper
-    than sorting all boxes), until the nearest box left is strictly farther than the ``k``-th distance by the
-    skip margin: no point in it or beyond could enter, not even on a tie with a lower index. The kept list is
-    in (distance, index) order, so equal distances go to the lower index, as in the reference.
+    than sorting all boxes), until the nearest box left is farther than the ``k``-th distance by the skip
+    margin: no point in it or beyond could enter, not even on a tie with a lower index. The kept list is in
+    (distance, index) order, so equal distances go to the lower index, as in the reference.
     """
     n, k = x.shape[0], dist.shape[1]
     order, xs, ys, zs, box = _leaves(x, y, z, leaf)
     gaps = np.empty(box.shape[0])
-    for q in range(query.shape[0]):
+    for q in range(qx.shape[0]):
+        cx, cy, cz = qx[q], qy[q], qz[q]
         for b in range(box.shape[0]):
-            gaps[b] = _box_gap(box, b, query[q, 0], query[q, 1], query[q, 2])
+            gaps[b] = _box_gap(box, b, cx, cy, cz)
         kept_d, kept_i = dist[q], index[q]
         kept_d[:] = np.inf
         kept_i[:] = n  # above every index: the first k points always enter
         for _ in range(box.shape[0]):
             b = np.argmin(gaps)
-            if gaps[b] > _SKIP_FLOOR and gaps[b] * (1.0 - _SKIP_MARGIN) > kept_d[k - 1]:
+            if _all_farther(gaps[b], kept_d[k - 1]):
                 break  # an inf gap marks a searched leaf: it ends the search once k points are kept
             gaps[b] = np.inf
-            _knn_leaf(query, q, xs, ys, zs, order, b * leaf, min(n, (b + 1) * leaf), kept_d, kept_i)
+            _knn_leaf(cx, cy, cz, xs, ys, zs, order, b * leaf, min(n, (b + 1) * leaf), kept_d, kept_i)
 
 
 _THREADED_WORK = 1 << 19  # clouds x points x centres (the brute-force work) below which one thread is faster
@@ -239,14 +241,15 @@ def _per_cloud(clouds: int, work: int, fn) -> None:
     small cloud's sampling (32 x 1024 -> 64 took as long as one thread). Not numba's ``parallel=True``, whose
     OpenMP threads keep spinning after each call and starve torch's own.
     """
-    workers = min(clouds, torch.get_num_threads())
+    threads = torch.get_num_threads()
+    workers = min(clouds, threads)
     if workers > 1 and work >= _THREADED_WORK:
 
         def every_nth(first: int) -> None:
             for b in range(first, clouds, workers):
                 fn(b)
 
-        list(_thread_pool(torch.get_num_threads()).map(every_nth, range(workers)))
+        list(_thread_pool(threads).map(every_nth, range(workers)))
     else:
         for b in range(clouds):
             fn(b)
@@ -270,14 +273,15 @@ def farthest_point_sample_numba(xyz: Tensor, num_samples: int, starts: Tensor) -
 def knn_numba(query: Tensor, ref: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Squared distances and indices ``[B, G, k]`` as ``point_group.knn``, on ``ref``'s device (computed on the CPU)."""
     coords = _coords(ref)
-    queries = _coords(query).transpose(1, 2, 0).copy()  # [B, G, 3]
+    queries = _coords(query)  # [3, B, G], as the cloud
     clouds, points = ref.shape[:2]
     dist = np.empty((clouds, query.shape[1], k), dtype=np.float32)
     index = np.empty((clouds, query.shape[1], k), dtype=np.int64)
     leaf = leaf_size(points)
 
     def search(b: int) -> None:
-        _knn_cloud(queries[b], coords[0, b], coords[1, b], coords[2, b], leaf, dist[b], index[b])
+        _knn_cloud(queries[0, b], queries[1, b], queries[2, b], coords[0, b], coords[1, b], coords[2, b], leaf,
+                   dist[b], index[b])
 
     _per_cloud(clouds, clouds * points * query.shape[1], search)
     return torch.from_numpy(dist).to(ref.device), torch.from_numpy(index).to(ref.device)
