@@ -4,7 +4,7 @@
    ``--clouds``, ``--points``, ``--centres``), on the device the script runs on: the torch loop (the reference),
    the default backend (``auto``: Triton on CUDA, numba on CPU) and, on the CPU when open3d is installed,
    open3d's ``farthest_point_down_sample`` (one call per cloud, as a data loader would do). "KNN" is the
-   32-neighbour search of those centres alone (``auto``: Triton on CUDA, the torch reference on CPU), "FPS+KNN"
+   32-neighbour search of those centres alone (``auto``: Triton on CUDA, numba on CPU), "FPS+KNN"
    both. Issue 23's figures of the torch loop (torch 2.11, one H200 and the same machine's 16 CPU cores) are
    printed beside.
 2. The grouping's share of one training step (forward, backward, AdamW) of a point recipe's model, for the
@@ -65,14 +65,9 @@ def grouping(xyz: Tensor, num_groups: int, group_size: int, backend: str) -> Non
     knn(centres, xyz, group_size, backend=backend)
 
 
-def auto_backend(device: torch.device) -> str:
-    """What ``backend="auto"`` takes for FPS on clouds of 8192 points on this device."""
-    return pick_backend("auto", torch.empty(1, 8192, 3, device=device), "bench", FPS_BACKENDS)
-
-
-def knn_backend(device: torch.device) -> str:
-    """What ``backend="auto"`` takes for KNN on clouds of 8192 points on this device."""
-    return pick_backend("auto", torch.empty(1, 8192, 3, device=device), "bench", KNN_BACKENDS)
+def auto_backend(device: torch.device, choices: tuple[str, ...] = FPS_BACKENDS) -> str:
+    """What ``backend="auto"`` takes on clouds of 8192 points on this device: for FPS, or KNN with its choices."""
+    return pick_backend("auto", torch.empty(1, 8192, 3, device=device), "bench", choices)
 
 
 def fps_table(device: torch.device, points: int, clouds: list[int], centres: list[int]) -> None:
@@ -80,9 +75,9 @@ def fps_table(device: torch.device, points: int, clouds: list[int], centres: lis
         import open3d as o3d
     except ImportError:
         o3d = None
-    auto = auto_backend(device)
-    print(f"\nFPS and KNN on {device} (auto = {auto} for FPS, {knn_backend(device)} for KNN; open3d "
-          f"{o3d.__version__ if o3d else 'not installed'}), best of 3, ms; issue 23's torch loop beside")
+    print(f"\nFPS and KNN on {device} (auto = {auto_backend(device)} for FPS, {auto_backend(device, KNN_BACKENDS)} "
+          f"for KNN; open3d {o3d.__version__ if o3d else 'not installed'}), best of 3, ms; "
+          "issue 23's torch loop beside")
     print("| clouds x points -> centres | open3d FPS | torch FPS | auto FPS | open3d / auto | torch KNN | auto KNN "
           "| torch FPS+KNN | auto FPS+KNN | issue: H200 | issue: 16 CPU cores |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
