@@ -130,7 +130,6 @@ def _farthest_point_sample_torch(xyz: Tensor, num_samples: int, starts: Tensor) 
 KNN_BACKENDS = ("auto", "torch", "triton", "numba")
 
 
-@torch.no_grad()
 def knn(query: Tensor, ref: Tensor, k: int, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """The ``k`` nearest points of ``ref [B, N, 3]`` for each of ``query [B, G, 3]``, nearest first.
 
@@ -138,12 +137,19 @@ def knn(query: Tensor, ref: Tensor, k: int, backend: str = "auto") -> tuple[Tens
     ``[B, G, k]``; equal distances go to the lower index, on every backend. ``auto`` takes the Triton
     kernel on CUDA (``point_kernels``), numba's leaf search on CPU (``point_numba``), else the torch reference.
     """
-    b, g, _ = query.shape
     n = ref.shape[1]
     if k > n:
         raise TokenizerInputError(f"knn: k={k} neighbours asked from clouds of {n} points")
     _check_finite(ref, "knn", "the cloud")
     _check_finite(query, "knn", "a query point")
+    return _knn_checked(query, ref, k, backend)
+
+
+@torch.no_grad()
+def _knn_checked(query: Tensor, ref: Tensor, k: int, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """``knn`` on inputs already checked (finite, ``k <= N``): the tokenizer's centres are points of its checked
+    cloud, so it skips a second pass over the cloud (on CUDA each check waits for the GPU)."""
+    b, g, _ = query.shape
     if b == 0 or g == 0:
         return query.new_empty(b, g, k, dtype=torch.float32), torch.empty(b, g, k, dtype=torch.long, device=ref.device)
     backend = pick_backend(backend, ref, "knn", KNN_BACKENDS)
@@ -290,8 +296,8 @@ class PointGroupTokenizer(Tokenizer):
                 f"{self.group_size}; resample the cloud with replacement to more points (the point adapter does)"
             )
         xyz = points[..., :3]
-        centers = gather_points(xyz, farthest_point_sample(xyz, self.num_groups, self.fps_start))
-        _, neighbours = knn(centers, xyz, self.group_size)
+        centers = gather_points(xyz, farthest_point_sample(xyz, self.num_groups, self.fps_start))  # checks xyz
+        _, neighbours = _knn_checked(centers, xyz, self.group_size)
         groups = gather_points(points, neighbours)  # [B, G, K, C]
         groups = torch.cat([groups[..., :3] - centers.unsqueeze(2), groups[..., 3:]], dim=-1)
         return centers, neighbours, groups
